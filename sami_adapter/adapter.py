@@ -1,0 +1,230 @@
+"""What a SAMI adapter is on disk, peft-style: the trained parts plus a reference to the base model.
+
+    adapter_dir/
+      sami_adapter_config.json      base model (repo id or path, revision), UNet mode, training summary
+      encoder/                      SAMIEncoder (config.json + diffusion_pytorch_model.safetensors)
+      unet_lora/                    only for --unet_mode lora: pytorch_lora_weights.safetensors + lora_config.json
+      unet/                         only for --unet_mode full: the jointly trained UNet
+      README.md                     model card
+
+The base UNet is never copied for frozen or LoRA adapters; ``SAMIPipeline.from_pretrained(adapter_dir)``
+resolves it from the reference. Weights are always read with safetensors (nothing is unpickled).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from typing import Any, Dict, Optional
+
+import torch
+from safetensors.torch import load_file, save_file
+
+ADAPTER_CONFIG_NAME = "sami_adapter_config.json"
+LORA_DIR, LORA_WEIGHTS_NAME, LORA_CONFIG_NAME = "unet_lora", "pytorch_lora_weights.safetensors", "lora_config.json"
+
+
+def is_adapter_dir(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, ADAPTER_CONFIG_NAME))
+
+
+def resolve_adapter_dir(name_or_path: str, revision: Optional[str] = None, **hub_kwargs) -> Optional[str]:
+    """A local directory holding an adapter, downloading a Hub repo if needed; None if it is no adapter."""
+    if os.path.isdir(name_or_path):
+        return name_or_path if is_adapter_dir(name_or_path) else None
+    if os.path.exists(name_or_path):
+        return None
+    from huggingface_hub import hf_hub_download, snapshot_download
+    from huggingface_hub.errors import EntryNotFoundError, HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    try:
+        hf_hub_download(name_or_path, ADAPTER_CONFIG_NAME, revision=revision, **hub_kwargs)
+    except (EntryNotFoundError, RepositoryNotFoundError, LocalEntryNotFoundError, HFValidationError, OSError):
+        return None
+    return snapshot_download(name_or_path, revision=revision, **hub_kwargs)
+
+
+def read_adapter_config(adapter_dir: str) -> Dict[str, Any]:
+    path = os.path.join(adapter_dir, ADAPTER_CONFIG_NAME)
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); the adapter directory is corrupt, re-save or re-download it.") from e
+
+
+def resolve_base_path(config: Dict[str, Any], adapter_dir: str) -> str:
+    """The base model as a local path when it is one (absolute, or relative to the adapter), else the repo id."""
+    base = config.get("base_model_name_or_path")
+    if not base:
+        raise ValueError(f"{ADAPTER_CONFIG_NAME} in {adapter_dir} names no base_model_name_or_path.")
+    for candidate in (base, os.path.join(adapter_dir, base)):
+        if os.path.isdir(candidate):
+            return candidate
+    return base
+
+
+# ---------------------------------------------------------------------------- LoRA
+def add_lora(unet: torch.nn.Module, rank: int = 4, alpha: Optional[float] = None, target_modules=None) -> Any:
+    """Inject peft LoRA layers into ``unet`` (in place) and return the ``LoraConfig``.
+
+    Default targets cover every conv/linear of a ``UNet2DModel`` ResNet block and, when present,
+    the attention projections: ``conv1``, ``conv2``, ``time_emb_proj``, ``to_q``, ``to_k``, ``to_v``, ``to_out.0``.
+    """
+    from peft import LoraConfig, inject_adapter_in_model
+
+    if target_modules is None:
+        names = [n for n, _ in unet.named_modules()]
+        wanted = ["conv1", "conv2", "time_emb_proj", "to_q", "to_k", "to_v", "to_out.0"]
+        target_modules = [t for t in wanted if any(n == t or n.endswith("." + t) for n in names)]
+    config = LoraConfig(r=rank, lora_alpha=alpha or rank, target_modules=list(target_modules), init_lora_weights=True)
+    inject_adapter_in_model(config, unet)
+    return config
+
+
+def lora_state_dict(unet: torch.nn.Module) -> Dict[str, torch.Tensor]:
+    from peft import get_peft_model_state_dict
+
+    return {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(unet).items()}
+
+
+def load_lora(unet: torch.nn.Module, lora_dir: str) -> None:
+    """Inject LoRA layers described by ``lora_dir`` into ``unet`` and load their weights."""
+    from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
+
+    with open(os.path.join(lora_dir, LORA_CONFIG_NAME)) as f:
+        cfg = json.load(f)
+    config = LoraConfig(r=cfg["r"], lora_alpha=cfg["lora_alpha"], target_modules=cfg["target_modules"])
+    inject_adapter_in_model(config, unet)
+    state = load_file(os.path.join(lora_dir, LORA_WEIGHTS_NAME))
+    result = set_peft_model_state_dict(unet, state)
+    unexpected = list(getattr(result, "unexpected_keys", []))
+    if unexpected:
+        raise ValueError(
+            f"LoRA weights in {lora_dir} do not fit this UNet (unexpected keys, e.g. {unexpected[:3]}): "
+            "the adapter was trained for another base model."
+        )
+
+
+def merge_lora(unet: torch.nn.Module) -> torch.nn.Module:
+    """Fold every injected LoRA layer into its base weight and put the plain layer back.
+
+    The result is an ordinary UNet: ``save_pretrained`` then writes plain keys (no ``base_layer``
+    keys that a later plain load would silently re-initialise) and sampling pays no LoRA overhead.
+    """
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for name, module in list(unet.named_modules()):
+        if isinstance(module, BaseTunerLayer):
+            module.merge()
+            parent_name, _, child = name.rpartition(".")
+            setattr(unet.get_submodule(parent_name) if parent_name else unet, child, module.get_base_layer())
+    return unet
+
+
+# ---------------------------------------------------------------------------- saving
+def save_adapter(
+    output_dir: str,
+    encoder: Any,
+    base_model_name_or_path: str,
+    revision: Optional[str] = None,
+    unet: Optional[torch.nn.Module] = None,
+    unet_mode: str = "frozen",
+    lora_config: Any = None,
+    extra: Optional[Dict[str, Any]] = None,
+    model_card: Optional[str] = None,
+) -> str:
+    """Write an adapter directory atomically (a temporary sibling is renamed into place).
+
+    Args:
+        output_dir: destination; an existing adapter there is replaced only once the new one is complete.
+        encoder: the trained :class:`SAMIEncoder`.
+        base_model_name_or_path: repo id or local path of the base model (what ``from_pretrained`` loads).
+        revision: Hub revision of the base model.
+        unet: the UNet, needed for ``unet_mode`` ``"lora"`` (its LoRA weights are saved) and ``"full"``.
+        unet_mode: ``"frozen"``, ``"lora"`` or ``"full"``.
+        lora_config: the peft ``LoraConfig`` used (for ``"lora"``).
+        extra: more JSON-serialisable facts for the config (training arguments, metrics).
+        model_card: Markdown text for README.md.
+    """
+    if unet_mode not in ("frozen", "lora", "full"):
+        raise ValueError(f"unet_mode must be 'frozen', 'lora' or 'full', got {unet_mode!r}.")
+    parent = os.path.dirname(os.path.abspath(output_dir))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tmp-adapter-", dir=parent)
+    try:
+        encoder.save_pretrained(os.path.join(tmp, "encoder"))
+        if unet_mode == "lora":
+            if unet is None or lora_config is None:
+                raise ValueError("unet_mode='lora' needs the unet and its lora_config.")
+            os.makedirs(os.path.join(tmp, LORA_DIR))
+            save_file(lora_state_dict(unet), os.path.join(tmp, LORA_DIR, LORA_WEIGHTS_NAME))
+            with open(os.path.join(tmp, LORA_DIR, LORA_CONFIG_NAME), "w") as f:
+                json.dump({"r": lora_config.r, "lora_alpha": lora_config.lora_alpha, "target_modules": sorted(lora_config.target_modules)}, f, indent=2)
+        elif unet_mode == "full":
+            if unet is None:
+                raise ValueError("unet_mode='full' needs the trained unet.")
+            unet.save_pretrained(os.path.join(tmp, "unet"))
+        config = {
+            "base_model_name_or_path": base_model_name_or_path,
+            "revision": revision,
+            "unet_mode": unet_mode,
+            "latent_dim": encoder.config.latent_dim,
+            **(extra or {}),
+        }
+        with open(os.path.join(tmp, ADAPTER_CONFIG_NAME), "w") as f:
+            json.dump(config, f, indent=2, default=str)
+        if model_card:
+            with open(os.path.join(tmp, "README.md"), "w") as f:
+                f.write(model_card)
+        backup = None
+        if os.path.exists(output_dir):
+            backup = output_dir.rstrip("/") + ".old"
+            shutil.rmtree(backup, ignore_errors=True)
+            os.replace(output_dir, backup)
+        os.replace(tmp, output_dir)
+        if backup:
+            shutil.rmtree(backup, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return output_dir
+
+
+# ---------------------------------------------------------------------------- loading
+def load_base_unet_and_scheduler(base: str, revision: Optional[str] = None, **kwargs):
+    """Load the UNet (``unet/`` subfolder or a bare UNet directory/repo) and its scheduler config."""
+    from diffusers import DDPMScheduler, UNet2DConditionModel, UNet2DModel
+
+    def _load_unet(subfolder):
+        errors = []
+        for cls in (UNet2DModel, UNet2DConditionModel):
+            try:
+                return cls.from_pretrained(base, subfolder=subfolder, revision=revision, **kwargs)
+            except (OSError, ValueError, EnvironmentError) as e:  # wrong class or no such folder
+                errors.append(e)
+        raise errors[-1]
+
+    unet = None
+    for subfolder in ("unet", None):
+        try:
+            unet = _load_unet(subfolder)
+            break
+        except (OSError, ValueError, EnvironmentError) as e:
+            last = e
+    if unet is None:
+        raise ValueError(
+            f"Could not load a diffusers UNet from {base!r} (tried the 'unet' subfolder and the root): {last}. "
+            "Pass a diffusers pipeline directory/repo with a unet/ folder, or a bare UNet directory."
+        ) from last
+    try:
+        scheduler_config = DDPMScheduler.load_config(base, subfolder="scheduler", revision=revision, **kwargs)
+    except (OSError, ValueError, EnvironmentError):
+        try:
+            scheduler_config = DDPMScheduler.load_config(base, revision=revision, **kwargs)
+            if "num_train_timesteps" not in scheduler_config:
+                raise ValueError("no scheduler config")
+        except (OSError, ValueError, EnvironmentError):
+            scheduler_config = DDPMScheduler().config
+    return unet, scheduler_config

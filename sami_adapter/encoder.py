@@ -1,0 +1,148 @@
+"""The SAMI inference network ``q_phi(z | x_t, t)``: a small "half UNet" with a diagonal-Gaussian head."""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence, Tuple, Union
+
+import torch
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+from diffusers.models.embeddings import TimestepEmbedding, Timesteps
+from diffusers.models.modeling_utils import ModelMixin
+from diffusers.models.resnet import Downsample2D, ResnetBlock2D
+from torch import nn
+
+
+class LatentPosterior(DiagonalGaussianDistribution):
+    """Diagonal Gaussian over a flat code: ``parameters[..., :D]`` is the mean, ``[..., D:]`` the log-variance.
+
+    Reuses diffusers' ``DiagonalGaussianDistribution`` (sampling with a generator, log-variance
+    clamping) for codes of shape ``(..., D)`` instead of feature maps.
+    """
+
+    def __init__(self, parameters: torch.Tensor):
+        super().__init__(parameters)
+        # The parent chunks along dim 1 (feature maps); a code is chunked along its last dim.
+        self.mean, logvar = torch.chunk(parameters, 2, dim=-1)
+        self.logvar = torch.clamp(logvar, -30.0, 20.0)
+        self.std = torch.exp(0.5 * self.logvar)
+        self.var = torch.exp(self.logvar)
+
+    @property
+    def latent_dim(self) -> int:
+        return self.mean.shape[-1]
+
+    def kl_per_dim(self) -> torch.Tensor:
+        """``KL(q(z_i | x) || N(0, 1))`` per sample and dimension, in nats: ``(mu^2 + var - 1 - logvar) / 2``."""
+        return 0.5 * (self.mean**2 + self.var - 1.0 - self.logvar)
+
+    def kl(self, other: Optional["LatentPosterior"] = None) -> torch.Tensor:
+        """``KL(q(z | x) || N(0, I))`` per sample (summed over dimensions), in nats."""
+        if other is not None:
+            raise NotImplementedError("LatentPosterior.kl only supports the standard normal prior.")
+        return self.kl_per_dim().sum(dim=-1)
+
+    def log_prob(self, z: torch.Tensor) -> torch.Tensor:
+        """``log q(z | x)`` per sample, in nats."""
+        return -0.5 * (((z - self.mean) ** 2) / self.var + self.logvar + torch.log(torch.tensor(2 * torch.pi))).sum(dim=-1)
+
+    def __getitem__(self, index) -> "LatentPosterior":
+        return LatentPosterior(torch.cat([self.mean[index], self.logvar[index]], dim=-1))
+
+
+class SAMIEncoder(ModelMixin, ConfigMixin):
+    r"""The inference network ``q_phi(z | x_t, t) = N(mu_phi(x_t, t), diag sigma_phi^2(x_t, t))``.
+
+    Down blocks of diffusers ``ResnetBlock2D`` (conditioned on diffusers' sinusoidal timestep
+    embedding), then a small MLP head that outputs mean and log-variance. The same network encodes
+    clean images (``t = 0``) and noisy ones: SAMI's multiscale inference.
+
+    The last layer is zero-initialised, so at the start every posterior is ``N(0, e^{init_logvar})``
+    whatever the input: the guidance ``grad_x log q`` is exactly 0 and training starts from the
+    unconditional model's loss instead of from random guidance (the known collapse path).
+
+    Args:
+        in_channels: channels of the UNet's input (pixels, or VAE latents for latent diffusion).
+        sample_size: side of the UNet's input.
+        latent_dim: size of the code ``z``.
+        block_out_channels: widths of the down blocks; each block after the first halves the resolution.
+        layers_per_block: ResNet blocks per down block.
+        hidden_dim: width of the MLP head.
+        time_conditioning: if False the encoder is blind to the noise level (ablation).
+        init_logvar: initial log-variance of every posterior.
+        norm_num_groups: GroupNorm groups (GroupNorm keeps samples independent, which the score needs).
+    """
+
+    @register_to_config
+    def __init__(
+        self,
+        in_channels: int = 1,
+        sample_size: int = 16,
+        latent_dim: int = 8,
+        block_out_channels: Tuple[int, ...] = (32, 64, 64),
+        layers_per_block: int = 1,
+        hidden_dim: int = 256,
+        time_conditioning: bool = True,
+        init_logvar: float = -1.0,
+        norm_num_groups: int = 8,
+    ):
+        super().__init__()
+        if latent_dim < 1:
+            raise ValueError(f"latent_dim must be >= 1, got {latent_dim}.")
+        temb_dim = block_out_channels[0] * 4 if time_conditioning else None
+        if time_conditioning:
+            self.time_proj = Timesteps(block_out_channels[0], flip_sin_to_cos=True, downscale_freq_shift=0)
+            self.time_embedding = TimestepEmbedding(block_out_channels[0], temb_dim)
+        self.conv_in = nn.Conv2d(in_channels, block_out_channels[0], kernel_size=3, padding=1)
+        blocks = []
+        channels = block_out_channels[0]
+        for i, width in enumerate(block_out_channels):
+            for _ in range(layers_per_block):
+                blocks.append(ResnetBlock2D(in_channels=channels, out_channels=width, temb_channels=temb_dim, groups=norm_num_groups))
+                channels = width
+            if i < len(block_out_channels) - 1:
+                blocks.append(Downsample2D(channels, use_conv=True, out_channels=channels, padding=1, name="op"))
+        self.blocks = nn.ModuleList(blocks)
+        self.norm_out = nn.GroupNorm(norm_num_groups, channels)
+        side = max(sample_size // 2 ** (len(block_out_channels) - 1), 1)
+        self.pool = nn.AdaptiveAvgPool2d(min(side, 4))
+        self.proj = nn.Linear(channels * min(side, 4) ** 2, hidden_dim)
+        self.time_to_hidden = nn.Linear(temb_dim, hidden_dim) if time_conditioning else None
+        self.head = nn.Linear(hidden_dim, 2 * latent_dim)
+        nn.init.zeros_(self.head.weight)
+        with torch.no_grad():
+            self.head.bias.zero_()
+            self.head.bias[latent_dim:] = init_logvar
+
+    @property
+    def latent_dim(self) -> int:
+        return self.config.latent_dim
+
+    def forward(self, sample: torch.Tensor, timestep: Union[torch.Tensor, float, int] = 0) -> LatentPosterior:
+        """Posterior ``q(z | sample, timestep)``.
+
+        Args:
+            sample: (B, in_channels, sample_size, sample_size) UNet input ``x_t`` (``x_0`` at ``t = 0``).
+            timestep: scalar or (B,) diffusion timesteps in the UNet's units (0 = clean).
+
+        Returns:
+            :class:`LatentPosterior` with ``.mean``/``.logvar`` of shape (B, latent_dim).
+        """
+        if sample.ndim != 4 or sample.shape[1] != self.config.in_channels:
+            raise ValueError(
+                f"SAMIEncoder expects input of shape (B, {self.config.in_channels}, H, W), got {tuple(sample.shape)}."
+            )
+        temb = None
+        if self.config.time_conditioning:
+            t = torch.as_tensor(timestep, device=sample.device)
+            if t.ndim == 0:
+                t = t.expand(sample.shape[0])
+            temb = self.time_embedding(self.time_proj(t).to(sample.dtype))
+        h = self.conv_in(sample)
+        for block in self.blocks:
+            h = block(h, temb) if isinstance(block, ResnetBlock2D) else block(h)
+        h = torch.nn.functional.silu(self.norm_out(h))
+        h = self.proj(self.pool(h).flatten(1))
+        if temb is not None:
+            h = h + self.time_to_hidden(temb)
+        return LatentPosterior(self.head(torch.nn.functional.silu(h)))

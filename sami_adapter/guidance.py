@@ -1,0 +1,233 @@
+"""The SAMI math: noise levels, the posterior score, and its conversion into a guided model output.
+
+Notation (DEVELOPERS.md): the variance-preserving forward process is
+
+    x_t = a_t x_0 + s_t eps,      a_t = sqrt(abar_t),   s_t = sqrt(1 - abar_t).            (1)
+
+The SAMI decoder is the unconditional model guided by the inference network q(z | x_t, t). By
+Bayes' rule (p(z | x_t) approximated by q),
+
+    grad log p(x_t | z) = grad log p(x_t) + grad_{x_t} log q(z | x_t, t).                  (2)
+
+Since ``eps_theta(x_t) = -s_t grad log p(x_t)``, the guided noise prediction is
+
+    eps_hat = eps_theta(x_t, t) - s_t * g,        g = grad_{x_t} log q(z | x_t, t).       (3)
+
+Every other parameterisation follows from (1) and (3):
+
+    x0_hat = (x_t - s_t eps_hat) / a_t = x0_theta + (s_t^2 / a_t) g                      (4)
+    v_hat  = a_t eps_hat - s_t x0_hat  = v_theta - (s_t / a_t) g   (using a^2 + s^2 = 1)   (5)
+
+Sigma-parameterised schedulers (Euler, Heun, LMS, DPM-Solver, UniPC, ...) write the same process
+as ``x_t / a_t = x_0 + sigma_t eps`` with ``sigma_t = s_t / a_t``, so ``abar_t = 1 / (1 + sigma_t^2)``;
+their ``scale_model_input`` hands the UNet exactly the variance-preserving ``x_t`` of (1) (or
+leaves it unchanged when the state already is ``x_t``), so g is taken with respect to the
+UNet's input and (3)-(5) hold unchanged.
+
+This module is the only place where these formulas live.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Tuple, Union
+
+import torch
+
+TimestepLike = Union[int, float, torch.Tensor]
+
+
+def _timestep_tensor(timestep: TimestepLike, batch_size: int, device: torch.device) -> torch.Tensor:
+    t = torch.as_tensor(timestep, device=device)
+    if t.ndim == 0:
+        t = t.expand(batch_size)
+    if t.ndim != 1 or t.shape[0] != batch_size:
+        raise ValueError(
+            f"timestep must be a scalar or a 1-D tensor with one entry per sample ({batch_size}), got shape {tuple(t.shape)}."
+        )
+    return t
+
+
+def check_timesteps(timestep: TimestepLike, num_train_timesteps: int) -> None:
+    """Raise a ValueError for timesteps outside ``[0, num_train_timesteps)`` or non-finite ones."""
+    t = torch.as_tensor(timestep, dtype=torch.float64)
+    if not torch.isfinite(t).all():
+        raise ValueError("timestep contains NaN or inf; pass finite timesteps in [0, num_train_timesteps).")
+    if (t < 0).any() or (t > num_train_timesteps - 1).any():
+        raise ValueError(
+            f"timestep out of range: got min {t.min().item():g}, max {t.max().item():g}; "
+            f"timesteps must lie in [0, {num_train_timesteps - 1}] (the scheduler's num_train_timesteps is {num_train_timesteps})."
+        )
+
+
+def alpha_sigma_from_alphas_cumprod(alphas_cumprod: torch.Tensor, timestep: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(a_t, s_t)`` of equation (1) from ``alphas_cumprod`` at (possibly fractional) timesteps.
+
+    Fractional timesteps, as Euler-type schedulers pass them, interpolate ``sigma_t = s_t / a_t``
+    linearly between the neighbouring integer steps, the way diffusers builds their sigmas.
+    """
+    alphas_cumprod = alphas_cumprod.to(device=timestep.device, dtype=torch.float64)
+    t = timestep.to(torch.float64)
+    lo = t.floor().long().clamp(0, alphas_cumprod.shape[0] - 1)
+    hi = (lo + 1).clamp(max=alphas_cumprod.shape[0] - 1)
+    frac = t - lo.to(torch.float64)
+    sigma_ve = ((1 - alphas_cumprod) / alphas_cumprod).sqrt()
+    sigma = sigma_ve[lo] * (1 - frac) + sigma_ve[hi] * frac
+    abar = 1.0 / (1.0 + sigma**2)
+    return abar.sqrt(), (1 - abar).sqrt()
+
+
+def check_scheduler(scheduler: Any) -> None:
+    """Raise a TypeError unless the scheduler is variance-preserving (it has ``alphas_cumprod``).
+
+    DDPM/DDIM/PNDM/LCM/TCD and the sigma family (Euler, Heun, LMS, KDPM2, DPM-Solver, UniPC, DEIS)
+    all do; EDM, flow-matching and variance-exploding schedulers do not.
+    """
+    if getattr(scheduler, "alphas_cumprod", None) is None:
+        raise TypeError(
+            f"{type(scheduler).__name__} has no `alphas_cumprod`: it is not a variance-preserving scheduler, so SAMI "
+            "guidance cannot find the noise level. Use a DDPM/DDIM/PNDM-type or an Euler/DPM-Solver/UniPC-type "
+            "scheduler, e.g. `DDIMScheduler.from_config(pipe.scheduler.config)`."
+        )
+
+
+def noise_level(scheduler: Any, timestep: TimestepLike, batch_size: int = 1, device: torch.device | str = "cpu") -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(a_t, s_t)`` (each shape ``(batch_size,)``, float64) of the UNet input at ``timestep``.
+
+    * alphas_cumprod schedulers (DDPM, DDIM, PNDM, LCM, TCD): ``abar_t = alphas_cumprod[t]``.
+    * sigma schedulers in the middle of sampling: ``sigma = scheduler.sigmas[step_index]``
+      (the step's exact noise level, also for Karras sigmas and second-order repeats), then
+      ``abar_t = 1 / (1 + sigma^2)``.
+
+    Raises:
+        TypeError: the scheduler has no ``alphas_cumprod`` (EDM, flow-matching or variance-exploding
+            schedulers): SAMI guidance needs a variance-preserving noise level.
+        ValueError: the timestep is negative, non-finite or beyond ``num_train_timesteps``.
+    """
+    device = torch.device(device)
+    check_scheduler(scheduler)
+    alphas_cumprod = getattr(scheduler, "alphas_cumprod", None)
+    sigmas = getattr(scheduler, "sigmas", None)
+    num_train = int(getattr(scheduler.config, "num_train_timesteps", len(alphas_cumprod)))
+    check_timesteps(timestep, num_train)
+    t = _timestep_tensor(timestep, batch_size, device)
+
+    if sigmas is not None and isinstance(sigmas, torch.Tensor) and getattr(scheduler, "timesteps", None) is not None:
+        index = getattr(scheduler, "step_index", None)
+        if index is None and t.ndim == 1 and bool((t == t[0]).all()):
+            # Multistep solvers set step_index only in step(): find the step from the timestep.
+            matches = (scheduler.timesteps.to(t.device).float() == t[0].float()).nonzero()
+            index = int(matches[0]) if len(matches) else None
+        if index is not None:
+            sigma = sigmas[index].to(device=device, dtype=torch.float64).expand(batch_size)
+            abar = 1.0 / (1.0 + sigma**2)
+            return abar.sqrt(), (1 - abar).sqrt()
+    return alpha_sigma_from_alphas_cumprod(alphas_cumprod, t)
+
+
+def posterior_score(
+    encoder: Callable[[torch.Tensor, torch.Tensor], Any],
+    z: torch.Tensor,
+    sample: torch.Tensor,
+    timestep: TimestepLike,
+    create_graph: bool = False,
+) -> torch.Tensor:
+    """``g = grad_{x_t} log q(z | x_t, t)`` for a diagonal-Gaussian ``q`` (equation (2)).
+
+    ``log q(z | x_t) = -1/2 sum_i [ (z_i - mu_i(x_t))^2 / sigma_i^2(x_t) + log sigma_i^2(x_t) + log 2 pi ]``
+    is differentiated by autograd with respect to ``sample``. Samples in the batch are
+    independent (the encoder must not mix them, e.g. no BatchNorm), so the gradient of the
+    summed log-density is each sample's own score.
+
+    Args:
+        encoder: any callable ``(sample, timestep) -> object with .mean and .logvar`` of shape (B, D).
+        z: the code, shape (B, D). Keep its graph (``create_graph=True``) to train through it.
+        sample: the UNet input ``x_t``, shape (B, C, H, W).
+        timestep: scalar or (B,) timesteps.
+        create_graph: build the graph of the score itself, for the training loss (double backward).
+
+    Returns:
+        A tensor shaped like ``sample``.
+    """
+    with torch.enable_grad():
+        x = sample.detach().requires_grad_(True)
+        posterior = encoder(x, timestep)
+        mean, logvar = posterior.mean, posterior.logvar
+        if z.shape != mean.shape:
+            raise ValueError(f"z has shape {tuple(z.shape)} but the encoder's posterior has shape {tuple(mean.shape)}.")
+        z = z.to(mean.dtype)
+        log_q = -0.5 * (((z - mean) ** 2) * torch.exp(-logvar) + logvar).sum()
+        if not log_q.requires_grad:  # a posterior that ignores its input has zero score
+            return torch.zeros_like(sample)
+        (score,) = torch.autograd.grad(log_q, x, create_graph=create_graph, allow_unused=True)
+    return torch.zeros_like(sample) if score is None else score
+
+
+def apply_guidance(
+    model_output: torch.Tensor,
+    score: torch.Tensor,
+    scheduler: Any,
+    timestep: TimestepLike,
+    sample: torch.Tensor,
+    guidance_scale: float = 1.0,
+) -> torch.Tensor:
+    """The guided model output in the scheduler's ``prediction_type``.
+
+    With ``w = guidance_scale`` and ``(a_t, s_t)`` from :func:`noise_level`:
+
+    * ``epsilon``:      ``eps_theta - w s_t g``          (3)
+    * ``sample``:       ``x0_theta + w (s_t^2 / a_t) g``  (4)
+    * ``v_prediction``: ``v_theta - w (s_t / a_t) g``     (5)
+
+    Args:
+        model_output: the UNet's output for ``sample``.
+        score: ``grad_{x_t} log q(z | x_t)`` from :func:`posterior_score`, shaped like ``sample``.
+        scheduler: the diffusers scheduler driving the loop (gives prediction type and noise level).
+        timestep: the current timestep (scalar or per-sample).
+        sample: the UNet input ``x_t`` (after ``scale_model_input``).
+        guidance_scale: multiplies the posterior score; 1 is the Bayes-exact SAMI decoder.
+    """
+    if score.shape != model_output.shape or sample.shape != model_output.shape:
+        raise ValueError(
+            f"model_output {tuple(model_output.shape)}, score {tuple(score.shape)} and sample {tuple(sample.shape)} must have the same shape."
+        )
+    alpha, sigma = noise_level(scheduler, timestep, model_output.shape[0], model_output.device)
+    prediction_type = getattr(scheduler.config, "prediction_type", "epsilon")
+    return guided_output(model_output, score, alpha, sigma, prediction_type, guidance_scale)
+
+
+def _per_sample(coefficient: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return coefficient.view((-1,) + (1,) * (like.ndim - 1)).to(like.dtype)
+
+
+def guided_output(
+    model_output: torch.Tensor,
+    score: torch.Tensor,
+    alpha: torch.Tensor,
+    sigma: torch.Tensor,
+    prediction_type: str = "epsilon",
+    guidance_scale: float = 1.0,
+) -> torch.Tensor:
+    """Equations (3)-(5) for known per-sample ``alpha = a_t`` and ``sigma = s_t`` (each (B,))."""
+    if prediction_type == "epsilon":
+        coefficient = -sigma  # (3)
+    elif prediction_type == "sample":
+        coefficient = sigma**2 / alpha  # (4)
+    elif prediction_type == "v_prediction":
+        coefficient = -sigma / alpha  # (5)
+    else:
+        raise ValueError(f"Unsupported prediction_type {prediction_type!r}; expected 'epsilon', 'sample' or 'v_prediction'.")
+    return model_output + _per_sample(guidance_scale * coefficient, model_output) * score.to(model_output.dtype)
+
+
+def to_epsilon(
+    model_output: torch.Tensor, sample: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor, prediction_type: str
+) -> torch.Tensor:
+    """Convert a model output to a noise prediction using (1): ``x0 -> (x_t - a x0) / s``, ``v -> a v + s x_t``."""
+    if prediction_type == "epsilon":
+        return model_output
+    a, s = _per_sample(alpha, model_output), _per_sample(sigma, model_output)
+    if prediction_type == "sample":
+        return (sample - a * model_output) / s
+    if prediction_type == "v_prediction":
+        return a * model_output + s * sample
+    raise ValueError(f"Unsupported prediction_type {prediction_type!r}; expected 'epsilon', 'sample' or 'v_prediction'.")

@@ -1,0 +1,30 @@
+"""Disentanglement metrics with disentanglement_lib's definitions (Locatello et al. 2019), on arrays.
+
+``codes`` are (N, D) float arrays, ``factors`` are (N, K) integer factor indices.
+"""
+
+from ._discretize import discrete_entropy, discrete_mutual_info, histogram_discretize
+from .curvature import trajectory_curvature
+from .dci import completeness_from_importance, dci, dci_importance, disentanglement_from_importance
+from .factor_vae import factor_vae_score
+from .mig import mig
+from .modularity import explicitness, modularity, modularity_from_mutual_info
+from .sap import sap, sap_score_matrix
+
+__all__ = [
+    "histogram_discretize",
+    "discrete_mutual_info",
+    "discrete_entropy",
+    "mig",
+    "dci",
+    "dci_importance",
+    "disentanglement_from_importance",
+    "completeness_from_importance",
+    "sap",
+    "sap_score_matrix",
+    "modularity",
+    "modularity_from_mutual_info",
+    "explicitness",
+    "factor_vae_score",
+    "trajectory_curvature",
+]

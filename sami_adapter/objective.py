@@ -1,0 +1,204 @@
+"""The SAMI objective: guided denoising loss in ELBO units plus the KL of the code.
+
+For one image ``x_0`` (D pixels) and a code ``z ~ q(z | x_0)`` the decoder is the reverse
+diffusion chain whose noise prediction is the guided ``eps_hat(x_t, t, z)`` of
+:mod:`sami_adapter.guidance`. Ho et al. (2020, eq. 5) and Kingma et al. (2021) give
+
+    -log p(x_0 | z) <= L_T + sum_{t=1}^{T-1} L_t + L_0,
+
+and with the reverse variance sigma_t^2 = beta_tilde_t (diffusers' ``fixed_small``) each term is a
+weighted denoising error (diffusers' 0-based index ``i``):
+
+    L_i = w_i || eps - eps_hat(x_i, i, z) ||^2,   w_i = beta_i / (2 alpha_i (1 - abar_{i-1}))   (i >= 1)
+        = (SNR(i-1) / SNR(i) - 1) / 2,
+
+and the decoder term ``L_0 = -log N(x_0; mu_theta(x_1), beta_0 I)`` is
+
+    L_0 = w_0 || eps - eps_hat(x_0, 0, z) ||^2 + (D/2) log(2 pi beta_0),   w_0 = 1 / (2 alpha_0).
+
+The prior term ``L_T = KL(q(x_T | x_0) || N(0, I))`` and ``(D/2) log(2 pi beta_0)`` do not depend
+on any parameter: :func:`elbo_constant` returns them, ``sami_loss`` omits them from ``loss`` and
+adds them back in ``negative_elbo``. Monte Carlo over ``i ~ p(i)`` gives the unbiased estimate
+``w_i / p(i) || eps - eps_hat ||^2`` (``T w_i`` for uniform ``i``), so with ``beta = 1`` and no free bits
+
+    -log p(x_0) <= E_{q(z|x_0)}[ sum_i L_i ] + KL(q(z | x_0) || N(0, I))  (the SAMI ELBO).
+
+``weighting="simple"`` uses ``|| eps - eps_hat ||^2`` summed over pixels with no weight and no
+importance correction (Ho et al.'s L_simple): sampling some timesteps more often then really does
+emphasise them, at the price of no longer being a bound.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Optional
+
+import torch
+from diffusers.utils import BaseOutput
+from diffusers.utils.torch_utils import randn_tensor
+
+from .guidance import alpha_sigma_from_alphas_cumprod, guided_output, posterior_score, to_epsilon
+
+
+@dataclass
+class SAMILossOutput(BaseOutput):
+    """Everything one SAMI training step measures.
+
+    Args:
+        loss: scalar to minimise, ``diffusion_loss + beta * kl_term``.
+        diffusion_loss: batch mean of the (weighted) guided denoising error, summed over pixels.
+        unguided_diffusion_loss: the same with the guidance removed (same noise and timesteps),
+            detached; ``unguided - guided`` is the guidance gain.
+        kl: batch mean of ``KL(q(z | x_0) || N(0, I))`` in nats.
+        kl_per_dim: (D,) batch-mean KL per code dimension.
+        timesteps: (B,) the timesteps used.
+        guided_error: (B,) per-sample guided error (detached, weighted like ``diffusion_loss``).
+        unguided_error: (B,) per-sample unguided error (detached).
+        negative_elbo: (B,) the full bound ``sum_i L_i + KL + constant`` in nats when
+            ``weighting="elbo"`` (``beta = 1`` and no free bits assumed), else None.
+    """
+
+    loss: torch.Tensor
+    diffusion_loss: torch.Tensor
+    unguided_diffusion_loss: torch.Tensor
+    kl: torch.Tensor
+    kl_per_dim: torch.Tensor
+    timesteps: torch.Tensor
+    guided_error: torch.Tensor
+    unguided_error: torch.Tensor
+    negative_elbo: Optional[torch.Tensor] = None
+
+
+def elbo_weights(scheduler: Any) -> torch.Tensor:
+    """``w_i`` of the module docstring, shape (T,), float64."""
+    betas = scheduler.betas.to(torch.float64)
+    alphas = 1.0 - betas
+    alphas_cumprod = torch.cumprod(alphas, dim=0)
+    weights = torch.empty_like(betas)
+    weights[0] = 1.0 / (2.0 * alphas[0])
+    weights[1:] = betas[1:] / (2.0 * alphas[1:] * (1.0 - alphas_cumprod[:-1]))
+    return weights
+
+
+def elbo_constant(scheduler: Any, clean_images: torch.Tensor) -> torch.Tensor:
+    """Per-sample ``L_T + (D/2) log(2 pi beta_0)`` in nats: the parameter-free part of the bound."""
+    betas = scheduler.betas.to(torch.float64)
+    abar_T = torch.cumprod(1.0 - betas, dim=0)[-1]
+    x0 = clean_images.detach().to(torch.float64).flatten(1)
+    num_pixels = x0.shape[1]
+    prior_term = 0.5 * (abar_T * x0**2 + (1 - abar_T) - 1 - torch.log(1 - abar_T)).sum(dim=1)
+    decoder_normaliser = 0.5 * num_pixels * torch.log(2 * torch.pi * betas[0])
+    return prior_term + decoder_normaliser
+
+
+def _model_output(unet: Callable, sample: torch.Tensor, timesteps: torch.Tensor, unet_kwargs: Dict) -> torch.Tensor:
+    out = unet(sample, timesteps, **unet_kwargs)
+    return out.sample if hasattr(out, "sample") else out
+
+
+def sami_loss(
+    unet: Callable,
+    encoder: Callable,
+    scheduler: Any,
+    clean_images: torch.Tensor,
+    beta: float = 1.0,
+    weighting: str = "elbo",
+    generator: Optional[torch.Generator] = None,
+    train_unet: bool = False,
+    timesteps: Optional[torch.Tensor] = None,
+    timestep_probs: Optional[torch.Tensor] = None,
+    noise: Optional[torch.Tensor] = None,
+    free_bits: float = 0.0,
+    guidance_scale: float = 1.0,
+    unet_kwargs: Optional[Dict[str, Any]] = None,
+) -> SAMILossOutput:
+    """One Monte Carlo estimate of the SAMI objective (module docstring).
+
+    Args:
+        unet: the denoiser ``(x_t, t, **unet_kwargs) -> output with .sample`` (or a tensor), in
+            the scheduler's ``prediction_type``.
+        encoder: ``(sample, t) -> posterior with .mean/.logvar/.sample/.kl_per_dim``.
+        scheduler: a training scheduler with ``betas`` and ``alphas_cumprod`` (e.g. DDPMScheduler).
+        clean_images: (B, C, H, W) ``x_0``.
+        beta: weight of the KL term, in ELBO units (1 = the bound; < 1 rewards information in z).
+        weighting: ``"elbo"`` (exact weights, a bound) or ``"simple"`` (unit weights).
+        generator: torch generator for ``z``, timesteps and noise.
+        train_unet: run the UNet with autograd (LoRA or joint training). When False the UNet runs
+            under ``no_grad``: no activations are kept and no UNet backward happens.
+        timesteps: (B,) timesteps to use instead of sampling them.
+        timestep_probs: (T,) sampling distribution of timesteps; the ELBO weighting divides by it
+            (importance sampling keeps the bound unbiased), the simple weighting does not.
+        noise: (B, C, H, W) ``eps`` to use instead of sampling it.
+        free_bits: minimum batch-mean KL per dimension (nats) below which the KL is not penalised.
+        guidance_scale: multiplies the posterior score (1 = exact SAMI).
+        unet_kwargs: extra UNet inputs (e.g. ``encoder_hidden_states`` of a text-conditioned UNet).
+    """
+    if weighting not in ("elbo", "simple"):
+        raise ValueError(f"weighting must be 'elbo' or 'simple', got {weighting!r}.")
+    if not torch.isfinite(clean_images).all():
+        raise ValueError("clean_images contains NaN or inf; check the data pipeline.")
+    unet_kwargs = unet_kwargs or {}
+    batch, device = clean_images.shape[0], clean_images.device
+    num_train_timesteps = scheduler.alphas_cumprod.shape[0]
+
+    # z ~ q(z | x_0), reparameterised so gradients reach the encoder through z as well.
+    posterior = encoder(clean_images, torch.zeros(batch, device=device, dtype=torch.long))
+    z = posterior.sample(generator=generator)
+
+    if timesteps is None:
+        if timestep_probs is None:
+            timesteps = torch.randint(0, num_train_timesteps, (batch,), generator=generator, device=generator.device if generator else "cpu")
+        else:
+            timesteps = torch.multinomial(timestep_probs.float().cpu(), batch, replacement=True, generator=generator)
+        timesteps = timesteps.to(device)
+    timesteps = timesteps.long()
+    if noise is None:
+        noise = randn_tensor(clean_images.shape, generator=generator, device=device, dtype=clean_images.dtype)
+
+    alpha, sigma = alpha_sigma_from_alphas_cumprod(scheduler.alphas_cumprod, timesteps)
+    view = (-1,) + (1,) * (clean_images.ndim - 1)
+    noisy = alpha.view(view).to(clean_images.dtype) * clean_images + sigma.view(view).to(clean_images.dtype) * noise
+
+    with torch.set_grad_enabled(train_unet and torch.is_grad_enabled()):
+        model_output = _model_output(unet, noisy, timesteps, unet_kwargs)
+    prediction_type = getattr(scheduler.config, "prediction_type", "epsilon")
+    eps_theta = to_epsilon(model_output.float(), noisy.float(), alpha, sigma, prediction_type)
+    score = posterior_score(encoder, z, noisy, timesteps, create_graph=torch.is_grad_enabled())
+    eps_hat = guided_output(eps_theta, score.float(), alpha, sigma, "epsilon", guidance_scale)
+
+    noise = noise.float()
+    guided_sq = ((noise - eps_hat) ** 2).flatten(1).sum(dim=1)
+    unguided_sq = ((noise - eps_theta.detach()) ** 2).flatten(1).sum(dim=1)
+    if weighting == "elbo":
+        weights = elbo_weights(scheduler).to(device)[timesteps]
+        probs = (
+            torch.full_like(weights, 1.0 / num_train_timesteps)
+            if timestep_probs is None
+            else timestep_probs.to(device=device, dtype=torch.float64)[timesteps] / timestep_probs.sum()
+        )
+        sample_weight = (weights / probs).float()
+    else:
+        sample_weight = torch.ones(batch, device=device)
+    guided_error = sample_weight * guided_sq
+    unguided_error = sample_weight * unguided_sq
+    diffusion_loss = guided_error.mean()
+
+    kl_per_sample_dim = posterior.kl_per_dim().float()
+    kl_per_dim = kl_per_sample_dim.mean(dim=0)
+    kl_term = torch.clamp(kl_per_dim, min=free_bits).sum() if free_bits > 0 else kl_per_dim.sum()
+    loss = diffusion_loss + beta * kl_term
+
+    negative_elbo = None
+    if weighting == "elbo":
+        negative_elbo = (guided_error.detach().double() + kl_per_sample_dim.detach().sum(1).double() + elbo_constant(scheduler, clean_images)).float()
+    return SAMILossOutput(
+        loss=loss,
+        diffusion_loss=diffusion_loss,
+        unguided_diffusion_loss=unguided_error.mean().detach(),
+        kl=kl_per_dim.sum(),
+        kl_per_dim=kl_per_dim,
+        timesteps=timesteps,
+        guided_error=guided_error.detach(),
+        unguided_error=unguided_error.detach(),
+        negative_elbo=negative_elbo,
+    )

@@ -1,0 +1,257 @@
+"""Tests of the procedural datasets: determinism, shapes and ranges, fixed-factor sampling,
+resolution independence, disk measurements and the moving-disks videos."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from sami_adapter.data import DATASETS, Disks, DSprites, MovingDisks, clean_disk_fraction, disk_moments, render_sprites
+from sami_adapter.data.disks import POSITION_RANGE, RADIUS_RANGE
+from sami_adapter.data.moving_disks import SPEED_RANGE, reflect_into
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Small tensors: one thread is faster and leaves the other core alone."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_registry():
+    assert DATASETS["disks"] is Disks and DATASETS["dsprites"] is DSprites
+
+
+# -- determinism --------------------------------------------------------------------------------
+@pytest.mark.parametrize("cls", [Disks, DSprites])
+def test_deterministic_by_seed(cls):
+    a, b, c = cls(64, seed=3), cls(64, seed=3), cls(64, seed=4)
+    ia, fa, va = a.arrays()
+    ib, fb, vb = b.arrays()
+    assert np.array_equal(ia, ib) and np.array_equal(fa, fb) and np.array_equal(va, vb)
+    assert not np.array_equal(fa, c.factor_indices)
+    x1, f1, _ = a.sample(16, np.random.default_rng(7))
+    x2, f2, _ = a.sample(16, np.random.default_rng(7))
+    assert torch.equal(x1, x2) and np.array_equal(f1, f2)
+
+
+def test_moving_disks_deterministic_by_seed():
+    a, b, c = MovingDisks(8, seed=1), MovingDisks(8, seed=1), MovingDisks(8, seed=2)
+    va, fa = a.arrays()
+    vb, fb = b.arrays()
+    assert np.array_equal(va, vb) and np.array_equal(fa, fb)
+    assert not np.allclose(fa, c.factor_values)
+
+
+# -- shapes and ranges --------------------------------------------------------------------------
+@pytest.mark.parametrize("cls", [Disks, DSprites])
+def test_shapes_and_ranges(cls):
+    ds = cls(200, resolution=32, seed=0)
+    images, indices, values = ds.arrays()
+    k = len(ds.factor_sizes)
+    assert images.shape == (200, 1, 32, 32) and images.dtype == np.float32
+    assert indices.shape == (200, k) and values.shape == (200, k)
+    assert images.min() >= -1.0 and images.max() <= 1.0
+    assert np.all(indices >= 0) and np.all(indices < np.array(ds.factor_sizes))
+    assert ((images + 1) / 2).reshape(200, -1).sum(axis=1).min() > 1.0  # every image shows something
+    item = ds[5]
+    assert item["pixel_values"].shape == (1, 32, 32)
+    assert torch.equal(item["pixel_values"], torch.from_numpy(images[5]))
+    assert np.array_equal(item["factors"].numpy(), indices[5])
+
+
+def test_dsprites_grid_values():
+    ds = DSprites(1000, seed=0)
+    idx, val = ds.factor_indices, ds.factor_values
+    assert ds.factor_names == ("shape", "scale", "orientation", "x", "y")
+    assert ds.factor_sizes == (3, 6, 40, 32, 32)
+    np.testing.assert_array_equal(val[:, 0], idx[:, 0])
+    np.testing.assert_allclose(val[:, 1], 0.5 + 0.1 * idx[:, 1])
+    np.testing.assert_allclose(val[:, 2], 2 * np.pi * idx[:, 2] / 39)
+    np.testing.assert_allclose(val[:, 3:], idx[:, 3:] / 31)
+
+
+def test_dsprites_antialiased_and_inside_frame():
+    # The extreme settings: largest scale, all shapes, corners of the position grid, many angles.
+    rows = [[s, 5, o, x, y] for s in range(3) for o in range(0, 40, 3) for x in (0, 31) for y in (0, 31)]
+    ds = DSprites(1, resolution=32)
+    images = ds.render(ds.values_from_indices(np.array(rows), np.random.default_rng(0)))
+    border = torch.cat([images[..., 0, :], images[..., -1, :], images[..., :, 0], images[..., :, -1]], dim=-1)
+    assert torch.all(border == -1.0)
+    grey = ((images > -1) & (images < 1)).float().sum(dim=(1, 2, 3))
+    assert torch.all(grey > 0)  # anti-aliased edges
+    hard = render_sprites(ds.values_from_indices(np.array(rows), np.random.default_rng(0)), 32, supersample=1)
+    assert set(hard.unique().tolist()) <= {-1.0, 1.0}
+
+
+def test_dsprites_shapes_differ_and_rotate():
+    ds = DSprites(1, resolution=32)
+    rng = np.random.default_rng(0)
+    base = np.array([[s, 5, 0, 16, 16] for s in range(3)])
+    imgs = ds.render(ds.values_from_indices(base, rng))
+    for a in range(3):
+        for b in range(a + 1, 3):
+            assert (imgs[a] - imgs[b]).abs().mean() > 0.02
+    # An ellipse turned by a quarter turn is the transpose of itself about the centre pixel grid
+    # (its centre sits on a pixel corner at x = y = 0.5 R).
+    ell = ds.render(np.array([[1, 1.0, 0.0, 0.5, 0.5], [1, 1.0, np.pi / 2, 0.5, 0.5]]))
+    assert torch.allclose(ell[0, 0], ell[1, 0].T, atol=1e-5)
+    # The square is symmetric under a quarter turn, the heart is not.
+    sq = ds.render(np.array([[0, 1.0, 0.0, 0.5, 0.5], [0, 1.0, np.pi / 2, 0.5, 0.5]]))
+    assert torch.allclose(sq[0], sq[1], atol=1e-5)
+    heart = ds.render(np.array([[2, 1.0, 0.0, 0.5, 0.5], [2, 1.0, np.pi, 0.5, 0.5]]))
+    assert (heart[0] - heart[1]).abs().mean() > 0.02
+    assert torch.allclose(heart[0, 0], heart[1, 0].flip(0).flip(1), atol=1e-5)  # a half turn
+
+
+def test_dsprites_scale_and_position():
+    ds = DSprites(1, resolution=64)
+    img = ds.render(np.array([[0, s, 0.0, 0.5, 0.5] for s in (0.5, 1.0)] + [[1, 1.0, 0.0, 0.0, 1.0]]))
+    area = ((img + 1) / 2).sum(dim=(1, 2, 3))
+    # A square of side 0.2 R * scale (up to the 1/4-pixel sub-sampling of its edges).
+    np.testing.assert_allclose(area[:2].numpy(), [(0.1 * 64) ** 2, (0.2 * 64) ** 2], rtol=0.05)
+    # x = 0 is the left, y = 1 the bottom of the frame.
+    mass = ((img[2, 0] + 1) / 2).numpy()
+    ys, xs = np.nonzero(mass)
+    assert xs.mean() < 20 and ys.mean() > 44
+
+
+# -- fixed-factor sampling ----------------------------------------------------------------------
+@pytest.mark.parametrize("cls", [Disks, DSprites])
+def test_fixed_factor_sampling(cls):
+    ds = cls(10, resolution=32, seed=0)
+    rng = np.random.default_rng(0)
+    for k in range(ds.num_factors):
+        images, idx, val = ds.sample(32, rng, fixed_factor=k)
+        assert np.all(idx[:, k] == idx[0, k]) and np.all(val[:, k] == val[0, k])
+        assert len(np.unique(idx[:, (k + 1) % ds.num_factors])) > 1  # the others still vary
+        # The fixed factor's effect is identical: with every other factor set to the first
+        # draw's value, all images are the same.
+        canon = np.repeat(val[:1], 32, axis=0)
+        canon[:, k] = val[:, k]
+        r = ds.render(canon)
+        assert torch.equal(r, r[:1].expand_as(r))
+        _, idx2, _ = ds.sample(8, rng, fixed_factor=k, fixed_index=1)
+        assert np.all(idx2[:, k] == 1)
+
+
+def test_dsprites_fixed_shape_and_disks_fixed_position_measured():
+    ds = DSprites(10, seed=0)
+    images, idx, val = ds.sample(64, np.random.default_rng(1), fixed_factor=0, fixed_index=2)
+    assert np.all(idx[:, 0] == 2)
+    canon = val.copy()
+    canon[:, 1:] = [1.0, 0.0, 0.5, 0.5]
+    r = ds.render(canon)
+    assert torch.equal(r, ds.render(np.array([[2, 1.0, 0.0, 0.5, 0.5]])).expand_as(r))
+
+    disks = Disks(10, seed=0)
+    images, _, val = disks.sample(64, np.random.default_rng(2), fixed_factor=0)
+    m = disk_moments(images)
+    assert m["x"].std() < 0.05 and m["y"].std() > 1.0
+
+
+def test_fixed_factor_out_of_range():
+    with pytest.raises(ValueError):
+        DSprites(4).sample(2, np.random.default_rng(0), fixed_factor=5)
+
+
+# -- resolution ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("res", [8, 17, 32, 64])
+def test_any_resolution(res):
+    for cls in (Disks, DSprites):
+        ds = cls(16, resolution=res, seed=0)
+        images, _, _ = ds.arrays()
+        assert images.shape == (16, 1, res, res)
+        assert images.min() >= -1 and images.max() <= 1
+
+
+def test_coverage_scales_with_resolution():
+    """The same factors cover the same fraction of the frame at any resolution."""
+    for cls in (Disks, DSprites):
+        small, big = cls(64, resolution=32, seed=0), cls(64, resolution=96, seed=0)
+        values = small.factor_values.copy()
+        if cls is Disks:
+            big_values = values.copy()
+            big_values[:, :3] *= 3
+        else:
+            big_values = values
+        frac_small = ((small.render(values) + 1) / 2).mean(dim=(1, 2, 3))
+        frac_big = ((big.render(big_values) + 1) / 2).mean(dim=(1, 2, 3))
+        np.testing.assert_allclose(frac_small.numpy(), frac_big.numpy(), rtol=0.12)
+
+
+# -- disks measurements -------------------------------------------------------------------------
+def test_disk_moments_recover_factors():
+    ds = Disks(400, resolution=32, seed=0)
+    images, _, values = ds.arrays()
+    m = disk_moments(torch.from_numpy(images))
+    for k, name in enumerate(("x", "y", "radius")):
+        corr = np.corrcoef(m[name].numpy(), values[:, k])[0, 1]
+        assert corr > 0.99, (name, corr)
+    np.testing.assert_allclose(m["x"].numpy(), values[:, 0], atol=0.1)
+
+
+def test_clean_disk_fraction():
+    ds = Disks(300, resolution=32, seed=0)
+    images = torch.from_numpy(ds.arrays()[0])
+    clean, verdicts = clean_disk_fraction(images)
+    assert clean > 0.97 and verdicts.shape == (300,)
+    noisy = images + 0.2 * torch.randn(images.shape, generator=torch.Generator().manual_seed(0))
+    assert clean_disk_fraction(noisy)[0] < 0.03
+
+
+# -- moving disks -------------------------------------------------------------------------------
+def test_moving_disks_shapes_and_ranges():
+    md = MovingDisks(num_sequences=40, num_frames=8, resolution=32, seed=0)
+    videos, values = md.arrays()
+    assert videos.shape == (40, 8, 1, 32, 32) and videos.dtype == np.float32
+    assert values.shape == (40, 8, 4) and len(md) == 40
+    assert videos.min() >= -1 and videos.max() <= 1
+    lo, hi = POSITION_RANGE[0] * 32, POSITION_RANGE[1] * 32
+    assert values[..., :2].min() >= lo - 1e-9 and values[..., :2].max() <= hi + 1e-9
+    assert values[..., 2].min() >= RADIUS_RANGE[0] * 32 - 1e-9 and values[..., 2].max() <= RADIUS_RANGE[1] * 32 + 1e-9
+    assert np.all(values[..., 3] == values[:, :1, 3])  # brightness constant per sequence
+    item = md[3]
+    assert item["pixel_values"].shape == (8, 1, 32, 32) and item["factor_values"].shape == (8, 4)
+    assert torch.equal(item["pixel_values"], torch.from_numpy(videos[3]))
+    # The renders show the disk where the values say.
+    m = disk_moments(torch.from_numpy(videos.reshape(-1, 1, 32, 32)))
+    np.testing.assert_allclose(m["x"].numpy(), values[..., 0].ravel(), atol=0.1)
+    np.testing.assert_allclose(m["y"].numpy(), values[..., 1].ravel(), atol=0.1)
+    other = MovingDisks(4, num_frames=5, resolution=20, seed=0)
+    assert other.arrays()[0].shape == (4, 5, 1, 20, 20)
+
+
+def test_moving_disks_smooth():
+    md = MovingDisks(num_sequences=60, num_frames=8, resolution=32, seed=1)
+    videos, values = md.arrays()
+    steps = np.linalg.norm(np.diff(values[..., :2], axis=1), axis=-1)
+    assert steps.max() <= SPEED_RANGE[1] * 32 + 1e-9
+    assert np.abs(np.diff(values[..., 2], axis=1)).max() <= 0.01 * 32
+    assert np.mean(steps > 0.5 * SPEED_RANGE[0] * 32) > 0.9  # it does move
+    # Successive frames differ far less than frames of different sequences.
+    successive = np.abs(np.diff(videos, axis=1)).mean()
+    unrelated = np.abs(videos[1:, 0] - videos[:-1, 0]).mean()
+    assert successive < 0.4 * unrelated
+    # Mostly straight or gently curving: successive steps turn by less than 30 degrees on average
+    # (reflections off the borders add the occasional sharp turn).
+    d = np.diff(values[..., :2], axis=1)
+    cos = (d[:, 1:] * d[:, :-1]).sum(-1) / (np.linalg.norm(d[:, 1:], axis=-1) * np.linalg.norm(d[:, :-1], axis=-1))
+    assert np.median(np.degrees(np.arccos(np.clip(cos, -1, 1)))) < 20
+
+
+def test_reflect_into():
+    x = np.array([0.0, 0.5, 1.0, 1.2, -0.3, 2.5, 3.1])
+    np.testing.assert_allclose(reflect_into(x, 0.0, 1.0), [0.0, 0.5, 1.0, 0.8, 0.3, 0.5, 0.9])
+
+
+def test_invalid_arguments():
+    with pytest.raises(ValueError):
+        MovingDisks(num_frames=1)
+    with pytest.raises(ValueError):
+        render_sprites(np.zeros((2, 4)), 32)
+    with pytest.raises(ValueError):
+        render_sprites(np.array([[3, 1.0, 0.0, 0.5, 0.5]]), 32)

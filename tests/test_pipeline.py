@@ -1,0 +1,200 @@
+"""SAMIPipeline: sampling, encoding, round trips and input errors on tiny models."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDPMScheduler, DiffusionPipeline, DPMSolverMultistepScheduler, EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler
+from tiny import tiny_encoder, tiny_pipeline, tiny_unet
+
+from sami_adapter import SAMIEncoder, SAMIPipeline
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def test_call_shapes_output_types_and_z():
+    pipe = tiny_pipeline()
+    out = pipe(batch_size=3, num_inference_steps=4, generator=_gen(), output_type="pt")
+    assert out.images.shape == (3, 1, 8, 8) and out.z.shape == (3, 3)
+    assert out.images.abs().max() <= 1
+    pil = pipe(batch_size=2, num_inference_steps=2, generator=_gen()).images
+    assert len(pil) == 2 and pil[0].size == (8, 8)
+    arr = pipe(batch_size=1, num_inference_steps=2, output_type="np").images
+    assert arr.shape == (1, 8, 8, 1) and 0 <= arr.min() and arr.max() <= 1
+
+
+def test_guidance_changes_samples_and_scale_zero_is_unconditional():
+    pipe = tiny_pipeline()
+    noise = torch.randn(2, 1, 8, 8, generator=_gen(1))
+    z = torch.randn(2, 3, generator=_gen(2))
+    guided = pipe(z=z, latents=noise, num_inference_steps=4, output_type="pt").images
+    other = pipe(z=-z, latents=noise, num_inference_steps=4, output_type="pt").images
+    off = pipe(z=z, latents=noise, num_inference_steps=4, guidance_scale=0.0, output_type="pt").images
+    off_other = pipe(z=-z, latents=noise, num_inference_steps=4, guidance_scale=0.0, output_type="pt").images
+    assert not torch.allclose(guided, other)
+    torch.testing.assert_close(off, off_other)
+
+
+def test_encode_single_and_multiscale():
+    pipe = tiny_pipeline()
+    x = torch.rand(4, 1, 8, 8) * 2 - 1
+    post = pipe.encode(x)
+    assert post.mean.shape == (4, 3) and post.logvar.shape == (4, 3)
+    multi = pipe.encode(x, timesteps=[0, 100, 900], generator=_gen())
+    assert multi.mean.shape == (3, 4, 3)
+    torch.testing.assert_close(multi.mean[0], post.mean)  # t = 0 is the clean image
+    single = pipe.encode(x, timesteps=100, generator=_gen())
+    assert single.mean.shape == (4, 3)
+    assert post.sample(_gen()).shape == (4, 3) and post.kl().shape == (4,)
+
+
+def test_reconstruct_traverse_interpolate():
+    pipe = tiny_pipeline()
+    x = torch.rand(2, 1, 8, 8) * 2 - 1
+    rec = pipe.reconstruct(x, num_inference_steps=3, output_type="pt", generator=_gen())
+    assert rec.images.shape == (2, 1, 8, 8)
+    torch.testing.assert_close(rec.z, pipe.encode(x).mean)
+    trav = pipe.traverse(x[:1], dim=1, values=[-2, 0, 2], num_inference_steps=3, output_type="pt", generator=_gen())
+    assert trav.images.shape == (3, 1, 8, 8)
+    assert torch.equal(trav.z[:, 1], torch.tensor([-2.0, 0.0, 2.0]))
+    assert torch.equal(trav.z[:, 0], trav.z[0, 0].expand(3))
+    inter = pipe.interpolate(torch.zeros(3), torch.ones(3), steps=5, num_inference_steps=3, output_type="pt")
+    torch.testing.assert_close(inter.z[:, 0], torch.linspace(0, 1, 5))
+
+
+@pytest.mark.parametrize("scheduler_cls", [EulerDiscreteScheduler, DPMSolverMultistepScheduler, DDPMScheduler])
+def test_scheduler_swap(scheduler_cls):
+    pipe = tiny_pipeline()
+    pipe.scheduler = scheduler_cls.from_config(pipe.scheduler.config)
+    out = pipe(batch_size=2, num_inference_steps=4, generator=_gen(), output_type="pt")
+    assert torch.isfinite(out.images).all()
+
+
+def test_save_load_round_trip_identical(tmp_path):
+    pipe = tiny_pipeline()
+    pipe.save_pretrained(tmp_path)
+    assert (tmp_path / "encoder" / "diffusion_pytorch_model.safetensors").exists()
+    assert json.loads((tmp_path / "model_index.json").read_text())["encoder"] == ["sami_adapter.encoder", "SAMIEncoder"]
+    loaded = SAMIPipeline.from_pretrained(tmp_path)
+    loaded.set_progress_bar_config(disable=True)
+    a = pipe(batch_size=2, num_inference_steps=3, generator=_gen(5), output_type="pt").images
+    b = loaded(batch_size=2, num_inference_steps=3, generator=_gen(5), output_type="pt").images
+    assert torch.equal(a, b)
+    encoder = SAMIEncoder.from_pretrained(tmp_path / "encoder")
+    x = torch.rand(2, 1, 8, 8)
+    assert torch.equal(encoder(x, 0).mean, pipe.encoder(x, 0).mean)
+
+
+def test_custom_pipeline_entry(tmp_path):
+    pipe = tiny_pipeline()
+    pipe.save_pretrained(tmp_path)
+    loaded = DiffusionPipeline.from_pretrained(tmp_path, custom_pipeline=os.path.join(ROOT, "pipelines", "sami"), trust_remote_code=True)
+    assert type(loaded).__name__ == "SAMIPipeline"
+    loaded.set_progress_bar_config(disable=True)
+    a = pipe(batch_size=1, num_inference_steps=2, generator=_gen(3), output_type="pt").images
+    b = loaded(batch_size=1, num_inference_steps=2, generator=_gen(3), output_type="pt").images
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
+def test_push_to_hub_uploads_the_saved_pipeline(tmp_path, monkeypatch):
+    """The network edge is replaced; everything up to the upload runs for real."""
+    import diffusers.utils.hub_utils as hub_utils
+
+    uploaded = {}
+
+    class _Repo:
+        repo_id = "user/sami-test"
+
+    def fake_upload_folder(repo_id, folder_path, **kwargs):
+        uploaded["repo_id"] = repo_id
+        uploaded["files"] = sorted(os.path.relpath(os.path.join(r, f), folder_path) for r, _, fs in os.walk(folder_path) for f in fs)
+
+    def no_remote_card(*args, **kwargs):
+        raise hub_utils.EntryNotFoundError("offline test: no remote model card")
+
+    monkeypatch.setattr(hub_utils, "create_repo", lambda *a, **k: _Repo())
+    monkeypatch.setattr(hub_utils.ModelCard, "load", no_remote_card)
+    monkeypatch.setattr(hub_utils, "upload_folder", fake_upload_folder)
+    tiny_pipeline().push_to_hub("user/sami-test")
+    assert uploaded["repo_id"] == "user/sami-test"
+    assert "model_index.json" in uploaded["files"]
+    assert os.path.join("encoder", "diffusion_pytorch_model.safetensors") in uploaded["files"]
+
+
+# ---------------------------------------------------------------- bad input
+def test_bad_images_raise():
+    pipe = tiny_pipeline()
+    with pytest.raises(ValueError, match="resize to 8x8"):
+        pipe.encode(torch.zeros(1, 1, 16, 16))
+    with pytest.raises(ValueError, match="1 channel"):
+        pipe.encode(torch.zeros(1, 3, 8, 8))
+    with pytest.raises(ValueError, match="NaN or inf"):
+        pipe.encode(torch.full((1, 1, 8, 8), float("nan")))
+    with pytest.raises(ValueError, match="NaN or inf"):
+        pipe.reconstruct(torch.full((1, 1, 8, 8), float("inf")))
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        pipe.encode("not an image")
+
+
+def test_pil_and_numpy_images_are_accepted():
+    pipe = tiny_pipeline()
+    arr = (np.random.rand(2, 8, 8, 1) * 255).astype(np.uint8)
+    from_np = pipe.encode(arr).mean
+    from_pil = pipe.encode(pipe.postprocess(torch.from_numpy(arr).permute(0, 3, 1, 2).float() / 127.5 - 1, "pil")).mean
+    torch.testing.assert_close(from_np, from_pil)
+
+
+def test_bad_z_and_latents_raise():
+    pipe = tiny_pipeline()
+    with pytest.raises(ValueError, match=r"z must have shape \(N, 3\)"):
+        pipe(z=torch.zeros(2, 5), num_inference_steps=2)
+    with pytest.raises(ValueError, match="NaN"):
+        pipe(z=torch.full((1, 3), float("nan")), num_inference_steps=2)
+    with pytest.raises(ValueError, match="latents must have shape"):
+        pipe(z=torch.zeros(2, 3), latents=torch.zeros(1, 1, 8, 8), num_inference_steps=2)
+    with pytest.raises(ValueError, match="dim must be"):
+        pipe.traverse(torch.zeros(3), dim=7, values=[0, 1])
+
+
+def test_encoder_for_another_unet_raises(tmp_path):
+    with pytest.raises(ValueError, match="saved for another UNet"):
+        SAMIPipeline(unet=tiny_unet(sample_size=8), scheduler=DDPMScheduler(), encoder=tiny_encoder(sample_size=16))
+    with pytest.raises(ValueError, match="saved for another UNet"):
+        SAMIPipeline(unet=tiny_unet(channels=1), scheduler=DDPMScheduler(), encoder=tiny_encoder(channels=3))
+    # also when loading a saved pipeline whose encoder was swapped on disk
+    tiny_pipeline().save_pretrained(tmp_path)
+    tiny_encoder(sample_size=16).save_pretrained(tmp_path / "encoder")
+    with pytest.raises(ValueError, match="saved for another UNet"):
+        SAMIPipeline.from_pretrained(tmp_path)
+
+
+def test_unsuitable_scheduler_and_timesteps_raise():
+    pipe = tiny_pipeline()
+    pipe.scheduler = FlowMatchEulerDiscreteScheduler()
+    with pytest.raises(TypeError, match="alphas_cumprod"):
+        pipe(batch_size=1, num_inference_steps=2)
+    pipe = tiny_pipeline()
+    with pytest.raises(ValueError, match="out of range"):
+        pipe.encode(torch.zeros(1, 1, 8, 8), timesteps=[-1, 10])
+    with pytest.raises(ValueError, match="out of range"):
+        pipe.encode(torch.zeros(1, 1, 8, 8), timesteps=1000)
+
+
+def test_encoder_posterior_and_time_blind_option():
+    enc = tiny_encoder(time_conditioning=False)
+    x = torch.rand(2, 1, 8, 8)
+    assert torch.equal(enc(x, 0).mean, enc(x, 999).mean)
+    enc = tiny_encoder()
+    post = enc(x, 0)
+    # zero-initialised head: every posterior starts at N(0, e^{-1}), so guidance starts at exactly 0
+    assert torch.equal(post.mean, torch.zeros(2, 3))
+    torch.testing.assert_close(post.logvar, torch.full((2, 3), -1.0))
+    torch.testing.assert_close(post.kl(), 3 * 0.5 * (np.exp(-1) - 1 + 1) * torch.ones(2))
+    with pytest.raises(ValueError, match="expects input of shape"):
+        enc(torch.zeros(2, 3, 8, 8), 0)
