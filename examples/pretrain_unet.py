@@ -1,0 +1,129 @@
+#!/usr/bin/env python
+"""Train the small unconditional diffusers UNet that the embedded default adapter guides.
+
+This is diffusers' own unconditional recipe (``UNet2DModel`` + ``DDPMScheduler``, epsilon
+prediction, MSE, AdamW, cosine schedule, EMA) on the procedural ``disks`` data, drawn fresh every
+step so the model never overfits. It writes a standard diffusers directory (``unet/``,
+``scheduler/``) that ``examples/finetune.py --pretrained_model_name_or_path`` accepts, plus a PNG
+grid of DDIM samples and the share of samples that hold one clean disk.
+
+    python examples/pretrain_unet.py --output_dir models/ddpm-disks-16 --resolution 16
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel
+from tqdm.auto import tqdm
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from sami_adapter.data import DATASETS, clean_disk_fraction  # noqa: E402
+from sami_adapter.utils import save_image_grid  # noqa: E402
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--output_dir", default="models/ddpm-disks-16", help="Where the diffusers UNet + scheduler go.")
+    p.add_argument("--dataset", default="disks", choices=sorted(DATASETS), help="Procedural training data.")
+    p.add_argument("--resolution", type=int, default=16, help="Image side in pixels.")
+    p.add_argument("--block_out_channels", default="32,64,64", help="UNet2DModel block widths, comma separated.")
+    p.add_argument("--train_batch_size", type=int, default=64, help="Batch size.")
+    p.add_argument("--max_train_steps", type=int, default=4000, help="Optimisation steps.")
+    p.add_argument("--learning_rate", type=float, default=1e-3, help="Peak AdamW learning rate.")
+    p.add_argument("--lr_scheduler", default="cosine", help="diffusers get_scheduler name.")
+    p.add_argument("--lr_warmup_steps", type=int, default=200, help="Linear warm-up steps.")
+    p.add_argument("--ema_decay", type=float, default=0.999, help="EMA decay of the saved weights.")
+    p.add_argument("--num_eval_samples", type=int, default=512, help="DDIM samples for the clean-disk check.")
+    p.add_argument("--num_inference_steps", type=int, default=50, help="DDIM steps of the evaluation samples.")
+    p.add_argument("--seed", type=int, default=0, help="Seed of data, init and sampling.")
+    p.add_argument("--mixed_precision", default="no", choices=["no", "bf16", "fp16"], help="Accelerate precision.")
+    return p.parse_args(argv)
+
+
+@torch.no_grad()
+def sample_images(unet: UNet2DModel, scheduler_config: dict, num: int, steps: int, seed: int) -> torch.Tensor:
+    """Plain unconditional DDIM samples (eta = 0) from ``unet``."""
+    scheduler = DDIMScheduler.from_config(scheduler_config, clip_sample=False)
+    scheduler.set_timesteps(steps)
+    g = torch.Generator().manual_seed(seed)
+    size = unet.config.sample_size
+    x = torch.randn(num, unet.config.in_channels, size, size, generator=g).to(unet.device)
+    for t in scheduler.timesteps:
+        x = scheduler.step(unet(x, t).sample, t, x).prev_sample
+    return x.clamp(-1, 1).cpu()
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    accelerator = Accelerator(mixed_precision=args.mixed_precision)
+    set_seed(args.seed)
+    dataset = DATASETS[args.dataset](num_samples=1, resolution=args.resolution, seed=args.seed)
+    widths = tuple(int(c) for c in args.block_out_channels.split(","))
+    unet = UNet2DModel(
+        sample_size=args.resolution,
+        in_channels=dataset.num_channels,
+        out_channels=dataset.num_channels,
+        layers_per_block=1,
+        block_out_channels=widths,
+        down_block_types=("DownBlock2D",) * len(widths),
+        up_block_types=("UpBlock2D",) * len(widths),
+    )
+    noise_scheduler = DDPMScheduler(num_train_timesteps=1000)
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=args.learning_rate, weight_decay=1e-6)
+    lr_scheduler = get_scheduler(
+        args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps, num_training_steps=args.max_train_steps
+    )
+    unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
+    ema = EMAModel(accelerator.unwrap_model(unet).parameters(), decay=args.ema_decay)
+    ema.to(accelerator.device)
+    rng = np.random.default_rng(args.seed)
+
+    start = time.time()
+    progress = tqdm(range(args.max_train_steps), disable=not accelerator.is_local_main_process, desc="pretrain")
+    for step in progress:
+        clean = dataset.sample(args.train_batch_size, rng)[0].to(accelerator.device)
+        noise = torch.randn_like(clean)
+        t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (clean.shape[0],), device=clean.device)
+        noisy = noise_scheduler.add_noise(clean, noise, t)
+        with accelerator.autocast():
+            loss = F.mse_loss(unet(noisy, t).sample.float(), noise)
+        accelerator.backward(loss)
+        accelerator.clip_grad_norm_(unet.parameters(), 1.0)
+        optimizer.step()
+        lr_scheduler.step()
+        optimizer.zero_grad()
+        ema.step(accelerator.unwrap_model(unet).parameters())
+        progress.set_postfix(loss=f"{loss.item():.4f}")
+    minutes = (time.time() - start) / 60
+
+    if accelerator.is_main_process:
+        model = accelerator.unwrap_model(unet)
+        ema.copy_to(model.parameters())
+        model.eval().save_pretrained(os.path.join(args.output_dir, "unet"))
+        noise_scheduler.save_pretrained(os.path.join(args.output_dir, "scheduler"))
+        samples = sample_images(model, noise_scheduler.config, args.num_eval_samples, args.num_inference_steps, args.seed)
+        save_image_grid(samples[:64], os.path.join(args.output_dir, "samples.png"), nrow=8, scale=4)
+        report = {"train_minutes": round(minutes, 2), "steps": args.max_train_steps, "batch": args.train_batch_size}
+        if args.dataset == "disks":
+            report["clean_disk_fraction"] = clean_disk_fraction(samples)[0]
+        report["parameters"] = sum(p.numel() for p in model.parameters())
+        with open(os.path.join(args.output_dir, "pretrain_report.json"), "w") as f:
+            json.dump(report, f, indent=2)
+        print(json.dumps(report))
+
+
+if __name__ == "__main__":
+    main()
