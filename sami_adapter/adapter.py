@@ -136,10 +136,10 @@ def save_adapter(
     extra: Optional[Dict[str, Any]] = None,
     model_card: Optional[str] = None,
 ) -> str:
-    """Write an adapter directory atomically (a temporary sibling is renamed into place).
+    """Write an adapter into ``output_dir`` so that it is never seen half-written.
 
     Args:
-        output_dir: destination; an existing adapter there is replaced only once the new one is complete.
+        output_dir: destination; other files there (checkpoints, logs) are kept, an older adapter is replaced.
         encoder: the trained :class:`SAMIEncoder`.
         base_model_name_or_path: repo id or local path of the base model (what ``from_pretrained`` loads).
         revision: Hub revision of the base model.
@@ -179,14 +179,24 @@ def save_adapter(
         if model_card:
             with open(os.path.join(tmp, "README.md"), "w") as f:
                 f.write(model_card)
-        backup = None
-        if os.path.exists(output_dir):
-            backup = output_dir.rstrip("/") + ".old"
-            shutil.rmtree(backup, ignore_errors=True)
-            os.replace(output_dir, backup)
-        os.replace(tmp, output_dir)
-        if backup:
-            shutil.rmtree(backup, ignore_errors=True)
+        # Move the finished parts in one by one (each rename is atomic), the config last: a folder
+        # with sami_adapter_config.json always holds a complete adapter, and whatever else lives in
+        # output_dir (checkpoints, logs, reports) is left alone.
+        os.makedirs(output_dir, exist_ok=True)
+        os.replace(os.path.join(tmp, ADAPTER_CONFIG_NAME), os.path.join(tmp, ".config"))
+        stale = os.path.join(output_dir, ADAPTER_CONFIG_NAME)
+        if os.path.exists(stale):
+            os.remove(stale)
+        produced = sorted(n for n in os.listdir(tmp) if n != ".config")
+        for name in produced:
+            target = os.path.join(output_dir, name)
+            if os.path.isdir(target):
+                shutil.rmtree(target)
+            os.replace(os.path.join(tmp, name), target)
+        for name in (LORA_DIR, "unet"):  # parts of an earlier adapter of another mode
+            if name not in produced:
+                shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
+        os.replace(os.path.join(tmp, ".config"), os.path.join(output_dir, ADAPTER_CONFIG_NAME))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return output_dir

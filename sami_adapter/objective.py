@@ -108,6 +108,7 @@ def sami_loss(
     timesteps: Optional[torch.Tensor] = None,
     timestep_probs: Optional[torch.Tensor] = None,
     noise: Optional[torch.Tensor] = None,
+    latent_noise: Optional[torch.Tensor] = None,
     free_bits: float = 0.0,
     guidance_scale: float = 1.0,
     unet_kwargs: Optional[Dict[str, Any]] = None,
@@ -129,6 +130,7 @@ def sami_loss(
         timestep_probs: (T,) sampling distribution of timesteps; the ELBO weighting divides by it
             (importance sampling keeps the bound unbiased), the simple weighting does not.
         noise: (B, C, H, W) ``eps`` to use instead of sampling it.
+        latent_noise: (B, D) standard normal draw of the reparameterisation ``z = mu + sigma * latent_noise``.
         free_bits: minimum batch-mean KL per dimension (nats) below which the KL is not penalised.
         guidance_scale: multiplies the posterior score (1 = exact SAMI).
         unet_kwargs: extra UNet inputs (e.g. ``encoder_hidden_states`` of a text-conditioned UNet).
@@ -143,7 +145,7 @@ def sami_loss(
 
     # z ~ q(z | x_0), reparameterised so gradients reach the encoder through z as well.
     posterior = encoder(clean_images, torch.zeros(batch, device=device, dtype=torch.long))
-    z = posterior.sample(generator=generator)
+    z = posterior.sample(generator=generator) if latent_noise is None else posterior.mean + posterior.std * latent_noise.to(posterior.mean)
 
     if timesteps is None:
         if timestep_probs is None:

@@ -1,4 +1,5 @@
-"""``SAMIPipeline``: guided sampling, encoding, reconstruction, traversal and interpolation."""
+"""``SAMIPipeline``: guided sampling, encoding, reconstruction, traversal and interpolation,
+in pixel space or in the latent space of a VAE (latent diffusion, composed with classifier-free guidance)."""
 
 from __future__ import annotations
 
@@ -16,8 +17,11 @@ from diffusers.utils.torch_utils import randn_tensor
 from .adapter import resolve_adapter_dir
 from .encoder import LatentPosterior, SAMIEncoder
 from .guidance import alpha_sigma_from_alphas_cumprod, apply_guidance, check_scheduler, check_timesteps, posterior_score
+from .latent import LATENT_COMPONENTS, empty_prompt_embeddings, images_to_latents, latents_to_images, load_latent_components, prompt_embeddings
+from .latent import vae_scale_factor as _vae_scale_factor
 
 ImageInput = Union[torch.Tensor, np.ndarray, PIL.Image.Image, Sequence[PIL.Image.Image]]
+PromptInput = Union[str, Sequence[str]]
 
 
 @dataclass
@@ -25,7 +29,8 @@ class SAMIPipelineOutput(ImagePipelineOutput):
     """Output of :class:`SAMIPipeline`.
 
     Args:
-        images: PIL images, a numpy array (N, H, W, C) in [0, 1], or a tensor (N, C, H, W) in [-1, 1].
+        images: PIL images, a numpy array (N, H, W, C) in [0, 1], a tensor (N, C, H, W) in [-1, 1], or
+            with ``output_type="latent"`` the undecoded UNet-space sample.
         z: (N, latent_dim) the SAMI codes that guided each image.
     """
 
@@ -40,19 +45,46 @@ class SAMIPipeline(DiffusionPipeline):
     :mod:`sami_adapter.guidance`, so any diffusers scheduler with ``alphas_cumprod`` or ``sigmas``
     works (swap with ``SomeScheduler.from_config(pipe.scheduler.config)``).
 
+    **Latent diffusion** (Stable Diffusion 1.x/2.x style): pass a ``UNet2DConditionModel`` with its
+    ``vae`` (``AutoencoderKL``) and, for prompts, its ``text_encoder`` and ``tokenizer``. The encoder
+    and the guidance then work on the UNet's input, the VAE latents scaled by
+    ``vae.config.scaling_factor``; images still go in and come out as pixels (``encode`` runs
+    image -> VAE latent mean -> posterior, sampling ends with ``vae.decode``). A text-conditioned UNet
+    is conditioned on ``prompt`` / ``prompt_embeds``, or on the empty-prompt embedding when no prompt
+    is given (the unconditional model).
+
+    **Two guidance knobs**, composed in :meth:`guided_model_output` (``w = cfg_scale``, ``s = sami_scale``):
+
+        eps_hat = eps_uncond + w (eps_cond - eps_uncond) - s * s_t * grad_{x_t} log q(z | x_t, t)
+
+    ``cfg_scale`` is classifier-free guidance (1 = off, the plain conditional model);
+    ``sami_scale`` multiplies the SAMI posterior score (1 = the Bayes-exact SAMI decoder, 0 = off).
+    ``guidance_scale`` is accepted as an alias of ``sami_scale`` (this package's core functions call
+    the SAMI knob ``guidance_scale``); note that this differs from diffusers' Stable Diffusion
+    pipelines, where ``guidance_scale`` is the CFG weight. For v- and x0-prediction models CFG is
+    applied to the model output in its own parameterisation and the SAMI term is converted with
+    :func:`~sami_adapter.guidance.apply_guidance` (``v - s (s_t / a_t) g``, ``x0 + s (s_t^2 / a_t) g``);
+    since these conversions are affine in the output, this equals the epsilon form above.
+
     Args:
-        unet: a diffusers ``UNet2DModel`` (or any model with the same call signature and config keys
-            ``in_channels`` and ``sample_size``).
+        unet: a diffusers ``UNet2DModel`` or ``UNet2DConditionModel`` (or any model with the same call
+            signature and config keys ``in_channels`` and ``sample_size``).
         scheduler: a diffusers scheduler.
-        encoder: the :class:`~sami_adapter.SAMIEncoder` trained for this UNet.
+        encoder: the :class:`~sami_adapter.SAMIEncoder` trained for this UNet (on its input space).
+        vae: optional ``AutoencoderKL``; when given, the UNet is a latent diffusion model.
+        text_encoder: optional text encoder (e.g. ``CLIPTextModel``) for a text-conditioned UNet.
+        tokenizer: optional tokenizer (e.g. ``CLIPTokenizer``) of the text encoder.
     """
 
-    model_cpu_offload_seq = "encoder->unet"
+    model_cpu_offload_seq = "text_encoder->encoder->unet->vae"
+    _optional_components = list(LATENT_COMPONENTS)
 
-    def __init__(self, unet: Any, scheduler: Any, encoder: SAMIEncoder):
+    def __init__(self, unet: Any, scheduler: Any, encoder: SAMIEncoder, vae: Any = None, text_encoder: Any = None, tokenizer: Any = None):
         super().__init__()
         check_encoder_fits_unet(encoder, unet)
-        self.register_modules(unet=unet, scheduler=scheduler, encoder=encoder)
+        if (text_encoder is None) != (tokenizer is None):
+            raise ValueError("Pass text_encoder and tokenizer together (or neither and use prompt_embeds).")
+        self.register_modules(unet=unet, scheduler=scheduler, encoder=encoder, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer)
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -61,8 +93,10 @@ class SAMIPipeline(DiffusionPipeline):
 
         An adapter holds only the trained parts and a reference to its base model; the base UNet and
         scheduler are loaded from that reference (``unet=`` / ``scheduler=`` override them), LoRA
-        weights are applied and, with ``merge_lora=True`` (default), folded into the UNet. Any other
-        directory or repo goes to ``DiffusionPipeline.from_pretrained``.
+        weights are applied and, with ``merge_lora=True`` (default), folded into the UNet. When the
+        base is a full latent-diffusion pipeline, its ``vae``, ``text_encoder`` and ``tokenizer`` are
+        loaded from it too (or passed explicitly). Any other directory or repo goes to
+        ``DiffusionPipeline.from_pretrained``.
         """
         path = str(pretrained_model_name_or_path)
         adapter_dir = resolve_adapter_dir(path, revision=kwargs.get("revision"))
@@ -78,9 +112,16 @@ class SAMIPipeline(DiffusionPipeline):
         scheduler: Any = None,
         merge_lora: bool = True,
         torch_dtype: Optional[torch.dtype] = None,
+        vae: Any = None,
+        text_encoder: Any = None,
+        tokenizer: Any = None,
         **kwargs,
     ) -> "SAMIPipeline":
         """Build the pipeline from a local adapter directory.
+
+        The adapter directory never holds the base weights: the UNet, scheduler config and, for a
+        latent diffusion base (a full pipeline whose ``model_index.json`` lists them), the VAE, text
+        encoder and tokenizer are loaded from the recorded ``base_model_name_or_path``/``revision``.
 
         Args:
             adapter_dir: directory with ``sami_adapter_config.json`` and ``encoder/``.
@@ -88,21 +129,26 @@ class SAMIPipeline(DiffusionPipeline):
             scheduler: use this scheduler instead of DDIM built from the base model's scheduler config.
             merge_lora: fold LoRA weights into the UNet after loading them.
             torch_dtype: cast the loaded models to this dtype.
+            vae: use this VAE instead of the base model's.
+            text_encoder: use this text encoder instead of the base model's.
+            tokenizer: use this tokenizer instead of the base model's.
         """
-        from diffusers import DDIMScheduler, UNet2DModel
+        from diffusers import DDIMScheduler
 
         from . import adapter as adapter_lib
 
         config = adapter_lib.read_adapter_config(adapter_dir)
         encoder = SAMIEncoder.from_pretrained(os.path.join(adapter_dir, "encoder"))
+        base = adapter_lib.resolve_base_path(config, adapter_dir) if config.get("base_model_name_or_path") else None
         scheduler_config = None
+        unet_from_base = unet is None
         if unet is None:
             if config.get("unet_mode") == "full":
-                unet = UNet2DModel.from_pretrained(os.path.join(adapter_dir, "unet"))
-                base = adapter_lib.resolve_base_path(config, adapter_dir) if config.get("base_model_name_or_path") else None
+                unet = _load_saved_unet(os.path.join(adapter_dir, "unet"))
                 scheduler_config = adapter_lib.load_base_unet_and_scheduler(base, config.get("revision"))[1] if base else None
             else:
-                base = adapter_lib.resolve_base_path(config, adapter_dir)
+                if base is None:
+                    adapter_lib.resolve_base_path(config, adapter_dir)  # raises the "names no base" error
                 unet, scheduler_config = adapter_lib.load_base_unet_and_scheduler(base, config.get("revision"))
             if config.get("unet_mode") == "lora":
                 adapter_lib.load_lora(unet, os.path.join(adapter_dir, adapter_lib.LORA_DIR))
@@ -112,7 +158,15 @@ class SAMIPipeline(DiffusionPipeline):
             from diffusers import DDPMScheduler
 
             scheduler = DDIMScheduler.from_config(scheduler_config or DDPMScheduler().config, clip_sample=False)
-        pipe = cls(unet=unet, scheduler=scheduler, encoder=encoder)
+
+        # Latent-diffusion components come from the base pipeline, never from the adapter directory.
+        components = {"vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer}
+        missing = [name for name, component in components.items() if component is None]
+        # With an explicit UNet, only look the base up when it is local or the UNet needs text.
+        look_up = unet_from_base or os.path.isdir(base or "") or _is_text_conditioned(unet)
+        if base is not None and missing and look_up:
+            components.update(load_latent_components(base, config.get("revision"), components=missing))
+        pipe = cls(unet=unet, scheduler=scheduler, encoder=encoder, **components)
         if torch_dtype is not None:
             pipe.to(torch_dtype=torch_dtype)
         return pipe
@@ -122,13 +176,41 @@ class SAMIPipeline(DiffusionPipeline):
     def latent_dim(self) -> int:
         return self.encoder.config.latent_dim
 
+    @property
+    def is_latent(self) -> bool:
+        """True when the UNet denoises VAE latents (a ``vae`` is attached)."""
+        return getattr(self, "vae", None) is not None
+
+    @property
+    def is_text_conditioned(self) -> bool:
+        """True when the UNet takes ``encoder_hidden_states`` (prompt embeddings)."""
+        return _is_text_conditioned(self.unet)
+
+    @property
+    def vae_scale_factor(self) -> int:
+        """Pixels per latent cell and side (8 for Stable Diffusion); 1 without a VAE."""
+        return _vae_scale_factor(self.vae) if self.is_latent else 1
+
     def _sample_shape(self) -> tuple:
+        """(C, H, W) of the UNet's input: pixels, or scaled VAE latents for latent diffusion."""
         size = self.unet.config.sample_size
         size = (size, size) if isinstance(size, int) else tuple(size)
         return (self.unet.config.in_channels, *size)
 
+    def _image_shape(self) -> tuple:
+        """(C, H, W) of the images the pipeline takes and returns."""
+        channels, height, width = self._sample_shape()
+        if not self.is_latent:
+            return channels, height, width
+        f = self.vae_scale_factor
+        return self.vae.config.in_channels, height * f, width * f
+
     def preprocess(self, images: ImageInput) -> torch.Tensor:
-        """Images as a (N, C, H, W) tensor in [-1, 1] on the pipeline's device, checked against the UNet.
+        """Images -> the UNet's clean input ``x_0`` (N, C, H, W) on the pipeline's device.
+
+        Without a VAE that is the pixels in [-1, 1]; with one, the images (checked to be
+        ``unet.sample_size * vae_scale_factor`` pixels and ``vae.in_channels`` (3) channels) are encoded
+        to the VAE latent mean scaled by ``vae.config.scaling_factor`` (deterministic, no gradient).
 
         Accepts a tensor in [-1, 1], a uint8/float numpy array (N, H, W, C) in [0, 255]/[0, 1], or PIL images.
         """
@@ -145,15 +227,19 @@ class SAMIPipeline(DiffusionPipeline):
             raise TypeError(f"images must be a torch.Tensor, numpy array or PIL image(s), got {type(images).__name__}.")
         if images.ndim == 3:
             images = images.unsqueeze(0)
-        expected = self._sample_shape()
+        expected = self._image_shape()
+        taker = f"the VAE (scale factor {self.vae_scale_factor}) of this latent UNet" if self.is_latent else "the UNet"
         if images.ndim != 4 or tuple(images.shape[1:]) != expected:
             raise ValueError(
-                f"images have shape {tuple(images.shape)} but the UNet takes (N, {expected[0]}, {expected[1]}, {expected[2]}); "
+                f"images have shape {tuple(images.shape)} but {taker} takes (N, {expected[0]}, {expected[1]}, {expected[2]}); "
                 f"resize to {expected[1]}x{expected[2]} and use {expected[0]} channel(s)."
             )
         if not torch.isfinite(images).all():
             raise ValueError("images contain NaN or inf; pass finite pixel values in [-1, 1].")
-        return images.to(device=self._execution_device, dtype=self.unet.dtype)
+        device = self._execution_device
+        if self.is_latent:
+            return images_to_latents(self.vae, images.to(device)).to(device=device, dtype=self.unet.dtype)
+        return images.to(device=device, dtype=self.unet.dtype)
 
     def check_z(self, z: torch.Tensor) -> torch.Tensor:
         """Validate a code batch (N, latent_dim) or a single code (latent_dim,)."""
@@ -176,8 +262,11 @@ class SAMIPipeline(DiffusionPipeline):
     ) -> LatentPosterior:
         """The posterior ``q(z | x_t, t)`` of images, at one or several noise levels.
 
+        With a VAE the images are pixels and go image -> VAE latent mean (scaled) -> posterior:
+        ``x_0`` and ``x_t`` below are latents.
+
         Args:
-            images: the clean images ``x_0``.
+            images: the clean images (see :meth:`preprocess`).
             timesteps: None or 0 for the clean posterior ``q(z | x_0)``; an int ``t`` to encode
                 ``x_t = a_t x_0 + s_t eps``; a sequence of K timesteps to encode every image at every
                 level in one batched call (multiscale inference).
@@ -218,52 +307,178 @@ class SAMIPipeline(DiffusionPipeline):
             kwargs["eta"] = eta
         return kwargs
 
-    def guided_model_output(self, sample: torch.Tensor, t: Any, z: Optional[torch.Tensor], guidance_scale: float) -> torch.Tensor:
-        """One guided denoiser evaluation at the (scaled) model input ``sample`` and timestep ``t``."""
+    def guided_model_output(
+        self,
+        sample: torch.Tensor,
+        t: Any,
+        z: Optional[torch.Tensor],
+        sami_scale: float = 1.0,
+        prompt_embeds: Optional[torch.Tensor] = None,
+        negative_prompt_embeds: Optional[torch.Tensor] = None,
+        cfg_scale: float = 1.0,
+    ) -> torch.Tensor:
+        """One guided denoiser evaluation at the (scaled) model input ``sample`` and timestep ``t``.
+
+        In the model's own parameterisation (``scheduler.config.prediction_type``), with
+        ``w = cfg_scale`` and ``out(c)`` the UNet output under conditioning ``c``::
+
+            out = out(negative) + w (out(prompt) - out(negative))     (classifier-free guidance)
+            out = apply_guidance(out, grad_{x_t} log q(z | x_t, t), ..., sami_scale)
+
+        which for epsilon prediction is ``eps_u + w (eps_c - eps_u) - sami_scale * s_t * g``.
+        Classifier-free guidance runs only when ``cfg_scale != 1`` and ``negative_prompt_embeds`` is
+        given (both halves in one batched UNet call); otherwise the UNet runs once on ``prompt_embeds``.
+
+        Args:
+            sample: the UNet input ``x_t`` (N, C, H, W), after ``scheduler.scale_model_input``.
+            t: the current timestep.
+            z: (N, latent_dim) SAMI codes; None (or ``sami_scale == 0``) skips the SAMI term.
+            sami_scale: multiplies the posterior score (1 = exact SAMI).
+            prompt_embeds: (N, L, D) ``encoder_hidden_states`` of a text-conditioned UNet; None for a
+                UNet without text conditioning.
+            negative_prompt_embeds: (N, L, D) the unconditional (empty or negative prompt) embeddings.
+            cfg_scale: the classifier-free guidance weight ``w``.
+        """
+        do_cfg = cfg_scale != 1 and negative_prompt_embeds is not None
+        if negative_prompt_embeds is not None and prompt_embeds is None:
+            raise ValueError("negative_prompt_embeds needs prompt_embeds.")
         with torch.no_grad():
-            model_output = self.unet(sample, t).sample
-        if z is None or guidance_scale == 0:
+            if prompt_embeds is None:
+                model_output = self.unet(sample, t).sample
+            elif do_cfg:
+                hidden = torch.cat([negative_prompt_embeds, prompt_embeds]).to(self.unet.dtype)
+                uncond, cond = self.unet(torch.cat([sample, sample]), t, encoder_hidden_states=hidden).sample.chunk(2)
+                model_output = uncond + cfg_scale * (cond - uncond)
+            else:
+                model_output = self.unet(sample, t, encoder_hidden_states=prompt_embeds.to(self.unet.dtype)).sample
+        if z is None or sami_scale == 0:
             return model_output
         score = posterior_score(self.encoder, z, sample.to(self.encoder.dtype), t)
-        return apply_guidance(model_output, score.to(model_output.dtype), self.scheduler, t, sample, guidance_scale)
+        return apply_guidance(model_output, score.to(model_output.dtype), self.scheduler, t, sample, sami_scale)
+
+    def encode_prompt(
+        self,
+        prompt: Optional[PromptInput] = None,
+        batch_size: int = 1,
+        prompt_embeds: Optional[torch.Tensor] = None,
+        negative_prompt: Optional[PromptInput] = None,
+        negative_prompt_embeds: Optional[torch.Tensor] = None,
+        do_cfg: bool = False,
+    ) -> tuple:
+        """The ``(prompt_embeds, negative_prompt_embeds)`` for ``batch_size`` samples, each (N, L, D) or None.
+
+        * A UNet without text conditioning takes no prompt: ``(None, None)`` (a prompt raises).
+        * No ``prompt``/``prompt_embeds``: the empty-prompt embedding, i.e. the unconditional model.
+        * ``do_cfg``: the negative embeddings are ``negative_prompt_embeds``, else the embedding of
+          ``negative_prompt``, else of the empty prompt; without ``do_cfg`` they are None.
+
+        A single prompt or embedding (batch 1) is repeated for every sample.
+        """
+        given = prompt is not None or prompt_embeds is not None or negative_prompt is not None or negative_prompt_embeds is not None
+        if not self.is_text_conditioned:
+            if given:
+                raise ValueError("This UNet is not text-conditioned (it takes no encoder_hidden_states); do not pass a prompt.")
+            return None, None
+        if prompt is not None and prompt_embeds is not None:
+            raise ValueError("Pass either prompt or prompt_embeds, not both.")
+        if negative_prompt is not None and negative_prompt_embeds is not None:
+            raise ValueError("Pass either negative_prompt or negative_prompt_embeds, not both.")
+        has_text = getattr(self, "text_encoder", None) is not None and getattr(self, "tokenizer", None) is not None
+        device = self._execution_device
+
+        def embed(text: Optional[PromptInput], embeds: Optional[torch.Tensor], what: str) -> torch.Tensor:
+            if embeds is None:
+                if not has_text:
+                    raise ValueError(
+                        f"This pipeline has no text_encoder/tokenizer, so it cannot embed the {what}: pass "
+                        f"{'negative_' if what.startswith('negative') else ''}prompt_embeds (for no prompt, the empty-prompt embedding)."
+                    )
+                embeds = (
+                    empty_prompt_embeddings(self.text_encoder, self.tokenizer, 1, device)
+                    if text is None
+                    else prompt_embeddings(self.text_encoder, self.tokenizer, text, device)
+                )
+            embeds = torch.as_tensor(embeds)
+            if embeds.ndim == 2:
+                embeds = embeds.unsqueeze(0)
+            if embeds.ndim != 3 or embeds.shape[0] not in (1, batch_size):
+                raise ValueError(f"{what} embeddings must have shape (1 or {batch_size}, L, D), got {tuple(embeds.shape)}.")
+            cross = getattr(self.unet.config, "cross_attention_dim", None)
+            if isinstance(cross, int) and embeds.shape[-1] != cross:
+                raise ValueError(f"{what} embeddings have width {embeds.shape[-1]} but the UNet's cross_attention_dim is {cross}.")
+            if not torch.isfinite(embeds).all():
+                raise ValueError(f"{what} embeddings contain NaN or inf.")
+            return embeds.expand(batch_size, *embeds.shape[1:]).to(device=device, dtype=self.unet.dtype)
+
+        cond = embed(prompt, prompt_embeds, "prompt")
+        uncond = embed(negative_prompt, negative_prompt_embeds, "negative prompt") if do_cfg else None
+        return cond, uncond
+
+    @staticmethod
+    def _prompt_batch(prompt: Optional[PromptInput], prompt_embeds: Optional[torch.Tensor]) -> int:
+        if isinstance(prompt, (list, tuple)):
+            return len(prompt)
+        if prompt_embeds is not None and torch.as_tensor(prompt_embeds).ndim == 3:
+            return int(prompt_embeds.shape[0])
+        return 1
 
     @torch.no_grad()
     def __call__(
         self,
         z: Optional[torch.Tensor] = None,
-        batch_size: int = 1,
+        batch_size: Optional[int] = None,
         num_inference_steps: int = 50,
-        guidance_scale: float = 1.0,
+        sami_scale: Optional[float] = None,
         generator: Optional[Union[torch.Generator, List[torch.Generator]]] = None,
         latents: Optional[torch.Tensor] = None,
         eta: float = 0.0,
         output_type: str = "pil",
         return_dict: bool = True,
+        prompt: Optional[PromptInput] = None,
+        negative_prompt: Optional[PromptInput] = None,
+        prompt_embeds: Optional[torch.Tensor] = None,
+        negative_prompt_embeds: Optional[torch.Tensor] = None,
+        cfg_scale: float = 1.0,
+        guidance_scale: Optional[float] = None,
     ) -> Union[SAMIPipelineOutput, tuple]:
         """Guided sampling.
 
         Args:
             z: (N, latent_dim) SAMI codes. None draws ``z ~ N(0, I)`` (generation); a posterior mean
                 reconstructs; an edited code traverses.
-            batch_size: number of images when ``z`` is None.
+            batch_size: number of images when ``z`` is None; defaults to the number of prompts (or 1).
             num_inference_steps: denoising steps.
-            guidance_scale: multiplies the posterior score; 0 gives the unconditional model.
+            sami_scale: multiplies the posterior score (default 1, the exact SAMI decoder); 0 gives
+                the plain (unconditional, or prompt-conditioned) model.
             generator: torch generator(s) for ``z``, the initial noise and stochastic schedulers.
-            latents: (N, C, H, W) initial noise (diffusers' meaning); drawn when None.
+            latents: (N, C, h, w) initial noise of the UNet input (diffusers' meaning); drawn when None.
             eta: DDIM's eta, passed to schedulers that accept it.
-            output_type: ``"pil"``, ``"np"`` (N, H, W, C) in [0, 1], or ``"pt"`` (N, C, H, W) in [-1, 1].
+            output_type: ``"pil"``, ``"np"`` (N, H, W, C) in [0, 1], ``"pt"`` (N, C, H, W) in [-1, 1], or
+                ``"latent"``: the final UNet-space sample, not decoded (scaled VAE latents with a VAE).
             return_dict: return a :class:`SAMIPipelineOutput` instead of a tuple.
+            prompt: text prompt(s) of a text-conditioned UNet; None conditions on the empty prompt.
+            negative_prompt: what classifier-free guidance pushes away from (default: the empty prompt).
+            prompt_embeds: precomputed ``encoder_hidden_states`` (1 or N, L, D) instead of ``prompt``.
+            negative_prompt_embeds: precomputed negative embeddings instead of ``negative_prompt``.
+            cfg_scale: classifier-free guidance weight ``w`` (1 = off); used with a text-conditioned UNet.
+            guidance_scale: alias of ``sami_scale`` (the SAMI knob, *not* the CFG weight).
 
         Returns:
             :class:`SAMIPipelineOutput` with ``images`` and the ``z`` used, or ``(images, z)``.
         """
-        if output_type not in ("pil", "np", "pt"):
-            raise ValueError(f"output_type must be 'pil', 'np' or 'pt', got {output_type!r}.")
+        if output_type not in ("pil", "np", "pt", "latent"):
+            raise ValueError(f"output_type must be 'pil', 'np', 'pt' or 'latent', got {output_type!r}.")
+        if guidance_scale is not None and sami_scale is not None and guidance_scale != sami_scale:
+            raise ValueError(f"guidance_scale is an alias of sami_scale; got both ({guidance_scale} and {sami_scale}).")
+        sami_scale = float(next((v for v in (sami_scale, guidance_scale) if v is not None), 1.0))
         check_scheduler(self.scheduler)
         device = self._execution_device
         if z is None:
-            z = randn_tensor((batch_size, self.latent_dim), generator=generator, device=device, dtype=self.encoder.dtype)
+            n = batch_size if batch_size is not None else self._prompt_batch(prompt, prompt_embeds)
+            z = randn_tensor((n, self.latent_dim), generator=generator, device=device, dtype=self.encoder.dtype)
         z = self.check_z(z)
+        do_cfg = cfg_scale != 1 and self.is_text_conditioned
+        cond, uncond = self.encode_prompt(prompt, z.shape[0], prompt_embeds, negative_prompt, negative_prompt_embeds, do_cfg)
         shape = (z.shape[0], *self._sample_shape())
         if latents is None:
             latents = randn_tensor(shape, generator=generator, device=device, dtype=self.unet.dtype)
@@ -276,10 +491,14 @@ class SAMIPipeline(DiffusionPipeline):
         extra = self._extra_step_kwargs(generator, eta)
         for t in self.progress_bar(self.scheduler.timesteps):
             model_input = self.scheduler.scale_model_input(sample, t)
-            model_output = self.guided_model_output(model_input, t, z, guidance_scale)
+            model_output = self.guided_model_output(model_input, t, z, sami_scale, cond, uncond, cfg_scale)
             sample = self.scheduler.step(model_output, t, sample, **extra).prev_sample
 
-        images = self.postprocess(sample, output_type)
+        if output_type == "latent":
+            images = sample
+        else:
+            pixels = latents_to_images(self.vae, sample) if self.is_latent else sample
+            images = self.postprocess(pixels, output_type)
         self.maybe_free_model_hooks()
         if not return_dict:
             return images, z
@@ -356,6 +575,27 @@ class SAMIPipeline(DiffusionPipeline):
         w = torch.linspace(0, 1, steps, device=z_a.device, dtype=z_a.dtype).view(-1, 1)
         codes = (1 - w) * z_a + w * z_b
         return self(z=codes, latents=self._shared_noise(steps, generator, latents), generator=generator, **kwargs)
+
+
+def _is_text_conditioned(unet: Any) -> bool:
+    """Whether the UNet takes ``encoder_hidden_states`` (a ``UNet2DConditionModel``-like model)."""
+    forward = getattr(unet, "forward", None)
+    if forward is None:
+        return False
+    return "encoder_hidden_states" in inspect.signature(forward).parameters
+
+
+def _load_saved_unet(path: str) -> Any:
+    """A UNet saved with ``save_pretrained``, as the diffusers class recorded in its ``config.json``."""
+    import json
+
+    import diffusers
+
+    with open(os.path.join(path, "config.json")) as f:
+        class_name = json.load(f).get("_class_name", "UNet2DModel")
+    if class_name not in ("UNet2DModel", "UNet2DConditionModel"):
+        raise ValueError(f"{path} holds a {class_name}; SAMIPipeline supports UNet2DModel and UNet2DConditionModel.")
+    return getattr(diffusers, class_name).from_pretrained(path)
 
 
 def check_encoder_fits_unet(encoder: Any, unet: Any) -> None:

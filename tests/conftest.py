@@ -5,7 +5,8 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# Tiny test models run fastest on one thread (thread hand-offs dominate, worse on a loaded machine).
+torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)

@@ -1,0 +1,259 @@
+#!/usr/bin/env python
+"""Evaluate a SAMI adapter on a procedural dataset with exact factors and write a report folder.
+
+    python examples/evaluate.py sami-disks-adapter --dataset disks --output_dir report
+
+The report folder holds report.md, report.json and PNGs:
+
+* reconstructions.png: held-out inputs (top row) and their reconstructions from the posterior mean;
+* traversals.png: one row per active dimension, ordered by characteristic noise level;
+* information_profile.png: per-dimension information against noise level;
+* samples.png: unconditional samples, ``z ~ N(0, I)``;
+* the metric table (MIG, DCI, SAP, modularity, explicitness, FactorVAE) and the per-factor linear
+  R² of the posterior mean, the ELBO in bits per dimension, the characteristic-noise-level table
+  and, for disks adapters, the trajectory curvature on ``moving_disks`` (SAMI codes vs pixels).
+
+The defaults run in a few minutes on CPU for the 16 px disks adapter; the metric-size flags trade
+time for precision (disentanglement_lib's sizes are far larger).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from sami_adapter import SAMIPipeline  # noqa: E402
+from sami_adapter.adapter import read_adapter_config  # noqa: E402
+from sami_adapter.analysis import axes_to_json, default_timestep_grid, discover_axes, plot_information_profile, profile_table_markdown  # noqa: E402
+from sami_adapter.data import DATASETS  # noqa: E402
+from sami_adapter.report import (  # noqa: E402
+    add_metric_arguments,
+    elbo_bits_per_dim,
+    flat_metrics,
+    mean_code_fn,
+    metric_kwargs,
+    metrics_table_markdown,
+    moving_disks_for,
+    representation_metrics,
+    trajectory_curvatures,
+    write_json,
+)
+from sami_adapter.utils import save_image_grid  # noqa: E402
+
+
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    """Command-line flags (see the module docstring)."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("adapter_dir", help="SAMI adapter directory (what examples/finetune.py writes) or a saved SAMIPipeline.")
+    p.add_argument("--dataset", default=None, choices=sorted(DATASETS), help="Evaluation data (default: the adapter's training dataset, else disks).")
+    p.add_argument("--output_dir", default="report", help="Report folder.")
+    p.add_argument("--num_images", type=int, default=512, help="Held-out images for the information profile and the ELBO.")
+    p.add_argument("--seed", type=int, default=0, help="Seed of every draw (data, noise, samples).")
+    p.add_argument("--num_inference_steps", type=int, default=50, help="DDIM steps of reconstructions, traversals and samples.")
+    p.add_argument("--num_reconstructions", type=int, default=8, help="Images in reconstructions.png.")
+    p.add_argument("--num_samples", type=int, default=16, help="Images in samples.png.")
+    p.add_argument("--traversal_steps", type=int, default=9, help="Values per traversal row.")
+    p.add_argument("--traversal_quantile", type=float, default=0.02,
+                   help="Each row spans the [q, 1-q] quantiles of that dimension's posterior mean over the held-out images.")
+    p.add_argument("--num_noise_levels", type=int, default=21, help="Timesteps of the information profile (evenly spaced, 0 included).")
+    p.add_argument("--fraction", type=float, default=0.5, help="Characteristic noise level: where information falls below this share of its clean value.")
+    p.add_argument("--kl_threshold", type=float, default=0.1, help="Active dimension: data-mean KL to the prior above this many nats.")
+    p.add_argument("--elbo_images", type=int, default=256, help="Held-out images of the ELBO estimate (at most --num_images).")
+    p.add_argument("--elbo_timesteps", type=int, default=8, help="Stratified timesteps per image of the ELBO estimate.")
+    p.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu).")
+    p.add_argument("--num_threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice).")
+    add_metric_arguments(p)
+    args = p.parse_args(argv)
+    if args.num_images < 2:
+        p.error("--num_images must be >= 2")
+    if not 0.0 < args.fraction < 1.0:
+        p.error("--fraction must be in (0, 1)")
+    if not 0.0 <= args.traversal_quantile < 0.5:
+        p.error("--traversal_quantile must be in [0, 0.5)")
+    return args
+
+
+def _generator(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def traversal_rows(pipe: SAMIPipeline, image: torch.Tensor, dims: List[int], codes: np.ndarray, args: argparse.Namespace) -> Dict[str, Any]:
+    """One traversal row per dimension in ``dims``: the dimension sweeps the [q, 1-q] quantile range of its
+    posterior mean over the held-out codes; the other coordinates stay at ``image``'s posterior mean and
+    every row shares one initial noise."""
+    rows, ranges = [], {}
+    for d in dims:
+        lo, hi = np.quantile(codes[:, d], [args.traversal_quantile, 1 - args.traversal_quantile])
+        if hi - lo < 1e-6:
+            lo, hi = lo - 1.0, hi + 1.0
+        values = np.linspace(lo, hi, args.traversal_steps).tolist()
+        out = pipe.traverse(image, d, values, generator=_generator(args.seed), num_inference_steps=args.num_inference_steps, output_type="pt")
+        rows.append(out.images.cpu())
+        ranges[f"z{d}"] = [float(lo), float(hi)]
+    return {"images": torch.cat(rows) if rows else None, "ranges": ranges}
+
+
+def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
+    """Run the evaluation and write the report; returns the report dict (as saved in report.json)."""
+    args = parse_args(argv)
+    if args.num_threads:
+        torch.set_num_threads(args.num_threads)
+    start = time.perf_counter()
+    timings: Dict[str, float] = {}
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    pipe = SAMIPipeline.from_pretrained(args.adapter_dir)
+    pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    if pipe.is_latent or pipe.is_text_conditioned:
+        raise SystemExit("evaluate.py measures pixel-space, unconditional adapters on procedural datasets; this one is latent or text-conditioned.")
+    try:
+        adapter_config = read_adapter_config(args.adapter_dir)
+    except OSError:
+        adapter_config = {}
+    training = adapter_config.get("training", {}) if isinstance(adapter_config.get("training"), dict) else {}
+    dataset_name = args.dataset or (training.get("dataset") if training.get("dataset") in DATASETS else "disks")
+    resolution = int(pipe.unet.config.sample_size)
+    dataset = DATASETS[dataset_name](num_samples=1, resolution=resolution, seed=args.seed + 30_000)
+    if dataset.num_channels != pipe.unet.config.in_channels:
+        raise SystemExit(f"{dataset_name} has {dataset.num_channels} channel(s) but the adapter's UNet takes {pipe.unet.config.in_channels}.")
+    os.makedirs(args.output_dir, exist_ok=True)
+    images, _, values = dataset.sample(args.num_images, np.random.default_rng([args.seed, 100]))
+    names = list(dataset.factor_names)
+
+    # ---------------------------------------------------------------- axis discovery
+    clock = time.perf_counter()
+    grid = default_timestep_grid(pipe.scheduler.config.num_train_timesteps, args.num_noise_levels)
+    axes = discover_axes(pipe, images, values, names, grid, fraction=args.fraction, kl_threshold=args.kl_threshold, seed=args.seed,
+                         batch_size=args.encode_batch_size)
+    profile, levels, alignment, codes = axes["profile"], axes["levels"], axes["alignment"], axes["codes"]
+    labels = [f"{alignment['best_factor'][i]} {alignment['best_score'][i]:.2f}" for i in range(codes.shape[1])]
+    plot_information_profile(profile, os.path.join(args.output_dir, "information_profile.png"), levels, labels=labels,
+                             title=f"{os.path.basename(os.path.normpath(args.adapter_dir))} on {dataset_name}")
+    timings["axis_discovery"] = time.perf_counter() - clock
+
+    # ---------------------------------------------------------------- pictures
+    clock = time.perf_counter()
+    n_rec = min(args.num_reconstructions, images.shape[0])
+    rec = pipe.reconstruct(images[:n_rec], num_inference_steps=args.num_inference_steps, generator=_generator(args.seed), output_type="pt").images.cpu()
+    save_image_grid(torch.cat([images[:n_rec], rec]), os.path.join(args.output_dir, "reconstructions.png"), nrow=n_rec, scale=4)
+    rows = levels["order"] or [int(np.argmax(np.asarray(profile["kl"])[0]))]
+    traversal = traversal_rows(pipe, images[:1], rows, codes, args)
+    save_image_grid(traversal["images"], os.path.join(args.output_dir, "traversals.png"), nrow=args.traversal_steps, scale=4)
+    samples = pipe(batch_size=args.num_samples, num_inference_steps=args.num_inference_steps, generator=_generator(args.seed + 1), output_type="pt").images.cpu()
+    save_image_grid(samples, os.path.join(args.output_dir, "samples.png"), nrow=min(8, args.num_samples), scale=4)
+    timings["pictures"] = time.perf_counter() - clock
+
+    # ---------------------------------------------------------------- metrics
+    clock = time.perf_counter()
+    metrics = representation_metrics(mean_code_fn(pipe), dataset, **metric_kwargs(args))
+    timings["metrics"] = time.perf_counter() - clock
+    clock = time.perf_counter()
+    elbo = elbo_bits_per_dim(pipe, images[: min(args.elbo_images, images.shape[0])], args.elbo_timesteps, seed=args.seed,
+                             batch_size=args.encode_batch_size)
+    timings["elbo"] = time.perf_counter() - clock
+    use_trajectories = args.trajectories if args.trajectories is not None else dataset_name == "disks"
+    trajectories = None
+    if use_trajectories:
+        clock = time.perf_counter()
+        trajectories = trajectory_curvatures(mean_code_fn(pipe), moving_disks_for(args, resolution), args.encode_batch_size)
+        timings["trajectories"] = time.perf_counter() - clock
+    timings["total"] = time.perf_counter() - start
+
+    report: Dict[str, Any] = {
+        "adapter_dir": os.path.abspath(args.adapter_dir),
+        "base_model": adapter_config.get("base_model_name_or_path"),
+        "unet_mode": adapter_config.get("unet_mode"),
+        "adapter_train_seconds": (adapter_config.get("metrics") or {}).get("train_seconds"),
+        "dataset": dataset_name,
+        "resolution": resolution,
+        "latent_dim": pipe.latent_dim,
+        "device": device,
+        "num_images": args.num_images,
+        "num_inference_steps": args.num_inference_steps,
+        "metrics": metrics,
+        "elbo": elbo,
+        "trajectories": trajectories,
+        "axis_discovery": axes_to_json(axes),
+        "traversal": {"rows": [f"z{d}" for d in rows], "ranges": traversal["ranges"], "values_per_row": args.traversal_steps},
+        "seconds": {k: round(v, 1) for k, v in timings.items()},
+        "args": {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None)))},
+    }
+    write_json(os.path.join(args.output_dir, "report.json"), report)
+    with open(os.path.join(args.output_dir, "report.md"), "w") as f:
+        f.write(report_markdown(report, profile, levels, alignment, metrics, args))
+    print(f"Report written to {os.path.join(args.output_dir, 'report.md')} in {timings['total']:.0f} s.")
+    return report
+
+
+def report_markdown(report: Dict[str, Any], profile: Dict[str, Any], levels: Dict[str, Any], alignment: Dict[str, Any],
+                    metrics: Dict[str, Any], args: argparse.Namespace) -> str:
+    """The report.md text."""
+    flat = flat_metrics({**metrics, "elbo": report["elbo"], "trajectories": report["trajectories"]})
+    elbo, traj = report["elbo"], report["trajectories"]
+    kl0 = np.asarray(profile["kl"])[0]
+    lines = [
+        "# SAMI evaluation report", "",
+        f"- adapter: `{report['adapter_dir']}` (base `{report['base_model']}`, UNet mode {report['unet_mode']}, "
+        f"adapter training {report['adapter_train_seconds']} s)",
+        f"- data: `{report['dataset']}` at {report['resolution']} px, fresh held-out draws (seed {args.seed}); latent_dim {report['latent_dim']}",
+        f"- representation: the posterior mean of `q(z | x_0)`; metrics fit on {metrics['num_train']} and score on "
+        f"{metrics['num_test']} observations; FactorVAE with {args.factor_vae_train}/{args.factor_vae_eval} votes of {args.factor_vae_batch}",
+        f"- sampling: DDIM, {args.num_inference_steps} steps; device {report['device']}; total {report['seconds']['total']} s", "",
+        "## Metrics", "",
+        metrics_table_markdown({"SAMI": flat}), "",
+        "Linear R² is an in-sample least-squares fit of each continuous factor value from the posterior mean (all dimensions).", "",
+        "## ELBO", "",
+        f"SAMI bound: **{elbo['bpd']:.4f} ± {elbo['bpd_stderr']:.4f} bits/dim** ({elbo['nats_per_image']:.1f} nats per image, "
+        f"of which KL {elbo['kl_nats']:.2f} nats); the base model's own bound on the same noise and timesteps (guidance off, no KL): "
+        f"{elbo['unguided_bpd']:.4f} bits/dim. {elbo['num_images']} images x {elbo['timesteps_per_image']} stratified timesteps, "
+        f"`sami_loss(weighting='elbo', beta=1)`.",
+        "The pixels are continuous values in [-1, 1], so this is a continuous-density bpd (it can be negative and is not "
+        "the discrete 8-bit bpd of image benchmarks).", "",
+        "## Axis discovery", "",
+        f"Active dimensions (data-mean KL to the prior > {args.kl_threshold} nats): {levels['active']} of {len(kl0)}. "
+        f"KL per dimension: {[round(float(v), 3) for v in kl0]}.", "",
+        "Information of `q(z_i | x_t)`: the Gaussian channel capacity `I_i(t) = 1/2 log(1 + Var[mu_i(x_t)] / E[sigma_i^2(x_t)])` "
+        f"in nats over {profile['num_images']} held-out images (one noise draw each). A dimension's characteristic noise level t* is "
+        f"where `I_i(t)` first falls below {args.fraction:g} of `I_i(0)`, linearly interpolated between the "
+        f"{len(profile['timesteps'])} grid levels; `s_t*` is the noise scale there (`x_t = a_t x_0 + s_t eps`).", "",
+        profile_table_markdown(profile, levels, alignment), "",
+    ]
+    order = report["axis_discovery"]["factor_order"]
+    fl = report["axis_discovery"]["factor_noise_levels"]
+    lines += [
+        "Factor order by characteristic noise level (a factor takes the t* of the measured dimension whose best-matching factor it is; factors no dimension stands for are left out): "
+        + (" < ".join(f"{n} ({fl[n]:.0f})" for n in order) if order else "none measured") + ".", "",
+        "![information profile](information_profile.png)", "",
+    ]
+    if traj:
+        lines += [
+            "## Trajectory curvature (moving_disks)", "",
+            f"Mean turning angle between successive displacements over {traj['num_sequences']} videos of {traj['num_frames']} frames: "
+            f"SAMI posterior means **{traj['latent']:.1f}°**, pixels {traj['pixels']:.1f}°, ground-truth (x, y, radius) path "
+            f"{traj['factors']:.1f}°.", "",
+        ]
+    ranges = report["traversal"]["ranges"]
+    lines += [
+        "## Pictures", "",
+        "![reconstructions](reconstructions.png)", "",
+        "Top row: held-out inputs; bottom row: reconstructions from the posterior mean.", "",
+        "![traversals](traversals.png)", "",
+        "One row per active dimension, ordered by characteristic noise level (lowest t* first): "
+        + ", ".join(f"{d} [{lo:.2f}, {hi:.2f}]" for d, (lo, hi) in ranges.items())
+        + f". Each row sweeps the [{args.traversal_quantile:g}, {1 - args.traversal_quantile:g}] quantiles of that dimension's posterior "
+        "mean over the held-out images, starting from the first image's code, with one shared initial noise.", "",
+        "![samples](samples.png)", "",
+        "Unconditional samples: `z ~ N(0, I)`, guided DDIM.", "",
+    ]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

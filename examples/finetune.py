@@ -1,0 +1,476 @@
+#!/usr/bin/env python
+"""Train a SAMI adapter on a pretrained diffusers UNet (frozen, LoRA or joint), with Accelerate.
+
+With no arguments it trains the embedded offline default: an 8-dimensional adapter for the small
+16 px `disks` UNet that ships in `models/ddpm-disks-16`, on CPU, in a few minutes, and writes the
+adapter plus a report (reconstructions, traversals, per-dimension KL, guidance gain) to
+`sami-disks-adapter/`.
+
+    accelerate launch examples/finetune.py
+    accelerate launch examples/finetune.py --pretrained_model_name_or_path google/ddpm-cifar10-32 \\
+        --train_data_dir ./images --resolution 32 --output_dir sami-cifar
+    ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 examples/finetune.py ...
+
+Every batch, noise draw and timestep is a function of (seed, step), so a run resumed with
+`--resume_from_checkpoint latest` ends bit-identical to an uninterrupted one, and N processes at
+batch B see exactly what one process sees at batch N*B.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+import time
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from accelerate.utils import ProjectConfiguration, set_seed
+from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel
+from tqdm.auto import tqdm
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from sami_adapter import SAMIEncoder, SAMILossOutput, SAMIPipeline, sami_loss  # noqa: E402
+from sami_adapter import adapter as adapter_lib  # noqa: E402
+from sami_adapter.data import DATASETS  # noqa: E402
+from sami_adapter.evaluation import NOISE_BANDS, active_dimensions, band_gains  # noqa: E402
+from sami_adapter.latent import LatentCache, images_to_latents, load_latent_components, vae_scale_factor  # noqa: E402
+from sami_adapter.training import (  # noqa: E402
+    ImageFolderDataset,
+    StepBatches,
+    collapse_warning,
+    timestep_distribution,
+    write_report,
+)
+from sami_adapter.utils import save_image_grid  # noqa: E402
+
+logger = get_logger(__name__)
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_BASE = os.path.join(REPO_ROOT, "models", "ddpm-disks-16")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("model")
+    g.add_argument("--pretrained_model_name_or_path", default=None,
+                   help="Diffusers UNet repo id or directory (a pipeline with unet/ or a bare UNet), e.g. google/ddpm-cifar10-32. "
+                        "Default: the embedded 16 px disks UNet (models/ddpm-disks-16); with --unet_mode full and no base, a UNet is trained from scratch.")
+    g.add_argument("--revision", default=None, help="Hub revision of the base model.")
+    g.add_argument("--unet_mode", default="frozen", choices=["frozen", "lora", "full"],
+                   help="frozen: train only the encoder; lora: also LoRA on the UNet (peft); full: train UNet and encoder jointly.")
+    g.add_argument("--lora_rank", type=int, default=4, help="LoRA rank.")
+    g.add_argument("--lora_target_modules", default=None,
+                   help="Comma-separated LoRA targets. Default: the attention projections to_q,to_k,to_v,to_out.0 for a text-conditioned "
+                        "(Stable Diffusion) UNet; conv1,conv2,time_emb_proj (+ attention projections if any) for a UNet2DModel.")
+    g.add_argument("--latent_dim", type=int, default=8, help="Size of the SAMI code z.")
+    g.add_argument("--encoder_channels", default="32,64,64", help="Encoder down-block widths (each block after the first halves the resolution).")
+    g.add_argument("--encoder_init_logvar", type=float, default=-1.0, help="Initial log-variance of every posterior.")
+    g.add_argument("--encoder_min_logvar", type=float, default=None,
+                   help="Soft floor on the posterior log-variance; bounds the guidance strength (less stiff sampling).")
+    g.add_argument("--time_blind_encoder", action="store_true", help="Ablation: the encoder does not see the noise level.")
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", default="disks", choices=sorted(DATASETS), help="Built-in procedural dataset (fresh samples every step).")
+    g.add_argument("--train_data_dir", default=None, help="A folder of images (png/jpg/webp/bmp, searched recursively) instead of --dataset.")
+    g.add_argument("--dataset_name", default=None, help="A `datasets` dataset saved with save_to_disk (needs the `datasets` package).")
+    g.add_argument("--image_column", default="image", help="Image column of --dataset_name.")
+    g.add_argument("--resolution", type=int, default=None, help="Training resolution; default: the UNet's sample_size.")
+    g.add_argument("--center_crop", action="store_true", help="Center-crop folder images (default: random crop).")
+    g.add_argument("--random_flip", action="store_true", help="Randomly flip folder images horizontally.")
+    g.add_argument("--cache_latents", action="store_true",
+                   help="Latent diffusion: store VAE latents of folder images on disk (safetensors) and reuse them in later epochs. "
+                        "Needs deterministic preprocessing (--center_crop, no --random_flip).")
+    g = p.add_argument_group("objective")
+    g.add_argument("--beta", type=float, default=0.01, help="KL weight in ELBO units (1 = the bound; < 1 rewards information in z).")
+    g.add_argument("--weighting", default="simple", choices=["simple", "elbo"], help="Denoising-error weights: unit (simple) or the exact ELBO weights.")
+    g.add_argument("--timestep_sampling", default="mid", choices=["uniform", "mid", "low"],
+                   help="uniform over [0, T); mid: 75%% from [100, 900] + 25%% uniform; low: 75%% from [0, 500] + 25%% uniform. "
+                        "With --weighting elbo the sampling is importance-corrected and the loss stays a bound (only its variance changes); "
+                        "with simple the emphasised noise levels really weigh more.")
+    g.add_argument("--free_bits", type=float, default=0.5, help="Per-dimension batch-mean KL (nats) below which KL is not penalised; 0 disables.")
+    g.add_argument("--kl_warmup_steps", type=int, default=0, help="Ramp beta linearly from 0 over this many steps.")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--train_batch_size", type=int, default=64, help="Batch size per process.")
+    g.add_argument("--max_train_steps", type=int, default=1500, help="Optimiser steps.")
+    g.add_argument("--learning_rate", type=float, default=1e-3, help="Peak learning rate of the encoder.")
+    g.add_argument("--unet_learning_rate", type=float, default=None, help="Learning rate of UNet/LoRA weights (default: --learning_rate / 5).")
+    g.add_argument("--lr_scheduler", default="cosine", help="diffusers get_scheduler name (constant, linear, cosine, ...).")
+    g.add_argument("--lr_warmup_steps", type=int, default=50, help="Learning-rate warm-up steps.")
+    g.add_argument("--adam_weight_decay", type=float, default=0.0, help="AdamW weight decay.")
+    g.add_argument("--max_grad_norm", type=float, default=10.0, help="Gradient clipping norm.")
+    g.add_argument("--gradient_accumulation_steps", type=int, default=1, help="Micro-batches per optimiser step.")
+    g.add_argument("--mixed_precision", default="no", choices=["no", "bf16", "fp16"], help="Accelerate mixed precision.")
+    g.add_argument("--use_ema", action="store_true", help="Keep an EMA of the trainable weights and save it.")
+    g.add_argument("--ema_decay", type=float, default=0.999, help="EMA decay.")
+    g.add_argument("--seed", type=int, default=0, help="Seed of initialisation, data, noise and timesteps.")
+    g = p.add_argument_group("output")
+    g.add_argument("--output_dir", default="sami-disks-adapter", help="Adapter directory (checkpoints go to checkpoint-<step>/ inside).")
+    g.add_argument("--checkpointing_steps", type=int, default=500, help="Save a resumable checkpoint every N steps.")
+    g.add_argument("--checkpoints_total_limit", type=int, default=2, help="Keep at most this many checkpoints.")
+    g.add_argument("--resume_from_checkpoint", default=None, help="'latest' or a checkpoint directory.")
+    g.add_argument("--logging_steps", type=int, default=50, help="Log losses, per-dimension KL and guidance gain every N steps.")
+    g.add_argument("--validation_steps", type=int, default=500, help="Write reconstruction/traversal PNGs every N steps (0: only at the end).")
+    g.add_argument("--report_to", default="tensorboard", help="Accelerate tracker ('tensorboard', 'wandb', 'none'); skipped when not installed.")
+    g.add_argument("--num_eval_images", type=int, default=512, help="Held-out images of the final report.")
+    g.add_argument("--num_inference_steps", type=int, default=25, help="DDIM steps of validation and report images.")
+    g.add_argument("--no_report", action="store_true", help="Skip the final evaluation report.")
+    g.add_argument("--push_to_hub", action="store_true", help="Upload the adapter (with a model card) to the Hub.")
+    g.add_argument("--hub_model_id", default=None, help="Hub repo id for --push_to_hub.")
+    g.add_argument("--hub_token", default=None, help="Hub token (default: the cached login).")
+    args = p.parse_args(argv)
+    if args.train_data_dir and args.dataset_name:
+        p.error("use either --train_data_dir or --dataset_name, not both")
+    if args.latent_dim < 1:
+        p.error(f"--latent_dim must be >= 1, got {args.latent_dim}")
+    if args.max_train_steps < 1 or args.train_batch_size < 1 or args.gradient_accumulation_steps < 1:
+        p.error("--max_train_steps, --train_batch_size and --gradient_accumulation_steps must be >= 1")
+    if args.push_to_hub and not args.hub_model_id:
+        p.error("--push_to_hub needs --hub_model_id (e.g. your-name/sami-disks)")
+    if args.pretrained_model_name_or_path is None and args.unet_mode != "full":
+        args.pretrained_model_name_or_path = DEFAULT_BASE
+    if args.cache_latents and (args.random_flip or not args.center_crop or not (args.train_data_dir or args.dataset_name)):
+        p.error("--cache_latents needs an image dataset with deterministic preprocessing: --center_crop and no --random_flip")
+    if args.unet_learning_rate is None:
+        args.unet_learning_rate = args.learning_rate / 5
+    return args
+
+
+def build_unet(args):
+    """The base UNet and training scheduler (or a fresh UNet for joint training from scratch)."""
+    if args.pretrained_model_name_or_path is None:
+        resolution = args.resolution or 16
+        channels = DATASETS[args.dataset].num_channels
+        unet = UNet2DModel(sample_size=resolution, in_channels=channels, out_channels=channels, layers_per_block=1,
+                           block_out_channels=(32, 64, 64), down_block_types=("DownBlock2D",) * 3, up_block_types=("UpBlock2D",) * 3)
+        return unet, DDPMScheduler(num_train_timesteps=1000)
+    unet, scheduler_config = adapter_lib.load_base_unet_and_scheduler(args.pretrained_model_name_or_path, args.revision)
+    return unet, DDPMScheduler.from_config(scheduler_config)
+
+
+class SAMIObjective(torch.nn.Module):
+    """Encoder (+ UNet) whose forward is the SAMI loss: one forward per backward, as DDP wants."""
+
+    def __init__(self, encoder, unet, train_unet: bool):
+        super().__init__()
+        self.encoder = encoder
+        self.unet = unet
+        self.train_unet = train_unet
+
+    def forward(self, clean, scheduler, **kwargs):
+        # A plain dict: accelerate's mixed-precision output conversion rebuilds mappings as type(out)(dict).
+        return dict(sami_loss(self.unet, self.encoder, scheduler, clean, train_unet=self.train_unet, **kwargs))
+
+
+def make_pipeline(encoder, unet, noise_scheduler, components) -> SAMIPipeline:
+    pipe = SAMIPipeline(unet=unet, scheduler=DDIMScheduler.from_config(noise_scheduler.config, clip_sample=False), encoder=encoder,
+                        **components)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@torch.no_grad()
+def save_validation(pipe, images, path, seed, latent_dim, steps):
+    """Reconstructions (input row, reconstruction row) and one traversal row per dimension, as one PNG."""
+    g = torch.Generator().manual_seed(seed)
+    rec = pipe.reconstruct(images, num_inference_steps=steps, generator=g, output_type="pt").images.cpu()
+    rows = [images.cpu(), rec]
+    values = torch.linspace(-2.5, 2.5, images.shape[0]).tolist()
+    for d in range(latent_dim):
+        g = torch.Generator().manual_seed(seed)
+        rows.append(pipe.traverse(images[:1], d, values, num_inference_steps=steps, generator=g, output_type="pt").images.cpu())
+    save_image_grid(torch.cat(rows), path, nrow=images.shape[0], scale=4)
+
+
+def checkpoint_dirs(output_dir):
+    if not os.path.isdir(output_dir):
+        return []
+    dirs = [d for d in os.listdir(output_dir) if d.startswith("checkpoint-") and d.split("-")[-1].isdigit()]
+    return sorted(dirs, key=lambda d: int(d.split("-")[-1]))
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=os.path.join(args.output_dir, "logs")),
+    )
+    if args.report_to != "none":
+        try:
+            __import__(args.report_to if args.report_to != "tensorboard" else "torch.utils.tensorboard")
+        except Exception:
+            accelerator.log_with = []
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", level=logging.INFO)
+    set_seed(args.seed)
+    start_time = time.time()
+
+    # ---------------------------------------------------------------- models
+    unet, noise_scheduler = build_unet(args)
+    # Latent diffusion (Stable Diffusion-style bases): SAMI works on the VAE latents the UNet denoises.
+    components = load_latent_components(args.pretrained_model_name_or_path, args.revision) if args.pretrained_model_name_or_path else {}
+    vae = components.get("vae")
+    scale = vae_scale_factor(vae) if vae is not None else 1
+    pixel_channels = vae.config.in_channels if vae is not None else unet.config.in_channels
+    resolution = args.resolution or unet.config.sample_size * scale
+    if resolution != unet.config.sample_size * scale:
+        raise SystemExit(f"--resolution {resolution} does not fit the UNet (sample_size {unet.config.sample_size}"
+                         f"{f' x VAE factor {scale}' if vae is not None else ''}); use --resolution {unet.config.sample_size * scale}.")
+    unet_kwargs_one = {}
+    if getattr(unet.config, "cross_attention_dim", None) is not None:
+        if "text_encoder" not in components or "tokenizer" not in components:
+            raise SystemExit("This UNet is text-conditioned but the base model has no text_encoder/tokenizer to embed the empty prompt.")
+        from sami_adapter.latent import empty_prompt_embeddings
+
+        unet_kwargs_one = {"encoder_hidden_states": empty_prompt_embeddings(components["text_encoder"], components["tokenizer"], 1)}
+    if vae is not None:
+        vae.requires_grad_(False).eval().to(accelerator.device)
+    encoder = SAMIEncoder(
+        in_channels=unet.config.in_channels, sample_size=unet.config.sample_size, latent_dim=args.latent_dim,
+        block_out_channels=tuple(int(c) for c in args.encoder_channels.split(",")),
+        time_conditioning=not args.time_blind_encoder, init_logvar=args.encoder_init_logvar, min_logvar=args.encoder_min_logvar,
+    )
+    lora_config = None
+    if args.unet_mode == "frozen":
+        unet.requires_grad_(False).eval()
+    elif args.unet_mode == "lora":
+        unet.requires_grad_(False)
+        targets = args.lora_target_modules.split(",") if args.lora_target_modules else (
+            ["to_q", "to_k", "to_v", "to_out.0"] if unet_kwargs_one else None)
+        lora_config = adapter_lib.add_lora(unet, rank=args.lora_rank, target_modules=targets)
+    train_unet = args.unet_mode != "frozen"
+    objective = SAMIObjective(encoder, unet, train_unet)
+    param_groups = [{"params": list(encoder.parameters()), "lr": args.learning_rate}]
+    unet_params = [p for p in unet.parameters() if p.requires_grad]
+    if unet_params:
+        param_groups.append({"params": unet_params, "lr": args.unet_learning_rate})
+    optimizer = torch.optim.AdamW(param_groups, weight_decay=args.adam_weight_decay)
+    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
+                                 num_training_steps=args.max_train_steps * accelerator.num_processes)
+
+    # ---------------------------------------------------------------- data
+    if args.train_data_dir or args.dataset_name:
+        dataset = ImageFolderDataset.from_args(args, resolution, pixel_channels)
+        held_out = dataset
+    else:
+        dataset = DATASETS[args.dataset](num_samples=1, resolution=resolution, seed=args.seed)
+        if dataset.num_channels != pixel_channels:
+            raise SystemExit(f"--dataset {args.dataset} has {dataset.num_channels} channel(s) but the model takes {pixel_channels}.")
+        held_out = DATASETS[args.dataset](num_samples=max(args.num_eval_images, 16), resolution=resolution, seed=args.seed + 10_000)
+    batches = StepBatches(dataset, args.train_batch_size * accelerator.num_processes, args.seed)
+    timestep_probs = timestep_distribution(args.timestep_sampling, noise_scheduler.config.num_train_timesteps)
+    sample_shape = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
+    cache = None
+    if args.cache_latents and vae is not None:
+        cache = LatentCache(os.path.join(args.output_dir, "latent_cache"),
+                            fingerprint=LatentCache.fingerprint_of(base=args.pretrained_model_name_or_path, resolution=resolution,
+                                                                   data=args.train_data_dir or args.dataset_name))
+
+    objective, optimizer, lr_scheduler = accelerator.prepare(objective, optimizer, lr_scheduler)
+    if not train_unet:
+        unet.to(accelerator.device)
+    trainable = [p for group in param_groups for p in group["params"]]
+    ema = EMAModel(trainable, decay=args.ema_decay) if args.use_ema else None
+    if ema is not None:
+        ema.to(accelerator.device)
+        accelerator.register_for_checkpointing(ema)
+
+    # ---------------------------------------------------------------- resume
+    run_config = {"base_model_name_or_path": args.pretrained_model_name_or_path, "revision": args.revision, "unet_mode": args.unet_mode,
+                  "latent_dim": args.latent_dim, "resolution": resolution, "encoder_channels": args.encoder_channels}
+    global_step = 0
+    if args.resume_from_checkpoint:
+        path = args.resume_from_checkpoint
+        if path == "latest":
+            found = checkpoint_dirs(args.output_dir)
+            path = os.path.join(args.output_dir, found[-1]) if found else None
+            if path is None:
+                logger.warning(f"--resume_from_checkpoint latest: no checkpoint in {args.output_dir}; starting from scratch.")
+        if path is not None:
+            global_step = load_checkpoint(accelerator, path, run_config)
+    elif accelerator.is_main_process and checkpoint_dirs(args.output_dir):
+        logger.warning(f"{args.output_dir} already has checkpoints; they are kept. Pass --resume_from_checkpoint latest to continue.")
+
+    if accelerator.is_main_process:
+        accelerator.init_trackers("sami", config={k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))})
+        os.makedirs(os.path.join(args.output_dir, "logs"), exist_ok=True)
+    log_path = os.path.join(args.output_dir, "logs", "train_log.jsonl")
+    window = {"loss": [], "diffusion": [], "unguided": [], "kl_per_dim": [], "t": [], "guided_err": [], "unguided_err": []}
+
+    # ---------------------------------------------------------------- train
+    progress = tqdm(range(global_step, args.max_train_steps), initial=global_step, total=args.max_train_steps,
+                    disable=not accelerator.is_local_main_process, desc="SAMI")
+    objective.train()
+    rank, world = accelerator.process_index, accelerator.num_processes
+    for step in range(global_step, args.max_train_steps):
+        beta = args.beta * (min(1.0, (step + 1) / args.kl_warmup_steps) if args.kl_warmup_steps else 1.0)
+        for micro in range(args.gradient_accumulation_steps):
+            batch = batches.batch(step * args.gradient_accumulation_steps + micro, timestep_probs, noise_scheduler.config.num_train_timesteps,
+                                  args.latent_dim, sample_shape)
+            local = {k: v.chunk(world)[rank].to(accelerator.device) for k, v in batch.items()}
+            clean = local["images"]
+            if vae is not None:  # VAE latents once per batch, no gradients; from disk when cached
+                clean = cache.get_or_compute(vae, local["indices"], clean) if cache is not None else images_to_latents(vae, clean)
+                clean = clean.float()
+            unet_kwargs = {k: v.expand(clean.shape[0], *v.shape[1:]).to(accelerator.device) for k, v in unet_kwargs_one.items()}
+            with accelerator.accumulate(objective), accelerator.autocast():
+                out = SAMILossOutput(**objective(clean, noise_scheduler, unet_kwargs=unet_kwargs, beta=beta, weighting=args.weighting, timesteps=local["timesteps"],
+                                timestep_probs=timestep_probs, noise=local["noise"], latent_noise=local["latent_noise"],
+                                free_bits=args.free_bits))
+                accelerator.backward(out.loss)
+                if accelerator.sync_gradients and args.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(trainable, args.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            window["loss"].append(out.loss.item()); window["diffusion"].append(out.diffusion_loss.item())
+            window["unguided"].append(out.unguided_diffusion_loss.item()); window["kl_per_dim"].append(out.kl_per_dim.detach().cpu())
+            window["t"].append(out.timesteps.cpu()); window["guided_err"].append(out.guided_error.cpu()); window["unguided_err"].append(out.unguided_error.cpu())
+        if ema is not None:
+            ema.step(trainable)
+        global_step = step + 1
+        progress.update(1)
+
+        if global_step % args.logging_steps == 0 or global_step == args.max_train_steps:
+            kl = torch.stack(window["kl_per_dim"]).mean(0)
+            diffusion, unguided = float(np.mean(window["diffusion"])), float(np.mean(window["unguided"]))
+            logs = {"step": global_step, "loss": float(np.mean(window["loss"])), "diffusion_loss": diffusion, "unguided_loss": unguided,
+                    "guidance_gain": unguided - diffusion, "relative_gain": 1 - diffusion / max(unguided, 1e-12), "kl": float(kl.sum()),
+                    "beta": beta, "lr": lr_scheduler.get_last_lr()[0]}
+            logs.update({f"kl_dim_{i}": float(v) for i, v in enumerate(kl)})
+            bands = band_gains(torch.cat(window["t"]), torch.cat(window["guided_err"]), torch.cat(window["unguided_err"]), NOISE_BANDS)
+            logs.update({f"gain_t{k}": v for k, v in bands.items()})
+            progress.set_postfix(loss=f"{logs['loss']:.2f}", gain=f"{logs['relative_gain']:.1%}", active=len(active_dimensions(kl.tolist())))
+            accelerator.log(logs, step=global_step)
+            if accelerator.is_main_process:
+                with open(log_path, "a") as f:
+                    f.write(json.dumps(logs) + "\n")
+                warning = collapse_warning(kl.tolist(), unguided - diffusion, global_step, args.max_train_steps)
+                if warning:
+                    logger.warning(warning)
+            window = {k: [] for k in window}
+
+        if accelerator.is_main_process and args.validation_steps and global_step % args.validation_steps == 0 and global_step < args.max_train_steps:
+            pipe = make_pipeline(accelerator.unwrap_model(objective).encoder, unet, noise_scheduler, components)
+            save_validation(pipe, held_out_images(held_out, 8, accelerator.device), os.path.join(args.output_dir, "validation", f"step-{global_step}.png"),
+                            args.seed, args.latent_dim, args.num_inference_steps)
+            objective.train()
+        if global_step % args.checkpointing_steps == 0 and global_step < args.max_train_steps:
+            save_checkpoint(accelerator, args, global_step, run_config)
+    progress.close()
+    accelerator.wait_for_everyone()
+    # Every rank must hold the same weights after DDP training; record the evidence.
+    checksum = torch.stack([p.detach().double().sum() for p in trainable]).sum().view(1).to(accelerator.device)
+    rank_checksums = accelerator.gather(checksum).cpu().tolist()
+
+    # ---------------------------------------------------------------- save
+    if accelerator.is_main_process:
+        train_seconds = time.time() - start_time
+        model = accelerator.unwrap_model(objective)
+        if ema is not None:
+            ema.copy_to(trainable)
+        base_ref = args.pretrained_model_name_or_path
+        if base_ref and os.path.isdir(base_ref):
+            base_ref = os.path.relpath(os.path.abspath(base_ref), os.path.abspath(args.output_dir))
+        report = {}
+        if not args.no_report:
+            pipe = make_pipeline(model.encoder, model.unet, noise_scheduler, components)
+            images = held_out_images(held_out, args.num_eval_images, accelerator.device)
+            report = write_report(pipe, images, args, os.path.join(args.output_dir, "report"), noise_scheduler)
+        report["train_seconds"] = round(train_seconds, 1)
+        report["rank_weight_checksums"] = rank_checksums
+        extra = {"training": {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None)))}, "metrics": report}
+        adapter_lib.save_adapter(args.output_dir, model.encoder, base_ref, revision=args.revision, unet=model.unet, unet_mode=args.unet_mode,
+                                 lora_config=lora_config, extra=extra, model_card=model_card(args, report))
+        logger.info(f"Adapter saved to {args.output_dir} ({train_seconds:.0f} s); report: {json.dumps(report)}")
+        if args.push_to_hub:
+            from huggingface_hub import create_repo, upload_folder
+
+            repo_id = create_repo(args.hub_model_id, exist_ok=True, token=args.hub_token).repo_id
+            upload_folder(repo_id=repo_id, folder_path=args.output_dir, token=args.hub_token,
+                          ignore_patterns=["checkpoint-*", "logs/*", ".tmp-*"], commit_message="SAMI adapter")
+    accelerator.end_training()
+
+
+def held_out_images(dataset, n, device):
+    from sami_adapter.training import dataset_images
+
+    return dataset_images(dataset, n).to(device)
+
+
+def save_checkpoint(accelerator, args, step, run_config):
+    """accelerate save_state into a temporary folder, renamed into place only once complete."""
+    final = os.path.join(args.output_dir, f"checkpoint-{step}")
+    tmp = os.path.join(args.output_dir, f".tmp-checkpoint-{step}")
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(tmp)
+    if accelerator.is_main_process:
+        with open(os.path.join(tmp, "sami_run.json"), "w") as f:
+            json.dump({**run_config, "step": step}, f)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        existing = checkpoint_dirs(args.output_dir)
+        for old in existing[: max(0, len(existing) - args.checkpoints_total_limit)]:
+            shutil.rmtree(os.path.join(args.output_dir, old), ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+def load_checkpoint(accelerator, path, run_config) -> int:
+    """Restore a checkpoint, refusing (with a clear message, touching nothing) ones that do not fit this run."""
+    meta_path = os.path.join(path, "sami_run.json")
+    if not os.path.isdir(path) or not os.path.isfile(meta_path):
+        raise SystemExit(f"{path} is not a complete SAMI checkpoint (no sami_run.json). Pass another one or --resume_from_checkpoint latest.")
+    with open(meta_path) as f:
+        meta = json.load(f)
+    mismatched = {k: (meta.get(k), v) for k, v in run_config.items() if meta.get(k) != v}
+    if mismatched:
+        detail = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in mismatched.items())
+        raise SystemExit(f"Checkpoint {path} was made for another setup ({detail}); resume with the same base model and flags.")
+    try:
+        accelerator.load_state(path)
+    except Exception as e:  # truncated safetensors, wrong shapes, missing files
+        raise SystemExit(f"Could not load checkpoint {path}: {type(e).__name__}: {e}. It is truncated or corrupt; "
+                         "resume from an earlier checkpoint-<step> folder. Nothing in the output directory was changed.") from e
+    return int(meta["step"])
+
+
+def model_card(args, report) -> str:
+    metrics = "\n".join(f"- {k}: {v}" for k, v in report.items() if not isinstance(v, (dict, list)))
+    return f"""---
+library_name: diffusers
+tags: [sami, representation-learning, diffusion, adapter]
+base_model: {args.pretrained_model_name_or_path}
+---
+# SAMI adapter
+
+A SAMI (Score-based Autoencoder for Multiscale Inference) encoder for the diffusion model
+`{args.pretrained_model_name_or_path}` (UNet mode: `{args.unet_mode}`), trained with `sami-adapter`.
+
+- data: {args.train_data_dir or args.dataset_name or args.dataset}, {args.resolution or 'native'} px
+- latent dimensions: {args.latent_dim}; beta (ELBO units): {args.beta}; weighting: {args.weighting}; free bits: {args.free_bits}
+- steps: {args.max_train_steps} x batch {args.train_batch_size}; seed {args.seed}
+
+## Measured on held-out data
+{metrics}
+
+## Use
+```python
+from sami_adapter import SAMIPipeline
+pipe = SAMIPipeline.from_pretrained("{args.hub_model_id or args.output_dir}")
+z = pipe.encode(images).mean          # codes
+recon = pipe.reconstruct(images).images
+```
+"""
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,127 @@
+"""The training loop the baselines share: seeded fresh batches, a step and/or wall-clock budget, a log."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Union
+
+import numpy as np
+import torch
+
+from ..data import DATASETS
+from ..data.base import FactorDataset
+from ..training import StepBatches
+
+
+@dataclass
+class TrainingBudget:
+    """When training stops: after ``max_steps`` optimiser steps or ``max_seconds`` of wall clock, whichever first.
+
+    At least one must be given. The clock covers the whole loop (data rendering included), the same
+    way a SAMI adapter's ``train_seconds`` does.
+    """
+
+    max_steps: Optional[int] = None
+    max_seconds: Optional[float] = None
+
+    def __post_init__(self):
+        if self.max_steps is None and self.max_seconds is None:
+            raise ValueError("give max_steps, max_seconds or both.")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"max_steps must be >= 1, got {self.max_steps}.")
+        if self.max_seconds is not None and self.max_seconds <= 0:
+            raise ValueError(f"max_seconds must be > 0, got {self.max_seconds}.")
+
+    def done(self, step: int, elapsed: float) -> bool:
+        """True once ``step`` steps are taken or ``elapsed`` seconds have passed (at least one step is always taken)."""
+        if step == 0:
+            return False
+        return (self.max_steps is not None and step >= self.max_steps) or (self.max_seconds is not None and elapsed >= self.max_seconds)
+
+
+@dataclass
+class TrainingLog:
+    """What a baseline's training did: steps, seconds and the loss every ``log_every`` steps."""
+
+    steps: int = 0
+    seconds: float = 0.0
+    history: List[Dict[str, float]] = field(default_factory=list)
+
+    def as_dict(self) -> Dict[str, object]:
+        """Plain-dict form (JSON-ready)."""
+        return {"steps": self.steps, "seconds": round(self.seconds, 2), "history": self.history}
+
+
+def resolve_dataset(dataset: Union[str, FactorDataset], resolution: Optional[int], seed: int) -> FactorDataset:
+    """A dataset instance: a name from :data:`sami_adapter.data.DATASETS` is built at ``resolution``
+    (default 32); an instance is checked against ``resolution``."""
+    if isinstance(dataset, str):
+        if dataset not in DATASETS:
+            raise ValueError(f"unknown dataset {dataset!r}; choose from {sorted(DATASETS)}.")
+        return DATASETS[dataset](num_samples=1, resolution=resolution or 32, seed=seed)
+    if not isinstance(dataset, FactorDataset):
+        raise TypeError(f"dataset must be a FactorDataset or a name, got {type(dataset).__name__}.")
+    if resolution is not None and resolution != dataset.resolution:
+        raise ValueError(f"resolution {resolution} does not match the dataset's {dataset.resolution}.")
+    return dataset
+
+
+def train_loop(
+    model: torch.nn.Module,
+    step_loss: Callable[[torch.Tensor, torch.Generator], Dict[str, torch.Tensor]],
+    dataset: FactorDataset,
+    budget: TrainingBudget,
+    batch_size: int,
+    lr: float,
+    seed: int,
+    progress: bool = True,
+    desc: str = "train",
+    log_every: int = 50,
+    max_grad_norm: float = 10.0,
+) -> TrainingLog:
+    """Adam on ``step_loss(images, generator)["loss"]`` over fresh seeded batches until the budget is spent.
+
+    Batch ``k`` is ``StepBatches(dataset, batch_size, seed).images(k)`` (a function of ``(seed, k)``)
+    and the loss's random draws use a generator seeded by ``(seed, k)``: a run is reproducible up to
+    where the wall clock stops it.
+    """
+    from tqdm.auto import tqdm
+
+    batches = StepBatches(dataset, batch_size, seed)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(params, lr=lr)
+    device = next(model.parameters()).device
+    log = TrainingLog()
+    bar = tqdm(total=budget.max_steps, desc=desc, disable=not progress)
+    window: Dict[str, List[float]] = {}
+    model.train()
+    start = time.perf_counter()
+    step = 0
+    while not budget.done(step, time.perf_counter() - start):
+        images = batches.images(step).to(device)
+        g = torch.Generator(device="cpu").manual_seed(int(np.random.default_rng([seed, step, 1]).integers(0, 2**62)))
+        terms = step_loss(images, g)
+        optimizer.zero_grad(set_to_none=True)
+        terms["loss"].backward()
+        if max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+        optimizer.step()
+        step += 1
+        for key, value in terms.items():
+            window.setdefault(key, []).append(float(value.detach()))
+        if step % log_every == 0:
+            entry = {"step": step, "seconds": round(time.perf_counter() - start, 2)}
+            entry.update({k: float(np.mean(v)) for k, v in window.items()})
+            log.history.append(entry)
+            window = {}
+            bar.set_postfix(loss=f"{entry['loss']:.4g}")
+        bar.update(1)
+    bar.close()
+    log.steps, log.seconds = step, time.perf_counter() - start
+    if window:
+        entry = {"step": step, "seconds": round(log.seconds, 2)}
+        entry.update({k: float(np.mean(v)) for k, v in window.items()})
+        log.history.append(entry)
+    model.eval()
+    return log

@@ -1,0 +1,307 @@
+"""Latent diffusion helpers: VAE latents, prompt embeddings, base-model components and a latent cache.
+
+A latent diffusion model (Stable Diffusion 1.x/2.x and their fine-tunes) denoises VAE latents,
+not pixels. SAMI then lives entirely in that latent space: the encoder ``q(z | x_t, t)`` reads the
+UNet's input ``x_t`` (a noisy *scaled* latent) and the guidance ``grad_{x_t} log q`` is a latent-space
+vector. Pixels appear only at the two ends:
+
+    pixels in [-1, 1] --vae.encode--> latent-distribution mean --(- shift) * scaling_factor--> x_0
+    x_0 --/ scaling_factor (+ shift)--> vae.decode --> pixels in [-1, 1]
+
+The latent mean is used (not a sample), so encoding is deterministic; both directions run under
+``no_grad`` because the VAE is never trained here.
+
+The training script and :class:`~sami_adapter.SAMIPipeline` share these helpers, so the two
+always agree on scaling, tokenisation and the empty-prompt ("unconditional") embedding.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import os
+import tempfile
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Union
+
+import torch
+from safetensors.torch import load_file, save_file
+
+LATENT_COMPONENTS = ("vae", "text_encoder", "tokenizer")
+_ALLOWED_LIBRARIES = ("diffusers", "transformers")
+
+
+# ---------------------------------------------------------------------------- VAE
+def vae_scale_factor(vae: Any) -> int:
+    """How many pixels one latent cell covers per side: ``2 ** (len(block_out_channels) - 1)`` (8 for Stable Diffusion)."""
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+def _scaling(vae: Any) -> tuple:
+    scale = getattr(vae.config, "scaling_factor", None)
+    shift = getattr(vae.config, "shift_factor", None)
+    return (1.0 if scale is None else float(scale)), (0.0 if shift is None else float(shift))
+
+
+@torch.no_grad()
+def images_to_latents(
+    vae: Any, images: torch.Tensor, sample: bool = False, generator: Optional[torch.Generator] = None
+) -> torch.Tensor:
+    """Pixels (N, C, H, W) in [-1, 1] -> the diffusion model's ``x_0``: ``(mean - shift_factor) * scaling_factor``.
+
+    Args:
+        vae: a diffusers ``AutoencoderKL`` (anything whose ``encode(x).latent_dist`` has ``.mean``/``.sample``).
+        images: pixels in [-1, 1]; moved to the VAE's device and dtype.
+        sample: draw from the latent distribution instead of taking its mean (the mean, the default,
+            makes encoding deterministic, which is what the pipeline and a latent cache need).
+        generator: generator for ``sample=True``.
+
+    Returns:
+        Scaled latents (N, latent_channels, H / f, W / f) in the VAE's dtype, where ``f`` is :func:`vae_scale_factor`.
+    """
+    if images.ndim != 4:
+        raise ValueError(f"images must have shape (N, C, H, W), got {tuple(images.shape)}.")
+    scale, shift = _scaling(vae)
+    dist = vae.encode(images.to(device=vae.device, dtype=vae.dtype)).latent_dist
+    latents = dist.sample(generator=generator) if sample else dist.mean
+    return (latents - shift) * scale
+
+
+@torch.no_grad()
+def latents_to_images(vae: Any, latents: torch.Tensor) -> torch.Tensor:
+    """Scaled latents (the diffusion model's ``x_0``) -> pixels (N, C, H, W), nominally in [-1, 1] (not clamped)."""
+    scale, shift = _scaling(vae)
+    latents = latents.to(device=vae.device, dtype=vae.dtype)
+    return vae.decode(latents / scale + shift).sample
+
+
+# ---------------------------------------------------------------------------- prompts
+@torch.no_grad()
+def prompt_embeddings(
+    text_encoder: Any,
+    tokenizer: Any,
+    prompts: Union[str, Sequence[str]],
+    device: Optional[Union[str, torch.device]] = None,
+) -> torch.Tensor:
+    """The UNet's ``encoder_hidden_states`` for ``prompts``, the way Stable Diffusion computes them.
+
+    Prompts are padded/truncated to ``tokenizer.model_max_length`` tokens and the text encoder's
+    last hidden state is returned (an attention mask is passed only when the text encoder's config
+    asks for one, ``use_attention_mask``, as in diffusers' Stable Diffusion pipelines).
+
+    Args:
+        text_encoder: e.g. ``transformers.CLIPTextModel``.
+        tokenizer: e.g. ``transformers.CLIPTokenizer``.
+        prompts: one prompt or a list of N prompts.
+        device: where to run the text encoder's input; defaults to the text encoder's device.
+
+    Returns:
+        (N, model_max_length, hidden_size) embeddings in the text encoder's dtype.
+    """
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    prompts = list(prompts)
+    if not prompts or not all(isinstance(p, str) for p in prompts):
+        raise TypeError("prompts must be a string or a non-empty list of strings.")
+    device = torch.device(device) if device is not None else text_encoder.device
+    tokens = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt")
+    attention_mask = None
+    if getattr(text_encoder.config, "use_attention_mask", False):
+        attention_mask = tokens.attention_mask.to(device)
+    return text_encoder(tokens.input_ids.to(device), attention_mask=attention_mask)[0]
+
+
+def empty_prompt_embeddings(
+    text_encoder: Any, tokenizer: Any, batch_size: int = 1, device: Optional[Union[str, torch.device]] = None
+) -> torch.Tensor:
+    """The embedding of the empty prompt ``""``, repeated ``batch_size`` times: conditioning on it gives the
+    unconditional model (what SAMI trains against and what classifier-free guidance subtracts)."""
+    embedding = prompt_embeddings(text_encoder, tokenizer, [""], device=device)
+    return embedding.expand(batch_size, *embedding.shape[1:])
+
+
+# ---------------------------------------------------------------------------- base-model components
+def _read_model_index(base: str, revision: Optional[str], **kwargs) -> Dict[str, Any]:
+    local = os.path.join(base, "model_index.json")
+    if os.path.isdir(base):
+        if not os.path.isfile(local):
+            return {}
+        with open(local) as f:
+            return json.load(f)
+    from diffusers import DiffusionPipeline
+
+    try:
+        return dict(DiffusionPipeline.load_config(base, revision=revision, **kwargs))
+    except (OSError, ValueError, EnvironmentError):  # no pipeline index: a bare UNet repo
+        return {}
+
+
+def load_latent_components(
+    base: str,
+    revision: Optional[str] = None,
+    components: Iterable[str] = LATENT_COMPONENTS,
+    torch_dtype: Optional[torch.dtype] = None,
+    **kwargs,
+) -> Dict[str, Any]:
+    """Load the VAE, text encoder and tokenizer of a full diffusers pipeline (repo id or local directory).
+
+    The base's ``model_index.json`` says which components exist and their classes (e.g.
+    ``"vae": ["diffusers", "AutoencoderKL"]``); each one listed in ``components`` is loaded from its
+    subfolder. A base without ``model_index.json`` (a bare UNet), or whose index lists a component as
+    ``null``, simply yields fewer entries, so a pixel-space base returns ``{}``.
+
+    Args:
+        base: repo id or local path of the base model.
+        revision: Hub revision.
+        components: which of ``"vae"``, ``"text_encoder"``, ``"tokenizer"`` to load.
+        torch_dtype: dtype for the VAE and text encoder.
+        kwargs: passed to every ``from_pretrained`` (e.g. ``cache_dir``, ``local_files_only``).
+
+    Returns:
+        ``{name: component}`` for the components that the base has.
+
+    Raises:
+        ValueError: a component's class comes from a library other than diffusers or transformers.
+    """
+    index = _read_model_index(base, revision, **{k: v for k, v in kwargs.items() if k in ("cache_dir", "local_files_only", "token")})
+    loaded: Dict[str, Any] = {}
+    for name in components:
+        entry = index.get(name)
+        if not entry or entry[0] is None or entry[1] is None:
+            continue
+        library, class_name = entry
+        if library not in _ALLOWED_LIBRARIES:
+            raise ValueError(
+                f"The base model's {name} is a {library}.{class_name}; only diffusers and transformers components are "
+                f"loaded automatically. Load it yourself and pass `{name}=...`."
+            )
+        cls = getattr(importlib.import_module(library), class_name)
+        extra = dict(kwargs)
+        if torch_dtype is not None and name != "tokenizer":
+            extra["torch_dtype"] = torch_dtype
+        loaded[name] = cls.from_pretrained(base, subfolder=name, revision=revision, **extra)
+    return loaded
+
+
+# ---------------------------------------------------------------------------- latent cache
+class LatentCache:
+    """Scaled VAE latents of a dataset stored on disk, one safetensors file per dataset index.
+
+    Encoding images with the VAE is the expensive, parameter-free part of a latent-diffusion training
+    step; with a cache each image is encoded once (the first epoch) and read back afterwards.
+    Latents are the deterministic latent-distribution mean (:func:`images_to_latents`), so a cached
+    latent equals a fresh one. Random augmentations applied to the pixels are frozen by caching:
+    cache only deterministic transforms.
+
+    ``fingerprint`` describes what the latents depend on (base model, revision, resolution,
+    transforms...). It is written to ``cache_info.json`` the first time; reopening the directory with
+    a different fingerprint raises instead of silently mixing latents of different settings.
+    Files are written atomically (temporary file + rename), so several processes may share a cache.
+
+    Example::
+
+        cache = LatentCache("./latents", {"model": "stable-diffusion-v1-5", "resolution": 512})
+        latents = cache.get_or_compute(vae, batch["index"], batch["pixel_values"])
+
+    Args:
+        cache_dir: directory of the cache (created).
+        fingerprint: JSON-serialisable description of the latents' settings.
+        dtype: dtype the latents are stored in (float32 keeps them exact; float16 halves the disk use).
+    """
+
+    INFO_NAME = "cache_info.json"
+
+    def __init__(self, cache_dir: Union[str, os.PathLike], fingerprint: Optional[Dict[str, Any]] = None, dtype: torch.dtype = torch.float32):
+        self.cache_dir = str(cache_dir)
+        self.dtype = dtype
+        self.fingerprint = json.loads(json.dumps(fingerprint or {}, sort_keys=True, default=str))
+        os.makedirs(self.cache_dir, exist_ok=True)
+        info_path = os.path.join(self.cache_dir, self.INFO_NAME)
+        info = {"fingerprint": self.fingerprint, "dtype": str(dtype).replace("torch.", "")}
+        if os.path.isfile(info_path):
+            with open(info_path) as f:
+                existing = json.load(f)
+            if existing != info:
+                raise ValueError(
+                    f"The latent cache in {self.cache_dir} was built with different settings ({existing}) than now ({info}). "
+                    "Use another cache directory or delete this one."
+                )
+        else:
+            self._atomic_write(info_path, lambda p: _write_json(p, info))
+
+    def _path(self, index: int) -> str:
+        return os.path.join(self.cache_dir, f"{int(index):09d}.safetensors")
+
+    def _atomic_write(self, path: str, write) -> None:
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=self.cache_dir)
+        os.close(fd)
+        try:
+            write(tmp)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+
+    def __contains__(self, index: int) -> bool:
+        return os.path.isfile(self._path(index))
+
+    def __len__(self) -> int:
+        return sum(1 for name in os.listdir(self.cache_dir) if name.endswith(".safetensors") and not name.startswith("."))
+
+    def get(self, index: int) -> Optional[torch.Tensor]:
+        """The cached latent of dataset item ``index`` (C, h, w), or None if it is not cached yet."""
+        path = self._path(index)
+        if not os.path.isfile(path):
+            return None
+        return load_file(path)["latent"]
+
+    def put(self, index: int, latent: torch.Tensor) -> None:
+        """Store the latent (C, h, w) of dataset item ``index``."""
+        tensor = latent.detach().to(device="cpu", dtype=self.dtype).contiguous()
+        self._atomic_write(self._path(index), lambda p: save_file({"latent": tensor}, p))
+
+    def get_or_compute(self, vae: Any, indices: Union[torch.Tensor, Sequence[int]], images: torch.Tensor) -> torch.Tensor:
+        """Latents of a batch: read the cached ones, encode (and store) only the missing ones.
+
+        Args:
+            vae: the VAE, used for uncached items only (under ``no_grad``).
+            indices: (N,) dataset indices of the batch's items.
+            images: (N, C, H, W) their pixels in [-1, 1] (deterministically preprocessed).
+
+        Returns:
+            (N, C, h, w) scaled latents on ``images``' device, in the VAE's dtype.
+        """
+        indices = [int(i) for i in (indices.tolist() if isinstance(indices, torch.Tensor) else indices)]
+        if len(indices) != images.shape[0]:
+            raise ValueError(f"got {len(indices)} indices for {images.shape[0]} images.")
+        cached = [self.get(i) for i in indices]
+        missing = [k for k, latent in enumerate(cached) if latent is None]
+        if missing:
+            fresh = images_to_latents(vae, images[missing])
+            for k, latent in zip(missing, fresh):
+                self.put(indices[k], latent)
+                cached[k] = latent.detach().to(device="cpu", dtype=self.dtype)
+        return torch.stack(cached).to(device=images.device, dtype=vae.dtype)
+
+    @staticmethod
+    def fingerprint_of(**settings: Any) -> Dict[str, Any]:
+        """A fingerprint dict from keyword settings, plus a short hash of them (handy as a subdirectory name)."""
+        canonical = json.dumps(settings, sort_keys=True, default=str)
+        return {**settings, "hash": hashlib.sha256(canonical.encode()).hexdigest()[:16]}
+
+
+def _write_json(path: str, obj: Any) -> None:
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+
+
+__all__: List[str] = [
+    "LATENT_COMPONENTS",
+    "LatentCache",
+    "empty_prompt_embeddings",
+    "images_to_latents",
+    "latents_to_images",
+    "load_latent_components",
+    "prompt_embeddings",
+    "vae_scale_factor",
+]

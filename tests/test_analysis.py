@@ -1,0 +1,228 @@
+"""Axis discovery, baselines, the shared metric harness and the evaluate/compare scripts on tiny models."""
+
+import importlib.util
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDPMScheduler
+from tiny import tiny_pipeline
+
+from sami_adapter.adapter import save_adapter
+from sami_adapter.analysis import (
+    active_dims_by_kl,
+    characteristic_noise_levels,
+    factor_alignment,
+    factor_noise_levels,
+    information_profile,
+    noise_order_agreement,
+    plot_information_profile,
+    profile_table_markdown,
+)
+from sami_adapter.baselines import BetaVAE, DiffAE, train_beta_vae, train_diffae
+from sami_adapter.data import Disks, MovingDisks
+from sami_adapter.guidance import alpha_sigma_from_alphas_cumprod
+from sami_adapter.report import elbo_bits_per_dim, flat_metrics, mean_code_fn, metrics_table_markdown, representation_metrics, trajectory_curvatures
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY_ARCH = {"encoder_channels": (8, 16), "hidden_dim": 32, "norm_num_groups": 4}
+TINY_METRICS = [
+    "--num_train", "48", "--num_test", "24", "--dci_estimators", "3", "--factor_vae_train", "4", "--factor_vae_eval", "4",
+    "--factor_vae_batch", "8", "--num_variance_estimate", "24", "--num_sequences", "3", "--num_frames", "4",
+]
+
+
+def _script(name):
+    spec = importlib.util.spec_from_file_location(f"_example_{name}", os.path.join(ROOT, "examples", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _disks(n, seed=0):
+    return Disks(num_samples=1, resolution=8).sample(n, np.random.default_rng(seed))
+
+
+def _synthetic_profile(with_schedule=True):
+    info = np.array(
+        [
+            [2.0, 1.0, 0.01, 1.0],
+            [1.6, 0.9, 0.01, 0.4],
+            [0.8, 0.7, 0.01, 0.6],
+            [0.2, 0.6, 0.01, 0.1],
+        ]
+    )
+    kl = np.ones_like(info)
+    kl[:, 2] = 0.01  # dim 2 is inactive
+    timesteps = np.array([0, 100, 200, 400])
+    sched = DDPMScheduler()
+    alpha, sigma = alpha_sigma_from_alphas_cumprod(sched.alphas_cumprod, torch.tensor(timesteps, dtype=torch.float64))
+    sigma = sigma.numpy().copy()
+    sigma[0] = 0.0
+    profile = {"timesteps": timesteps, "information": info, "kl": kl, "sigma": sigma}
+    if with_schedule:
+        profile["alphas_cumprod"] = sched.alphas_cumprod.numpy()
+    return profile
+
+
+# ------------------------------------------------------------------------------- axis discovery
+def test_characteristic_noise_levels_interpolates_the_first_crossing():
+    profile = _synthetic_profile()
+    levels = characteristic_noise_levels(profile, fraction=0.5)
+    assert levels["active"] == [0, 1, 3]
+    # dim 0: threshold 1.0 crossed between t=100 (1.6) and t=200 (0.8): 100 + 0.6/0.8 * 100.
+    assert levels["timestep"][0] == pytest.approx(175.0)
+    # dim 3: first crossing between t=0 (1.0) and t=100 (0.4), although it comes back above later.
+    assert levels["timestep"][3] == pytest.approx(100 * 0.5 / 0.6)
+    # dim 1 keeps more than half up to the last level: censored; dim 2 is inactive.
+    assert math.isnan(levels["timestep"][1]) and levels["censored"][1]
+    assert math.isnan(levels["timestep"][2]) and not levels["censored"][2]
+    assert levels["order"] == [3, 0, 1]
+    # Noise scale at the fractional t*: exact from alphas_cumprod.
+    a, s = alpha_sigma_from_alphas_cumprod(DDPMScheduler().alphas_cumprod, torch.tensor([175.0], dtype=torch.float64))
+    assert levels["sigma"][0] == pytest.approx(float(s[0]))
+    assert levels["log_snr"][0] == pytest.approx(math.log(float(a[0]) ** 2 / float(s[0]) ** 2))
+    # Another fraction: threshold 0.5 for dim 0 is crossed between t=200 (0.8) and t=400 (0.2).
+    assert characteristic_noise_levels(profile, fraction=0.25)["timestep"][0] == pytest.approx(300.0)
+    # Without the schedule the noise scale is interpolated on the grid.
+    plain = characteristic_noise_levels(_synthetic_profile(with_schedule=False))
+    assert plain["sigma"][0] == pytest.approx(np.interp(175.0, profile["timesteps"], profile["sigma"]))
+    # An explicit active set overrides the KL rule.
+    assert characteristic_noise_levels(profile, active=[0])["active"] == [0]
+    assert active_dims_by_kl([0.5, 0.05, 0.2]) == [0, 2]
+    table = profile_table_markdown(profile, levels)
+    assert "175.0" in table and "> 400" in table
+    with pytest.raises(ValueError):
+        characteristic_noise_levels(profile, fraction=1.5)
+
+
+def test_information_profile_shapes_and_definition(tmp_path):
+    pipe = tiny_pipeline()
+    images, _, _ = _disks(12)
+    profile = information_profile(pipe, images, timesteps=[500, 100], generator=torch.Generator().manual_seed(0), batch_size=5)
+    assert profile["timesteps"].tolist() == [0, 100, 500]  # 0 added, sorted
+    for key in ("information", "explained_variance", "mean_variance", "posterior_variance", "kl"):
+        assert profile[key].shape == (3, 3) and np.isfinite(profile[key]).all()
+    assert (profile["information"] >= 0).all() and (profile["explained_variance"] <= 1).all()
+    assert profile["sigma"][0] == 0 and math.isinf(profile["snr"][0])
+    # The clean row is the Gaussian capacity of the clean posteriors.
+    post = pipe.encode(images)
+    var_mu = post.mean.double().var(0).numpy()
+    mean_var = post.var.double().mean(0).numpy()
+    np.testing.assert_allclose(profile["information"][0], 0.5 * np.log1p(var_mu / mean_var), rtol=1e-5)
+    np.testing.assert_allclose(profile["kl"][0], post.kl_per_dim().double().mean(0).numpy(), rtol=1e-5)
+    levels = characteristic_noise_levels(profile, active=[0, 1, 2])
+    path = plot_information_profile(profile, str(tmp_path / "profile.png"), levels, labels=["a", "b", "c"])
+    assert os.path.getsize(path) > 0
+
+
+def test_factor_alignment_and_noise_order():
+    rng = np.random.default_rng(0)
+    values = rng.random((200, 3))
+    codes = np.stack([values[:, 1] ** 3, -2 * values[:, 0], np.zeros(200)], axis=1)
+    alignment = factor_alignment(codes, values, ["a", "b", "c"])
+    assert alignment["best_factor"][:2] == ["b", "a"]
+    assert alignment["matrix"][0, 1] == pytest.approx(1.0) and alignment["matrix"][1, 0] == pytest.approx(1.0)
+    assert (alignment["matrix"][2] == 0).all()  # a constant dimension correlates with nothing
+    levels = {"timestep": np.array([300.0, 100.0, np.nan]), "active": [0, 1]}
+    per_factor = factor_noise_levels(levels, alignment)
+    assert per_factor["b"] == 300.0 and per_factor["a"] == 100.0 and math.isnan(per_factor["c"])
+    same = noise_order_agreement(per_factor, {"a": 50.0, "b": 90.0, "c": 10.0})
+    assert same["same_order"] and same["kendall_tau"] == pytest.approx(1.0) and same["factors"] == ["a", "b"]
+    assert not noise_order_agreement(per_factor, {"a": 95.0, "b": 90.0})["same_order"]
+
+
+# ------------------------------------------------------------------------------- baselines
+def test_baselines_train_and_encode(tmp_path):
+    data = Disks(num_samples=1, resolution=8)
+    images, _, _ = _disks(5, seed=1)
+    vae = train_beta_vae(data, beta=4.0, latent_dim=3, max_steps=2, batch_size=8, progress=False, **TINY_ARCH)
+    assert vae.training_log["steps"] == 2 and vae.encode(images).mean.shape == (5, 3)
+    assert vae.reconstruct(images).shape == images.shape
+    vae.save_pretrained(str(tmp_path / "vae"))
+    torch.testing.assert_close(BetaVAE.from_pretrained(str(tmp_path / "vae")).encode(images).mean, vae.encode(images).mean)
+    dae = train_diffae(data, latent_dim=3, max_steps=2, batch_size=8, progress=False, unet_channels=(8, 16), unet_norm_num_groups=4, **TINY_ARCH)
+    assert dae.training_log["steps"] == 2 and dae.encode(images).mean.shape == (5, 3)
+    assert dae.reconstruct(images, num_inference_steps=2, generator=torch.Generator().manual_seed(0)).shape == images.shape
+    dae.save_pretrained(str(tmp_path / "dae"))
+    torch.testing.assert_close(DiffAE.from_pretrained(str(tmp_path / "dae")).encode(images).mean, dae.encode(images).mean)
+
+
+# ------------------------------------------------------------------------------- harness
+def test_representation_metrics_and_curvature_keys():
+    data = Disks(num_samples=1, resolution=8)
+    weights = torch.randn(64, 4, generator=torch.Generator().manual_seed(0))
+    encode = lambda images: images.flatten(1) @ weights  # noqa: E731 - a fixed random projection
+    result = representation_metrics(encode, data, num_train=48, num_test=24, dci_estimators=3, factor_vae_train=4, factor_vae_eval=4,
+                                     factor_vae_batch=8, num_variance_estimate=24)
+    for key in ("mig", "sap", "modularity", "explicitness"):
+        assert np.isfinite(result[key])
+    assert set(result["dci"]) == {"disentanglement", "completeness", "informativeness_train", "informativeness_test"}
+    assert set(result["factor_vae"]) >= {"train_accuracy", "eval_accuracy"}
+    assert list(result["linear_r2"]) == ["x", "y", "radius", "brightness"]
+    assert result["alignment"]["matrix"].shape == (4, 4) and result["latent_dim"] == 4
+    result["trajectories"] = trajectory_curvatures(encode, MovingDisks(num_sequences=3, num_frames=4, resolution=8))
+    assert 0 <= result["trajectories"]["latent"] <= 180 and 0 <= result["trajectories"]["pixels"] <= 180
+    table = metrics_table_markdown({"random": flat_metrics(result), "twice": [flat_metrics(result), flat_metrics(result)]})
+    assert "| MIG |" in table and "±" in table and "trajectory curvature, latent (deg)" in table
+
+
+def test_elbo_bits_per_dim_units():
+    pipe = tiny_pipeline()
+    images, _, _ = _disks(3)
+    out = elbo_bits_per_dim(pipe, images, timesteps_per_image=2, batch_size=4)
+    assert out["num_images"] == 3 and out["num_pixels"] == 64
+    assert np.isfinite(out["bpd"]) and np.isfinite(out["unguided_bpd"]) and out["kl_nats"] > 0
+    assert out["bpd"] * 64 * math.log(2) == pytest.approx(out["nats_per_image"], rel=1e-6)
+
+
+# ------------------------------------------------------------------------------- scripts
+@pytest.fixture
+def tiny_adapters(tmp_path):
+    base = tmp_path / "base"
+    dirs = []
+    for k in range(2):
+        torch.manual_seed(k)
+        pipe = tiny_pipeline()
+        if k == 0:
+            pipe.unet.save_pretrained(str(base / "unet"))
+            DDPMScheduler().save_pretrained(str(base / "scheduler"))
+        dirs.append(save_adapter(str(tmp_path / f"adapter{k}"), pipe.encoder, base_model_name_or_path=str(base),
+                                 extra={"metrics": {"train_seconds": 1.0}, "training": {"dataset": "disks"}}))
+    return dirs
+
+
+def test_evaluate_script_end_to_end(tiny_adapters, tmp_path):
+    out = tmp_path / "report"
+    report = _script("evaluate").main([
+        tiny_adapters[0], "--output_dir", str(out), "--num_images", "12", "--num_inference_steps", "2", "--num_reconstructions", "3",
+        "--num_samples", "2", "--traversal_steps", "3", "--num_noise_levels", "4", "--elbo_images", "3", "--elbo_timesteps", "2",
+        "--num_threads", "1", *TINY_METRICS,
+    ])
+    text = (out / "report.md").read_text()
+    for needle in ("| MIG |", "DCI disentanglement", "linear R² x", "bits/dim", "trajectory curvature", "t* (0.5 of I_i(0))"):
+        assert needle in text
+    for png in ("reconstructions.png", "traversals.png", "information_profile.png", "samples.png"):
+        assert (out / png).stat().st_size > 0
+    saved = json.loads((out / "report.json").read_text())  # strict JSON: no NaN/Infinity tokens
+    assert saved["dataset"] == "disks" and saved["trajectories"] is not None and report["latent_dim"] == 3
+    assert len(saved["axis_discovery"]["profile"]["timesteps"]) == 4
+
+
+def test_compare_script_end_to_end(tiny_adapters, tmp_path):
+    out = tmp_path / "compare"
+    summary = _script("compare").main([
+        "--sami_adapter", *tiny_adapters, "--output_dir", str(out), "--seeds", "0", "--betas", "4", "--max_steps", "2", "--batch_size", "8",
+        "--diffae_unet_channels", "8,16", "--num_images", "12", "--num_noise_levels", "4", "--num_inference_steps", "2",
+        "--num_reconstructions", "3", "--no_trajectories", "--no_progress", "--num_threads", "1", *TINY_METRICS,
+    ])
+    assert summary["budget_seconds"] == 1.0  # taken from the first adapter's train_seconds
+    assert set(summary["table"]) == {"SAMI", "β-VAE (β=4)", "DiffAE"}
+    assert summary["table"]["SAMI"]["MIG"]["n"] == 2 and summary["noise_order_agreement"] is not None
+    text = (out / "compare.md").read_text()
+    assert "| metric | SAMI | β-VAE (β=4) | DiffAE |" in text
+    json.loads((out / "compare.json").read_text())
+    assert (out / "reconstructions.png").exists() and (out / "metrics.png").exists()

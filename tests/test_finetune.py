@@ -1,0 +1,189 @@
+"""examples/finetune.py end to end on tiny models: modes, resume, errors, DDP."""
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+from tiny import tiny_unet
+
+from sami_adapter import SAMIPipeline
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "examples", "finetune.py")
+
+
+def _load_script():
+    spec = importlib.util.spec_from_file_location("finetune_script", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+finetune = _load_script()
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    """Each in-process run starts like a new process (accelerate keeps a process-wide singleton)."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory):
+    """A tiny 8 px 'pretrained' UNet saved as a diffusers directory with unet/ and scheduler/."""
+    from diffusers import DDPMScheduler
+
+    d = tmp_path_factory.mktemp("base")
+    torch.manual_seed(0)
+    tiny_unet(sample_size=8).save_pretrained(d / "unet")
+    DDPMScheduler(num_train_timesteps=1000).save_pretrained(d / "scheduler")
+    return str(d)
+
+
+def _args(base, out, *extra):
+    return ["--pretrained_model_name_or_path", base, "--output_dir", str(out), "--resolution", "8", "--train_batch_size", "4",
+            "--latent_dim", "3", "--encoder_channels", "8,16", "--report_to", "none", "--num_eval_images", "4",
+            "--num_inference_steps", "2", "--logging_steps", "1", "--validation_steps", "0", "--seed", "3", *extra]
+
+
+def _encoder_weights(out):
+    return load_file(os.path.join(out, "encoder", "diffusion_pytorch_model.safetensors"))
+
+
+def _tree_digest(path):
+    h = hashlib.sha256()
+    for root, _, files in sorted(os.walk(path)):
+        for f in sorted(files):
+            p = os.path.join(root, f)
+            h.update(p.encode())
+            with open(p, "rb") as fh:
+                h.update(fh.read())
+    return h.hexdigest()
+
+
+def test_frozen_run_writes_a_loadable_adapter_without_base_weights(base_dir, tmp_path):
+    out = tmp_path / "adapter"
+    finetune.main(_args(base_dir, out, "--max_train_steps", "3"))
+    config = json.loads((out / "sami_adapter_config.json").read_text())
+    assert config["unet_mode"] == "frozen" and config["latent_dim"] == 3
+    assert not (out / "unet").exists() and not (out / "unet_lora").exists()
+    report = json.loads((out / "report" / "report.json").read_text())
+    assert {"guided_loss", "unguided_loss", "kl_per_dim", "reconstruction_r2"} <= set(report)
+    assert (out / "report" / "traversals.png").exists() and (out / "README.md").exists()
+    log = [json.loads(line) for line in (out / "logs" / "train_log.jsonl").read_text().splitlines()]
+    assert [entry["step"] for entry in log] == [1, 2, 3] and "kl_dim_2" in log[0] and "guidance_gain" in log[0]
+    pipe = SAMIPipeline.from_pretrained(str(out))
+    assert pipe.encoder.config.latent_dim == 3
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe(batch_size=1, num_inference_steps=2, output_type="pt").images.shape == (1, 1, 8, 8)
+
+
+def test_resume_is_bit_identical(base_dir, tmp_path):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    finetune.main(_args(base_dir, straight, "--max_train_steps", "4", "--checkpointing_steps", "2", "--no_report"))
+    assert (straight / "checkpoint-2").is_dir()
+    # a run killed after step 2 leaves exactly that checkpoint behind
+    os.makedirs(resumed)
+    shutil.copytree(straight / "checkpoint-2", resumed / "checkpoint-2")
+    finetune.main(_args(base_dir, resumed, "--max_train_steps", "4", "--checkpointing_steps", "2", "--no_report",
+                        "--resume_from_checkpoint", "latest"))
+    a, b = _encoder_weights(straight), _encoder_weights(resumed)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_truncated_or_mismatched_checkpoint_fails_clearly_and_changes_nothing(base_dir, tmp_path):
+    out = tmp_path / "run"
+    finetune.main(_args(base_dir, out, "--max_train_steps", "3", "--checkpointing_steps", "2", "--no_report"))
+    weights = out / "checkpoint-2" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    before = _tree_digest(out)
+    with pytest.raises(SystemExit, match="truncated or corrupt"):
+        finetune.main(_args(base_dir, out, "--max_train_steps", "4", "--resume_from_checkpoint", "latest", "--no_report"))
+    assert _tree_digest(out) == before
+    with pytest.raises(SystemExit, match="another setup"):
+        finetune.main(_args(base_dir, out, "--max_train_steps", "4", "--latent_dim", "5", "--no_report",
+                            "--resume_from_checkpoint", str(out / "checkpoint-2")))
+    assert _tree_digest(out) == before
+
+
+def test_lora_mode_saves_lora_weights_that_change_the_unet(base_dir, tmp_path):
+    out = tmp_path / "lora"
+    finetune.main(_args(base_dir, out, "--max_train_steps", "2", "--unet_mode", "lora", "--lora_rank", "2",
+                        "--unet_learning_rate", "0.05", "--no_report"))
+    assert (out / "unet_lora" / "pytorch_lora_weights.safetensors").exists() and not (out / "unet").exists()
+    pipe = SAMIPipeline.from_pretrained(str(out))  # LoRA merged into a plain UNet
+    from diffusers import UNet2DModel
+
+    base = UNet2DModel.from_pretrained(base_dir, subfolder="unet")
+    assert not any("lora" in k or "base_layer" in k for k in pipe.unet.state_dict())
+    diff = max((pipe.unet.state_dict()[k] - v).abs().max().item() for k, v in base.state_dict().items())
+    assert diff > 0
+    unmerged = SAMIPipeline.from_pretrained(str(out), merge_lora=False)
+    x, t = torch.randn(2, 1, 8, 8), torch.tensor([10, 500])
+    torch.testing.assert_close(unmerged.unet(x, t).sample, pipe.unet(x, t).sample, atol=1e-5, rtol=1e-5)
+
+
+def test_full_mode_from_scratch_saves_its_unet(tmp_path):
+    out = tmp_path / "joint"
+    finetune.main(["--unet_mode", "full", "--output_dir", str(out), "--resolution", "8", "--train_batch_size", "2", "--latent_dim", "2",
+                   "--encoder_channels", "8,16", "--report_to", "none", "--max_train_steps", "1", "--no_report", "--mixed_precision", "bf16"])
+    assert (out / "unet" / "diffusion_pytorch_model.safetensors").exists()
+    assert SAMIPipeline.from_pretrained(str(out)).unet.config.sample_size == 8
+
+
+def test_image_folder_errors(base_dir, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(SystemExit, match="no images found"):
+        finetune.main(_args(base_dir, tmp_path / "o1", "--train_data_dir", str(empty), "--max_train_steps", "1"))
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "broken.png").write_bytes(b"not a png")
+    with pytest.raises(ValueError, match="broken.png"):
+        finetune.main(_args(base_dir, tmp_path / "o2", "--train_data_dir", str(bad), "--max_train_steps", "1"))
+    with pytest.raises(SystemExit):
+        finetune.parse_args(["--push_to_hub"])
+    with pytest.raises(SystemExit):
+        finetune.parse_args(["--unet_mode", "sideways"])
+
+
+def test_image_folder_training(base_dir, tmp_path):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(5):
+        Image.fromarray((torch.rand(12, 10) * 255).byte().numpy()).save(folder / f"{i}.png")
+    out = tmp_path / "o"
+    finetune.main(_args(base_dir, out, "--train_data_dir", str(folder), "--max_train_steps", "2", "--random_flip"))
+    assert (out / "report" / "reconstructions.png").exists()
+
+
+def test_two_process_ddp_matches_one_process_at_twice_the_batch(base_dir, tmp_path):
+    """gloo DDP on CPU: the double backward goes through DDP; both ranks end with the same weights."""
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
+    common = ["--max_train_steps", "2", "--no_report", "--free_bits", "0"]
+    ddp_out, single_out = tmp_path / "ddp", tmp_path / "single"
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+              "--mixed_precision", "no", "--dynamo_backend", "no", SCRIPT]
+    ddp_args = _args(base_dir, ddp_out, *common)
+    ddp_args[ddp_args.index("--train_batch_size") + 1] = "2"
+    result = subprocess.run(launch + ddp_args, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    finetune.main(_args(base_dir, single_out, *common))
+    config = json.loads((ddp_out / "sami_adapter_config.json").read_text())
+    checksums = config["metrics"]["rank_weight_checksums"]
+    assert len(checksums) == 2 and checksums[0] == checksums[1]
+    a, b = _encoder_weights(ddp_out), _encoder_weights(single_out)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)
