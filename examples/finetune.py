@@ -395,7 +395,7 @@ def main(argv=None):
 
             repo_id = create_repo(args.hub_model_id, exist_ok=True, token=args.hub_token).repo_id
             upload_folder(repo_id=repo_id, folder_path=args.output_dir, token=args.hub_token,
-                          ignore_patterns=["checkpoint-*", "logs/*", ".tmp-*"], commit_message="SAMI adapter")
+                          ignore_patterns=["checkpoint-*", "logs/*", ".tmp-*", "latent_cache/*"], commit_message="SAMI adapter")
     accelerator.end_training()
 
 

@@ -393,3 +393,41 @@ def test_latent_cache_encodes_each_item_once(tmp_path):
     assert torch.equal(reopened.get(2), again[2])
     with pytest.raises(ValueError, match="different settings"):
         LatentCache(tmp_path / "cache", {"model": "tiny", "resolution": 2 * PIXEL_SIZE})
+
+
+@pytest.mark.parametrize("unet_mode", ["frozen", "lora"])
+def test_finetune_script_trains_a_latent_adapter(base_dir, tmp_path, unet_mode):
+    """examples/finetune.py on a Stable-Diffusion-layout base: VAE latents, empty-prompt conditioning,
+    LoRA on the attention projections, latent cache; the adapter loads back without base weights."""
+    import importlib.util
+
+    from accelerate.state import AcceleratorState
+    from PIL import Image
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location("finetune_script_ld", os.path.join(root, "examples", "finetune.py"))
+    finetune = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(finetune)
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(3):
+        Image.fromarray((torch.rand(20, 20, 3) * 255).byte().numpy()).save(folder / f"{i}.png")
+    pipe = base_pipeline(base_dir)
+    resolution = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    out = tmp_path / "adapter"
+    AcceleratorState._reset_state(reset_partial_state=True)
+    finetune.main(["--pretrained_model_name_or_path", base_dir, "--train_data_dir", str(folder), "--resolution", str(resolution),
+                   "--center_crop", "--cache_latents", "--unet_mode", unet_mode, "--latent_dim", "2", "--encoder_channels", "8,16",
+                   "--train_batch_size", "2", "--max_train_steps", "2", "--num_eval_images", "2", "--num_inference_steps", "2",
+                   "--report_to", "none", "--output_dir", str(out), "--validation_steps", "0"])
+    AcceleratorState._reset_state(reset_partial_state=True)
+    assert len([f for f in os.listdir(out / "latent_cache") if f.endswith(".safetensors")]) == 3
+    assert not any((out / name).exists() for name in ("unet", "vae", "text_encoder", "tokenizer"))
+    if unet_mode == "lora":
+        from safetensors.torch import load_file
+
+        keys = load_file(str(out / "unet_lora" / "pytorch_lora_weights.safetensors")).keys()
+        assert keys and all(any(t in k for t in ("to_q", "to_k", "to_v", "to_out")) for k in keys)
+    loaded = SAMIPipeline.from_pretrained(str(out))
+    assert loaded.is_latent and loaded.is_text_conditioned
+    assert (out / "report" / "report.json").exists()
