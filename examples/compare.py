@@ -233,7 +233,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     for name, model in first_models.items():
         g = torch.Generator().manual_seed(args.seed)
         if name == "SAMI":
-            rec = model.reconstruct(inputs, num_inference_steps=args.num_inference_steps, generator=g, output_type="pt").images
+            rec = model.reconstruct(inputs, num_inference_steps=args.num_inference_steps, eta=1.0, generator=g, output_type="pt").images
         elif name == "DiffAE":
             rec = model.reconstruct(inputs, num_inference_steps=args.num_inference_steps, generator=g)
         else:

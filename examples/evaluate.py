@@ -57,6 +57,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--num_images", type=int, default=512, help="Held-out images for the information profile and the ELBO.")
     p.add_argument("--seed", type=int, default=0, help="Seed of every draw (data, noise, samples).")
     p.add_argument("--num_inference_steps", type=int, default=50, help="DDIM steps of reconstructions, traversals and samples.")
+    p.add_argument("--eta", type=float, default=1.0, help="DDIM eta of reconstructions and samples (1: stochastic); traversals always use 0 so a row shares its randomness.")
     p.add_argument("--num_reconstructions", type=int, default=8, help="Images in reconstructions.png.")
     p.add_argument("--num_samples", type=int, default=16, help="Images in samples.png.")
     p.add_argument("--traversal_steps", type=int, default=9, help="Values per traversal row.")
@@ -94,7 +95,7 @@ def traversal_rows(pipe: SAMIPipeline, image: torch.Tensor, dims: List[int], cod
         if hi - lo < 1e-6:
             lo, hi = lo - 1.0, hi + 1.0
         values = np.linspace(lo, hi, args.traversal_steps).tolist()
-        out = pipe.traverse(image, d, values, generator=_generator(args.seed), num_inference_steps=args.num_inference_steps, output_type="pt")
+        out = pipe.traverse(image, d, values, generator=_generator(args.seed), num_inference_steps=args.num_inference_steps, eta=0.0, output_type="pt")
         rows.append(out.images.cpu())
         ranges[f"z{d}"] = [float(lo), float(hi)]
     return {"images": torch.cat(rows) if rows else None, "ranges": ranges}
@@ -141,12 +142,12 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     # ---------------------------------------------------------------- pictures
     clock = time.perf_counter()
     n_rec = min(args.num_reconstructions, images.shape[0])
-    rec = pipe.reconstruct(images[:n_rec], num_inference_steps=args.num_inference_steps, generator=_generator(args.seed), output_type="pt").images.cpu()
+    rec = pipe.reconstruct(images[:n_rec], num_inference_steps=args.num_inference_steps, eta=args.eta, generator=_generator(args.seed), output_type="pt").images.cpu()
     save_image_grid(torch.cat([images[:n_rec], rec]), os.path.join(args.output_dir, "reconstructions.png"), nrow=n_rec, scale=4)
     rows = levels["order"] or [int(np.argmax(np.asarray(profile["kl"])[0]))]
     traversal = traversal_rows(pipe, images[:1], rows, codes, args)
     save_image_grid(traversal["images"], os.path.join(args.output_dir, "traversals.png"), nrow=args.traversal_steps, scale=4)
-    samples = pipe(batch_size=args.num_samples, num_inference_steps=args.num_inference_steps, generator=_generator(args.seed + 1), output_type="pt").images.cpu()
+    samples = pipe(batch_size=args.num_samples, num_inference_steps=args.num_inference_steps, eta=args.eta, generator=_generator(args.seed + 1), output_type="pt").images.cpu()
     save_image_grid(samples, os.path.join(args.output_dir, "samples.png"), nrow=min(8, args.num_samples), scale=4)
     timings["pictures"] = time.perf_counter() - clock
 

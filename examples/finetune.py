@@ -71,7 +71,7 @@ def parse_args(argv=None):
                    help="Comma-separated LoRA targets. Default: the attention projections to_q,to_k,to_v,to_out.0 for a text-conditioned "
                         "(Stable Diffusion) UNet; conv1,conv2,time_emb_proj (+ attention projections if any) for a UNet2DModel.")
     g.add_argument("--latent_dim", type=int, default=8, help="Size of the SAMI code z.")
-    g.add_argument("--encoder_channels", default="32,64,64", help="Encoder down-block widths (each block after the first halves the resolution).")
+    g.add_argument("--encoder_channels", default="16,32,32", help="Encoder down-block widths (each block after the first halves the resolution).")
     g.add_argument("--encoder_init_logvar", type=float, default=-1.0, help="Initial log-variance of every posterior.")
     g.add_argument("--encoder_min_logvar", type=float, default=None,
                    help="Soft floor on the posterior log-variance; bounds the guidance strength (less stiff sampling).")
@@ -90,7 +90,7 @@ def parse_args(argv=None):
     g = p.add_argument_group("objective")
     g.add_argument("--beta", type=float, default=0.01, help="KL weight in ELBO units (1 = the bound; < 1 rewards information in z).")
     g.add_argument("--weighting", default="simple", choices=["simple", "elbo"], help="Denoising-error weights: unit (simple) or the exact ELBO weights.")
-    g.add_argument("--timestep_sampling", default="mid", choices=["uniform", "mid", "low"],
+    g.add_argument("--timestep_sampling", default="low", choices=["uniform", "mid", "low"],
                    help="uniform over [0, T); mid: 75%% from [100, 900] + 25%% uniform; low: 75%% from [0, 500] + 25%% uniform. "
                         "With --weighting elbo the sampling is importance-corrected and the loss stays a bound (only its variance changes); "
                         "with simple the emphasised noise levels really weigh more.")
@@ -98,7 +98,7 @@ def parse_args(argv=None):
     g.add_argument("--kl_warmup_steps", type=int, default=0, help="Ramp beta linearly from 0 over this many steps.")
     g = p.add_argument_group("optimisation")
     g.add_argument("--train_batch_size", type=int, default=64, help="Batch size per process.")
-    g.add_argument("--max_train_steps", type=int, default=1500, help="Optimiser steps.")
+    g.add_argument("--max_train_steps", type=int, default=4000, help="Optimiser steps.")
     g.add_argument("--learning_rate", type=float, default=1e-3, help="Peak learning rate of the encoder.")
     g.add_argument("--unet_learning_rate", type=float, default=None, help="Learning rate of UNet/LoRA weights (default: --learning_rate / 5).")
     g.add_argument("--lr_scheduler", default="cosine", help="diffusers get_scheduler name (constant, linear, cosine, ...).")
@@ -110,6 +110,7 @@ def parse_args(argv=None):
     g.add_argument("--use_ema", action="store_true", help="Keep an EMA of the trainable weights and save it.")
     g.add_argument("--ema_decay", type=float, default=0.999, help="EMA decay.")
     g.add_argument("--seed", type=int, default=0, help="Seed of initialisation, data, noise and timesteps.")
+    g.add_argument("--num_threads", type=int, default=None, help="CPU threads per process (default: the cores divided among the processes).")
     g = p.add_argument_group("output")
     g.add_argument("--output_dir", default="sami-disks-adapter", help="Adapter directory (checkpoints go to checkpoint-<step>/ inside).")
     g.add_argument("--checkpointing_steps", type=int, default=500, help="Save a resumable checkpoint every N steps.")
@@ -119,7 +120,10 @@ def parse_args(argv=None):
     g.add_argument("--validation_steps", type=int, default=500, help="Write reconstruction/traversal PNGs every N steps (0: only at the end).")
     g.add_argument("--report_to", default="tensorboard", help="Accelerate tracker ('tensorboard', 'wandb', 'none'); skipped when not installed.")
     g.add_argument("--num_eval_images", type=int, default=512, help="Held-out images of the final report.")
-    g.add_argument("--num_inference_steps", type=int, default=25, help="DDIM steps of validation and report images.")
+    g.add_argument("--num_inference_steps", type=int, default=50, help="DDIM steps of validation and report images.")
+    g.add_argument("--eval_eta", type=float, default=1.0,
+                   help="DDIM eta of validation/report reconstructions. 1 (stochastic) corrects the step errors that sharp posteriors "
+                        "cause in the guided ODE; 0 is deterministic DDIM. Traversals always use 0 (shared randomness).")
     g.add_argument("--no_report", action="store_true", help="Skip the final evaluation report.")
     g.add_argument("--push_to_hub", action="store_true", help="Upload the adapter (with a model card) to the Hub.")
     g.add_argument("--hub_model_id", default=None, help="Hub repo id for --push_to_hub.")
@@ -160,8 +164,15 @@ class SAMIObjective(torch.nn.Module):
     def __init__(self, encoder, unet, train_unet: bool):
         super().__init__()
         self.encoder = encoder
-        self.unet = unet
         self.train_unet = train_unet
+        if train_unet:
+            self.trainable_unet = unet
+        else:  # kept out of the module tree: DDP does not wrap it and checkpoints do not copy its weights
+            object.__setattr__(self, "frozen_unet", unet)
+
+    @property
+    def unet(self):
+        return self.trainable_unet if self.train_unet else self.frozen_unet
 
     def forward(self, clean, scheduler, **kwargs):
         # A plain dict: accelerate's mixed-precision output conversion rebuilds mappings as type(out)(dict).
@@ -176,15 +187,16 @@ def make_pipeline(encoder, unet, noise_scheduler, components) -> SAMIPipeline:
 
 
 @torch.no_grad()
-def save_validation(pipe, images, path, seed, latent_dim, steps):
+def save_validation(pipe, images, path, seed, latent_dim, steps, eta):
     """Reconstructions (input row, reconstruction row) and one traversal row per dimension, as one PNG."""
     g = torch.Generator().manual_seed(seed)
-    rec = pipe.reconstruct(images, num_inference_steps=steps, generator=g, output_type="pt").images.cpu()
+    rec = pipe.reconstruct(images, num_inference_steps=steps, eta=eta, generator=g, output_type="pt").images.cpu()
     rows = [images.cpu(), rec]
     values = torch.linspace(-2.5, 2.5, images.shape[0]).tolist()
     for d in range(latent_dim):
         g = torch.Generator().manual_seed(seed)
-        rows.append(pipe.traverse(images[:1], d, values, num_inference_steps=steps, generator=g, output_type="pt").images.cpu())
+        # eta = 0: the row shares all randomness, so only the code changes
+        rows.append(pipe.traverse(images[:1], d, values, num_inference_steps=steps, eta=0.0, generator=g, output_type="pt").images.cpu())
     save_image_grid(torch.cat(rows), path, nrow=images.shape[0], scale=4)
 
 
@@ -209,6 +221,10 @@ def main(argv=None):
         except Exception:
             accelerator.log_with = []
     logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", level=logging.INFO)
+    if accelerator.device.type == "cpu":
+        # `accelerate launch` exports OMP_NUM_THREADS=1; on CPU give each process its share of the cores instead.
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        torch.set_num_threads(args.num_threads or max(1, cores // accelerator.num_processes))
     set_seed(args.seed)
     start_time = time.time()
 
@@ -360,7 +376,7 @@ def main(argv=None):
         if accelerator.is_main_process and args.validation_steps and global_step % args.validation_steps == 0 and global_step < args.max_train_steps:
             pipe = make_pipeline(accelerator.unwrap_model(objective).encoder, unet, noise_scheduler, components)
             save_validation(pipe, held_out_images(held_out, 8, accelerator.device), os.path.join(args.output_dir, "validation", f"step-{global_step}.png"),
-                            args.seed, args.latent_dim, args.num_inference_steps)
+                            args.seed, args.latent_dim, args.num_inference_steps, args.eval_eta)
             objective.train()
         if global_step % args.checkpointing_steps == 0 and global_step < args.max_train_steps:
             save_checkpoint(accelerator, args, global_step, run_config)

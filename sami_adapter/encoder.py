@@ -83,7 +83,7 @@ class SAMIEncoder(ModelMixin, ConfigMixin):
         in_channels: int = 1,
         sample_size: int = 16,
         latent_dim: int = 8,
-        block_out_channels: Tuple[int, ...] = (32, 64, 64),
+        block_out_channels: Tuple[int, ...] = (16, 32, 32),
         layers_per_block: int = 1,
         hidden_dim: int = 256,
         time_conditioning: bool = True,

@@ -204,17 +204,18 @@ def write_report(pipe, images: torch.Tensor, args, report_dir: str, noise_schedu
     }
     n_show = min(8, images.shape[0])
     if getattr(args, "dataset", None) == "disks" and not (args.train_data_dir or args.dataset_name):
-        rec = disk_reconstruction_r2(pipe, images, num_inference_steps=args.num_inference_steps, seed=args.seed)
+        rec = disk_reconstruction_r2(pipe, images, num_inference_steps=args.num_inference_steps, seed=args.seed, eta=args.eval_eta)
         report["reconstruction_r2"] = {k: round(v, 3) for k, v in rec["r2"].items()}
         recon = rec["reconstructions"][:n_show]
     else:
-        recon = pipe.reconstruct(images[:n_show], num_inference_steps=args.num_inference_steps, generator=torch.Generator().manual_seed(args.seed), output_type="pt").images.cpu()
+        recon = pipe.reconstruct(images[:n_show], num_inference_steps=args.num_inference_steps, eta=args.eval_eta, generator=torch.Generator().manual_seed(args.seed), output_type="pt").images.cpu()
     save_image_grid(torch.cat([images[:n_show].cpu(), recon]), os.path.join(report_dir, "reconstructions.png"), nrow=n_show, scale=4)
     values = torch.linspace(-2.5, 2.5, 9).tolist()
     rows = []
     for d in (order[: max(len(active), 1)]):
         g = torch.Generator().manual_seed(args.seed)
-        rows.append(pipe.traverse(images[:1], d, values, num_inference_steps=args.num_inference_steps, generator=g, output_type="pt").images.cpu())
+        # eta = 0: a traversal must share all randomness across its row, so only the code changes
+        rows.append(pipe.traverse(images[:1], d, values, num_inference_steps=args.num_inference_steps, eta=0.0, generator=g, output_type="pt").images.cpu())
     save_image_grid(torch.cat(rows), os.path.join(report_dir, "traversals.png"), nrow=len(values), scale=4)
     with open(os.path.join(report_dir, "report.json"), "w") as f:
         json.dump(report, f, indent=2)

@@ -55,7 +55,7 @@ def base_dir(tmp_path_factory):
 def _args(base, out, *extra):
     return ["--pretrained_model_name_or_path", base, "--output_dir", str(out), "--resolution", "8", "--train_batch_size", "4",
             "--latent_dim", "3", "--encoder_channels", "8,16", "--report_to", "none", "--num_eval_images", "4",
-            "--num_inference_steps", "2", "--logging_steps", "1", "--validation_steps", "0", "--seed", "3", *extra]
+            "--num_inference_steps", "2", "--logging_steps", "1", "--validation_steps", "0", "--seed", "3", "--num_threads", "1", *extra]
 
 
 def _encoder_weights(out):
@@ -138,7 +138,7 @@ def test_lora_mode_saves_lora_weights_that_change_the_unet(base_dir, tmp_path):
 def test_full_mode_from_scratch_saves_its_unet(tmp_path):
     out = tmp_path / "joint"
     finetune.main(["--unet_mode", "full", "--output_dir", str(out), "--resolution", "8", "--train_batch_size", "2", "--latent_dim", "2",
-                   "--encoder_channels", "8,16", "--report_to", "none", "--max_train_steps", "1", "--no_report", "--mixed_precision", "bf16"])
+                   "--encoder_channels", "8,16", "--report_to", "none", "--max_train_steps", "1", "--no_report", "--mixed_precision", "bf16", "--num_threads", "1"])
     assert (out / "unet" / "diffusion_pytorch_model.safetensors").exists()
     assert SAMIPipeline.from_pretrained(str(out)).unet.config.sample_size == 8
 

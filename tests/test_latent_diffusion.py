@@ -419,7 +419,7 @@ def test_finetune_script_trains_a_latent_adapter(base_dir, tmp_path, unet_mode):
     finetune.main(["--pretrained_model_name_or_path", base_dir, "--train_data_dir", str(folder), "--resolution", str(resolution),
                    "--center_crop", "--cache_latents", "--unet_mode", unet_mode, "--latent_dim", "2", "--encoder_channels", "8,16",
                    "--train_batch_size", "2", "--max_train_steps", "2", "--num_eval_images", "2", "--num_inference_steps", "2",
-                   "--report_to", "none", "--output_dir", str(out), "--validation_steps", "0"])
+                   "--report_to", "none", "--output_dir", str(out), "--validation_steps", "0", "--num_threads", "1"])
     AcceleratorState._reset_state(reset_partial_state=True)
     assert len([f for f in os.listdir(out / "latent_cache") if f.endswith(".safetensors")]) == 3
     assert not any((out / name).exists() for name in ("unet", "vae", "text_encoder", "tokenizer"))
