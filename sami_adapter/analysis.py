@@ -91,7 +91,7 @@ def information_profile(
         raise ValueError(f"images must be (N, C, H, W) with N >= 2, got {tuple(images.shape)}.")
     num_train = int(pipe.scheduler.config.num_train_timesteps)
     grid = default_timestep_grid(num_train) if timesteps is None else sorted(set(int(t) for t in timesteps) | {0})
-    k, n = len(grid), images.shape[0]
+    n = images.shape[0]
     # Running sums per (level, dim) in float64: sum mu, sum mu^2, sum sigma^2, sum KL.
     sums = None
     for start in range(0, n, batch_size):

@@ -25,7 +25,7 @@ from sami_adapter.analysis import (
 from sami_adapter.baselines import BetaVAE, DiffAE, train_beta_vae, train_diffae
 from sami_adapter.data import Disks, MovingDisks
 from sami_adapter.guidance import alpha_sigma_from_alphas_cumprod
-from sami_adapter.report import elbo_bits_per_dim, flat_metrics, mean_code_fn, metrics_table_markdown, representation_metrics, trajectory_curvatures
+from sami_adapter.report import elbo_bits_per_dim, flat_metrics, metrics_table_markdown, representation_metrics, trajectory_curvatures
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_ARCH = {"encoder_channels": (8, 16), "hidden_dim": 32, "norm_num_groups": 4}

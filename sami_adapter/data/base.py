@@ -8,7 +8,7 @@ Each factor is continuous (``factor_values``) and also has a discrete index in
 
 from __future__ import annotations
 
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Dict, Optional, Tuple
 
 import numpy as np
 import torch
