@@ -174,12 +174,23 @@ def test_two_process_ddp_matches_one_process_at_twice_the_batch(base_dir, tmp_pa
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
     common = ["--max_train_steps", "2", "--no_report", "--free_bits", "0"]
     ddp_out, single_out = tmp_path / "ddp", tmp_path / "single"
+    import socket
+
+    with socket.socket() as sock:  # a free port, so a busy default rendezvous port cannot stall the test
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-              "--mixed_precision", "no", "--dynamo_backend", "no", SCRIPT]
+              "--main_process_port", str(port), "--mixed_precision", "no", "--dynamo_backend", "no", SCRIPT]
     ddp_args = _args(base_dir, ddp_out, *common)
     ddp_args[ddp_args.index("--train_batch_size") + 1] = "2"
-    result = subprocess.run(launch + ddp_args, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    proc = subprocess.Popen(launch + ddp_args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        _, stderr = proc.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, 9)  # the launcher and both ranks, so no worker outlives the test
+        _, stderr = proc.communicate()
+        raise AssertionError(f"2-process DDP run timed out: {stderr[-3000:]}")
+    assert proc.returncode == 0, stderr[-3000:]
     finetune.main(_args(base_dir, single_out, *common))
     config = json.loads((ddp_out / "sami_adapter_config.json").read_text())
     checksums = config["metrics"]["rank_weight_checksums"]
