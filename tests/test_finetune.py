@@ -171,7 +171,11 @@ def test_image_folder_training(base_dir, tmp_path):
 
 def test_two_process_ddp_matches_one_process_at_twice_the_batch(base_dir, tmp_path):
     """gloo DDP on CPU: the double backward goes through DDP; both ranks end with the same weights."""
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
+    # A clean environment: in-process runs earlier in the session leave accelerate/torch.distributed
+    # variables in os.environ that must not leak into the launched ranks.
+    keep = ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "HF_HOME", "HF_HUB_CACHE", "VIRTUAL_ENV")
+    env = {k: v for k, v in os.environ.items() if k in keep}
+    env.update({"ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT, "HF_HUB_OFFLINE": "1"})
     common = ["--max_train_steps", "2", "--no_report", "--free_bits", "0"]
     ddp_out, single_out = tmp_path / "ddp", tmp_path / "single"
     import socket
@@ -183,14 +187,19 @@ def test_two_process_ddp_matches_one_process_at_twice_the_batch(base_dir, tmp_pa
               "--main_process_port", str(port), "--mixed_precision", "no", "--dynamo_backend", "no", SCRIPT]
     ddp_args = _args(base_dir, ddp_out, *common)
     ddp_args[ddp_args.index("--train_batch_size") + 1] = "2"
-    proc = subprocess.Popen(launch + ddp_args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        _, stderr = proc.communicate(timeout=240)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, 9)  # the launcher and both ranks, so no worker outlives the test
-        _, stderr = proc.communicate()
-        raise AssertionError(f"2-process DDP run timed out: {stderr[-3000:]}")
-    assert proc.returncode == 0, stderr[-3000:]
+    import psutil
+
+    log_path = tmp_path / "ddp.log"
+    with open(log_path, "w") as log:  # a file, not a pipe: a stuck rank cannot block the reader
+        proc = subprocess.Popen(launch + ddp_args, env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            proc.wait(timeout=240)
+        except subprocess.TimeoutExpired:
+            for child in psutil.Process(proc.pid).children(recursive=True) + [psutil.Process(proc.pid)]:
+                child.kill()  # the launcher and both ranks, so no worker outlives the test
+            proc.wait()
+            raise AssertionError(f"2-process DDP run timed out: {log_path.read_text()[-3000:]}")
+    assert proc.returncode == 0, log_path.read_text()[-3000:]
     finetune.main(_args(base_dir, single_out, *common))
     config = json.loads((ddp_out / "sami_adapter_config.json").read_text())
     checksums = config["metrics"]["rank_weight_checksums"]
