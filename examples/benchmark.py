@@ -252,6 +252,20 @@ def _progress(total: int, desc: str, disable: bool):
     return tqdm(total=total, desc=desc, disable=disable, leave=False, dynamic_ncols=True)
 
 
+def _interleaved_times(calls: Dict[str, Callable[[], Any]], args, device: torch.device, desc: str) -> Dict[str, List[float]]:
+    """Run every call once per round, in rotated order, for warm-up + repeats rounds; keep the timed rounds."""
+    times: Dict[str, List[float]] = {name: [] for name in calls}
+    bar = _progress((args.warmup + args.repeats) * len(calls), desc, args.no_progress)
+    for r in range(args.warmup + args.repeats):
+        for name in _rotated(calls, r):
+            seconds = _timed(calls[name], device)
+            if r >= args.warmup:
+                times[name].append(seconds)
+            bar.update(1)
+    bar.close()
+    return times
+
+
 # ----------------------------------------------------------------------------- part one: sampling
 def bench_sampling(size: str, unet, train_scheduler, encoder, args, device: torch.device) -> Dict[str, Any]:
     """Guided vs unguided DDIM sampling time per image, and encode throughput, with one SAMIPipeline."""
@@ -280,15 +294,7 @@ def bench_sampling(size: str, unet, train_scheduler, encoder, args, device: torc
             pipe.encode(images)
 
     calls["encode"] = encode_round
-    times: Dict[str, List[float]] = {name: [] for name in calls}
-    bar = _progress((args.warmup + args.repeats) * len(calls), f"{size}: sampling", args.no_progress)
-    for r in range(args.warmup + args.repeats):
-        for name in _rotated(calls, r):
-            seconds = _timed(calls[name], device)
-            if r >= args.warmup:
-                times[name].append(seconds)
-            bar.update(1)
-    bar.close()
+    times = _interleaved_times(calls, args, device, f"{size}: sampling")
 
     guided = _median(times["guided"]) / batch
     unguided = _median(times["unguided"]) / batch
@@ -386,16 +392,8 @@ def bench_training(size: str, unet, scheduler, encoder, args, device: torch.devi
         step, modules = build_variant(name, copy.deepcopy(unet).to(device), copy.deepcopy(encoder).to(device), scheduler, batch, args.lora_rank)
         steps[name] = step
         info[name] = {"trainable_params": _num_params(modules, trainable_only=True), "model_mb": _model_mb(modules)}
-    times: Dict[str, List[float]] = {name: [] for name in VARIANTS}
     gc.collect()
-    bar = _progress((args.warmup + args.repeats) * len(VARIANTS), f"{size}: training", args.no_progress)
-    for r in range(args.warmup + args.repeats):
-        for name in _rotated(VARIANTS, r):
-            seconds = _timed(steps[name], device)
-            if r >= args.warmup:
-                times[name].append(seconds)
-            bar.update(1)
-    bar.close()
+    times = _interleaved_times({name: steps[name] for name in VARIANTS}, args, device, f"{size}: training")
     del steps
     gc.collect()
 
