@@ -411,6 +411,9 @@ def main(argv=None):
             repo_id = create_repo(args.hub_model_id, exist_ok=True, token=args.hub_token).repo_id
             upload_folder(repo_id=repo_id, folder_path=args.output_dir, token=args.hub_token,
                           ignore_patterns=["checkpoint-*", "logs/*", ".tmp-*", "latent_cache/*"], commit_message="SAMI adapter")
+    # Both ranks leave together: a rank that tears the process group down while rank 0 is still
+    # saving makes rank 0 hang at exit.
+    accelerator.wait_for_everyone()
     accelerator.end_training()
 
 
