@@ -45,6 +45,7 @@ from sami_adapter.latent import LatentCache, images_to_latents, load_latent_comp
 from sami_adapter.training import (  # noqa: E402
     ImageFolderDataset,
     StepBatches,
+    beta_at,
     collapse_warning,
     timestep_distribution,
     write_report,
@@ -70,7 +71,9 @@ def parse_args(argv=None):
                    help="Comma-separated LoRA targets. Default: the attention projections to_q,to_k,to_v,to_out.0 for a text-conditioned "
                         "(Stable Diffusion) UNet; conv1,conv2,time_emb_proj (+ attention projections if any) for a UNet2DModel.")
     g.add_argument("--latent_dim", type=int, default=8, help="Size of the SAMI code z.")
-    g.add_argument("--encoder_channels", default="16,32,32", help="Encoder down-block widths (each block after the first halves the resolution).")
+    g.add_argument("--encoder_channels", default="32,64", help="Encoder down-block widths (each block after the first halves the resolution).")
+    g.add_argument("--encoder_stem_stride", type=int, default=2, choices=[1, 2],
+                   help="Stride of the encoder's input convolution (2: no block at full resolution, cheaper guidance).")
     g.add_argument("--encoder_init_logvar", type=float, default=-1.0, help="Initial log-variance of every posterior.")
     g.add_argument("--encoder_min_logvar", type=float, default=None,
                    help="Soft floor on the posterior log-variance; bounds the guidance strength (less stiff sampling).")
@@ -95,6 +98,12 @@ def parse_args(argv=None):
                         "with simple the emphasised noise levels really weigh more.")
     g.add_argument("--free_bits", type=float, default=0.5, help="Per-dimension batch-mean KL (nats) below which KL is not penalised; 0 disables.")
     g.add_argument("--kl_warmup_steps", type=int, default=0, help="Ramp beta linearly from 0 over this many steps.")
+    g.add_argument("--latent_noise_warmup_steps", type=int, default=500,
+                   help="Scale the reparameterisation noise of z ~ q(z|x_0) from 0 (z = posterior mean) to 1 over this many steps. "
+                        "A zero-initialised encoder sits at a saddle where sampled z is pure noise; without that noise the "
+                        "guidance pays off from the first step.")
+    g.add_argument("--beta_final", type=float, default=None,
+                   help="Beta schedule: after the warm-up, move beta geometrically from --beta to this value by the last step (default: constant).")
     g = p.add_argument_group("optimisation")
     g.add_argument("--train_batch_size", type=int, default=64, help="Batch size per process.")
     g.add_argument("--max_train_steps", type=int, default=4000, help="Optimiser steps.")
@@ -120,6 +129,9 @@ def parse_args(argv=None):
     g.add_argument("--report_to", default="tensorboard", help="Accelerate tracker ('tensorboard', 'wandb', 'none'); skipped when not installed.")
     g.add_argument("--num_eval_images", type=int, default=512, help="Held-out images of the final report.")
     g.add_argument("--num_inference_steps", type=int, default=50, help="DDIM steps of validation and report images.")
+    g.add_argument("--eval_sami_scale", type=float, default=3.0,
+                   help="The report also measures reconstructions at this guidance scale (1 = only the exact decoder). "
+                        "Above 1 decodes from a sharpened posterior; it removes the wrong-position outliers of the exact decoder.")
     g.add_argument("--eval_eta", type=float, default=1.0,
                    help="DDIM eta of validation/report reconstructions. 1 (stochastic) corrects the step errors that sharp posteriors "
                         "cause in the guided ODE; 0 is deterministic DDIM. Traversals always use 0 (shared randomness).")
@@ -250,6 +262,7 @@ def main(argv=None):
     encoder = SAMIEncoder(
         in_channels=unet.config.in_channels, sample_size=unet.config.sample_size, latent_dim=args.latent_dim,
         block_out_channels=tuple(int(c) for c in args.encoder_channels.split(",")),
+        stem_stride=args.encoder_stem_stride,
         time_conditioning=not args.time_blind_encoder, init_logvar=args.encoder_init_logvar, min_logvar=args.encoder_min_logvar,
     )
     lora_config = None
@@ -299,7 +312,8 @@ def main(argv=None):
 
     # ---------------------------------------------------------------- resume
     run_config = {"base_model_name_or_path": args.pretrained_model_name_or_path, "revision": args.revision, "unet_mode": args.unet_mode,
-                  "latent_dim": args.latent_dim, "resolution": resolution, "encoder_channels": args.encoder_channels}
+                  "latent_dim": args.latent_dim, "resolution": resolution, "encoder_channels": args.encoder_channels,
+                  "encoder_stem_stride": args.encoder_stem_stride}
     global_step = 0
     if args.resume_from_checkpoint:
         path = args.resume_from_checkpoint
@@ -325,7 +339,8 @@ def main(argv=None):
     objective.train()
     rank, world = accelerator.process_index, accelerator.num_processes
     for step in range(global_step, args.max_train_steps):
-        beta = args.beta * (min(1.0, (step + 1) / args.kl_warmup_steps) if args.kl_warmup_steps else 1.0)
+        beta = beta_at(step, args.max_train_steps, args.beta, args.beta_final, args.kl_warmup_steps)
+        noise_scale = min(1.0, step / args.latent_noise_warmup_steps) if args.latent_noise_warmup_steps else 1.0
         for micro in range(args.gradient_accumulation_steps):
             batch = batches.batch(step * args.gradient_accumulation_steps + micro, timestep_probs, noise_scheduler.config.num_train_timesteps,
                                   args.latent_dim, sample_shape)
@@ -337,7 +352,7 @@ def main(argv=None):
             unet_kwargs = {k: v.expand(clean.shape[0], *v.shape[1:]).to(accelerator.device) for k, v in unet_kwargs_one.items()}
             with accelerator.accumulate(objective), accelerator.autocast():
                 out = SAMILossOutput(**objective(clean, noise_scheduler, unet_kwargs=unet_kwargs, beta=beta, weighting=args.weighting, timesteps=local["timesteps"],
-                                timestep_probs=timestep_probs, noise=local["noise"], latent_noise=local["latent_noise"],
+                                timestep_probs=timestep_probs, noise=local["noise"], latent_noise=local["latent_noise"] * noise_scale,
                                 free_bits=args.free_bits))
                 accelerator.backward(out.loss)
                 if accelerator.sync_gradients and args.max_grad_norm > 0:

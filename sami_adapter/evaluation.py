@@ -102,14 +102,17 @@ def linear_r2(codes: np.ndarray, targets: np.ndarray) -> list:
 
 @torch.no_grad()
 def disk_reconstruction_r2(
-    pipe, images: torch.Tensor, num_inference_steps: int = 50, batch_size: int = 128, seed: int = 0, eta: float = 1.0
+    pipe, images: torch.Tensor, num_inference_steps: int = 50, batch_size: int = 128, seed: int = 0, eta: float = 1.0,
+    sami_scale: float = 1.0,
 ) -> Dict[str, object]:
     """Reconstruct disks from ``z = mean q(z | x_0)`` and compare image moments with the inputs'.
 
     x, y, radius and brightness are measured by :func:`sami_adapter.data.disk_moments` on both the
     input and its reconstruction; the score per factor is R² of reconstruction against input.
     ``eta = 1`` (stochastic DDIM) is the default: its fresh noise corrects the step errors that a
-    sharp posterior's strong guidance causes in the deterministic ODE.
+    sharp posterior's strong guidance causes in the deterministic ODE. ``sami_scale`` multiplies the
+    posterior score (1 = the Bayes-exact decoder ``p(x | z)``; above 1 decodes from a sharpened
+    ``q(z | x_t)^w``, as classifier guidance does).
     """
     from .data.disks import disk_moments
 
@@ -117,7 +120,8 @@ def disk_reconstruction_r2(
     for start in range(0, images.shape[0], batch_size):
         x0 = images[start : start + batch_size]
         g = torch.Generator().manual_seed(seed + start)
-        recon.append(pipe.reconstruct(x0, num_inference_steps=num_inference_steps, eta=eta, generator=g, output_type="pt").images.cpu())
+        recon.append(pipe.reconstruct(x0, num_inference_steps=num_inference_steps, eta=eta, generator=g, output_type="pt",
+                                    sami_scale=sami_scale).images.cpu())
     recon = torch.cat(recon)
     true_m, rec_m = disk_moments(images.cpu()), disk_moments(recon)
     scores = {name: r2_score(true_m[name].numpy(), rec_m[name].numpy()) for name in ("x", "y", "radius", "brightness")}
