@@ -81,7 +81,8 @@ def test_frozen_run_writes_a_loadable_adapter_without_base_weights(base_dir, tmp
     assert config["unet_mode"] == "frozen" and config["latent_dim"] == 3
     assert not (out / "unet").exists() and not (out / "unet_lora").exists()
     report = json.loads((out / "report" / "report.json").read_text())
-    assert {"guided_loss", "unguided_loss", "kl_per_dim", "reconstruction_r2"} <= set(report)
+    assert {"guided_loss", "unguided_loss", "kl_per_dim", "reconstruction_r2", "reconstruction_r2_scaled"} <= set(report)
+    assert report["reconstruction_sami_scale"] == 3.0 and set(report["reconstruction_r2_scaled"]) == {"x", "y", "radius", "brightness"}
     assert (out / "report" / "traversals.png").exists() and (out / "README.md").exists()
     log = [json.loads(line) for line in (out / "logs" / "train_log.jsonl").read_text().splitlines()]
     assert [entry["step"] for entry in log] == [1, 2, 3] and "kl_dim_2" in log[0] and "guidance_gain" in log[0]

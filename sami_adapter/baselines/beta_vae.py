@@ -87,7 +87,7 @@ class BetaVAE(ModelMixin, ConfigMixin):
         in_channels: image channels.
         sample_size: image side.
         latent_dim: size of ``z``.
-        encoder_channels: ``block_out_channels`` of the encoder (SAMI's default ``(32, 64, 64)``).
+        encoder_channels: ``block_out_channels`` of the encoder (examples/compare.py passes the SAMI adapter's).
         hidden_dim: MLP width of encoder head and decoder.
         layers_per_block: ResNet blocks per encoder down block.
         norm_num_groups: GroupNorm groups of both networks.

@@ -35,7 +35,7 @@ class DiffAE(ModelMixin, ConfigMixin):
         in_channels: image channels.
         sample_size: image side.
         latent_dim: size of ``z``.
-        encoder_channels: encoder ``block_out_channels`` (SAMI's default ``(32, 64, 64)``).
+        encoder_channels: encoder ``block_out_channels`` (examples/compare.py passes the SAMI adapter's).
         hidden_dim: encoder MLP width.
         norm_num_groups: encoder GroupNorm groups.
         unet_channels: UNet ``block_out_channels`` (one ``DownBlock2D``/``UpBlock2D`` each, no attention).
