@@ -200,10 +200,10 @@ def test_evaluate_script_end_to_end(tiny_adapters, tmp_path):
     report = _script("evaluate").main([
         tiny_adapters[0], "--output_dir", str(out), "--num_images", "12", "--num_inference_steps", "2", "--num_reconstructions", "3",
         "--num_samples", "2", "--traversal_steps", "3", "--num_noise_levels", "4", "--elbo_images", "3", "--elbo_timesteps", "2",
-        "--num_threads", "1", *TINY_METRICS,
+        "--num_threads", "1", "--sami_scale", "2", *TINY_METRICS,
     ])
     text = (out / "report.md").read_text()
-    for needle in ("| MIG |", "DCI disentanglement", "linear R² x", "bits/dim", "trajectory curvature", "t* (0.5 of I_i(0))"):
+    for needle in ("sami_scale 2;", "| MIG |", "DCI disentanglement", "linear R² x", "bits/dim", "trajectory curvature", "t* (0.5 of I_i(0))"):
         assert needle in text
     for png in ("reconstructions.png", "traversals.png", "information_profile.png", "samples.png"):
         assert (out / png).stat().st_size > 0
