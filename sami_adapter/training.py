@@ -172,8 +172,9 @@ def beta_at(step: int, max_steps: int, beta: float, beta_final: Optional[float] 
     * ``warmup_steps > 0``: a linear ramp from 0 to ``beta`` over the first ``warmup_steps`` steps
       (lets the code become informative before the KL prices it);
     * ``beta_final``: after the warm-up, beta moves geometrically from ``beta`` to ``beta_final`` by the
-      last step. Raising beta once the code is informative squeezes it into fewer, axis-aligned
-      dimensions (the diagonal posterior is what breaks the rotation symmetry of the prior).
+      last step. The idea: raise the KL price only once the code is informative, to push it into
+      fewer, axis-aligned dimensions. On the frozen disks adapter, 0.003 -> 0.1 emptied the code
+      instead (docs/recipe-study.md).
     """
     if beta < 0 or (beta_final is not None and beta_final < 0):
         raise ValueError(f"beta must be >= 0, got beta={beta}, beta_final={beta_final}")
