@@ -131,6 +131,14 @@ class SAMIEncoder(ModelMixin, ConfigMixin):
                 raw = min_logvar + math.log(math.expm1(init_logvar - min_logvar))  # inverse of the soft floor
             self.head.bias[latent_dim:] = raw
 
+    @classmethod
+    def extract_init_dict(cls, config_dict, **kwargs):
+        # A saved config (it carries `_diffusers_version`) without `stem_stride` predates the option:
+        # those encoders had a stride-1 stem, so load them as such instead of with today's default.
+        if "_diffusers_version" in config_dict and "stem_stride" not in config_dict:
+            config_dict = {**config_dict, "stem_stride": 1}
+        return super().extract_init_dict(config_dict, **kwargs)
+
     @property
     def latent_dim(self) -> int:
         return self.config.latent_dim

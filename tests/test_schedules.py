@@ -57,3 +57,24 @@ def test_encoder_stem_stride_keeps_every_pixel_in_view(stem_stride):
 def test_encoder_rejects_bad_stem_stride():
     with pytest.raises(ValueError, match="stem_stride must be 1 or 2"):
         SAMIEncoder(stem_stride=3)
+
+
+def test_encoder_saved_before_the_stem_option_loads_with_a_stride_1_stem(tmp_path):
+    import json
+
+    torch.manual_seed(0)
+    old = SAMIEncoder(in_channels=1, sample_size=8, latent_dim=3, block_out_channels=(8, 16), hidden_dim=16, norm_num_groups=4,
+                      stem_stride=1)
+    with torch.no_grad():
+        old.head.weight.normal_(0, 0.1)
+    old.save_pretrained(tmp_path)
+    config_path = tmp_path / "config.json"
+    config = json.loads(config_path.read_text())
+    del config["stem_stride"]  # what an encoder saved before the option looks like
+    config_path.write_text(json.dumps(config))
+    loaded = SAMIEncoder.from_pretrained(tmp_path)
+    assert loaded.config.stem_stride == 1
+    x = torch.randn(2, 1, 8, 8)
+    assert torch.equal(loaded(x, 10).mean, old(x, 10).mean)
+    # a config built in code without the key still gets today's default
+    assert SAMIEncoder.from_config({"latent_dim": 3}).config.stem_stride == 2
