@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from sami_adapter import SAMIPipeline  # noqa: E402
+from sami_adapter import SAMIEncoder, SAMIPipeline  # noqa: E402
 from sami_adapter.adapter import read_adapter_config  # noqa: E402
 from sami_adapter.analysis import axes_to_json, default_timestep_grid, discover_axes, noise_order_agreement, plot_information_profile  # noqa: E402
 from sami_adapter.baselines import train_beta_vae, train_diffae  # noqa: E402
@@ -93,10 +93,10 @@ def _encoder_architecture(pipes: List[SAMIPipeline], args: argparse.Namespace) -
     """The encoder settings every baseline copies: the first SAMI adapter's, else SAMI's defaults."""
     if pipes:
         cfg = pipes[0].encoder.config
-        arch = {"encoder_channels": tuple(cfg.block_out_channels), "hidden_dim": cfg.hidden_dim, "norm_num_groups": cfg.norm_num_groups,
-                "latent_dim": cfg.latent_dim, "resolution": cfg.sample_size}
-    else:
-        arch = {"encoder_channels": (32, 64, 64), "hidden_dim": 256, "norm_num_groups": 8, "latent_dim": 8, "resolution": 16}
+    else:  # SAMIEncoder's own defaults
+        cfg = SAMIEncoder.from_config({}).config
+    arch = {"encoder_channels": tuple(cfg.block_out_channels), "hidden_dim": cfg.hidden_dim, "norm_num_groups": cfg.norm_num_groups,
+            "encoder_stem_stride": cfg.stem_stride, "latent_dim": cfg.latent_dim, "resolution": cfg.sample_size}
     if args.latent_dim is not None:
         arch["latent_dim"] = args.latent_dim
     if args.resolution is not None:
@@ -178,7 +178,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     columns: Dict[str, List[Dict[str, Any]]] = {}
     first_models: Dict[str, Any] = {}
     shared = {"latent_dim": latent_dim, "encoder_channels": arch["encoder_channels"], "hidden_dim": arch["hidden_dim"],
-              "norm_num_groups": arch["norm_num_groups"], "batch_size": args.batch_size, "progress": not args.no_progress, "device": device}
+              "norm_num_groups": arch["norm_num_groups"], "encoder_stem_stride": arch["encoder_stem_stride"], "batch_size": args.batch_size, "progress": not args.no_progress, "device": device}
 
     # ---------------------------------------------------------------- SAMI
     axes_runs = []
@@ -265,7 +265,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     lines = [
         "# SAMI vs baselines", "",
         f"Data `{args.dataset}` at {resolution} px; latent_dim {latent_dim}; every encoder is SAMI's architecture "
-        f"(widths {list(arch['encoder_channels'])}, head {arch['hidden_dim']}). Each baseline run trains for at most "
+        f"(widths {list(arch['encoder_channels'])}, stem stride {arch['encoder_stem_stride']}, head {arch['hidden_dim']}). Each baseline run trains for at most "
         f"{budget:.0f} s of wall clock{f' or {args.max_steps} steps' if args.max_steps else ''} (seeds {args.seeds}); "
         "cells are mean ± std over runs. SAMI's training seconds are the adapter's only (its base diffusion model was pretrained "
         "separately). Every model is scored on the same held-out draws with the posterior mean as representation.", "",

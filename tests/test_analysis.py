@@ -144,7 +144,14 @@ def test_baselines_train_and_encode(tmp_path):
     assert vae.reconstruct(images).shape == images.shape
     vae.save_pretrained(str(tmp_path / "vae"))
     torch.testing.assert_close(BetaVAE.from_pretrained(str(tmp_path / "vae")).encode(images).mean, vae.encode(images).mean)
-    dae = train_diffae(data, latent_dim=3, max_steps=2, batch_size=8, progress=False, unet_channels=(8, 16), unet_norm_num_groups=4, **TINY_ARCH)
+    assert vae.encoder.config.stem_stride == 2
+    # the stem stride follows the SAMI encoder being compared with, through save/load too
+    vae1 = train_beta_vae(data, beta=4.0, latent_dim=3, max_steps=1, batch_size=8, progress=False, encoder_stem_stride=1, **TINY_ARCH)
+    vae1.save_pretrained(str(tmp_path / "vae1"))
+    assert BetaVAE.from_pretrained(str(tmp_path / "vae1")).encoder.config.stem_stride == 1
+    dae = train_diffae(data, latent_dim=3, max_steps=2, batch_size=8, progress=False, unet_channels=(8, 16), unet_norm_num_groups=4,
+                       encoder_stem_stride=1, **TINY_ARCH)
+    assert dae.encoder.config.stem_stride == 1
     assert dae.training_log["steps"] == 2 and dae.encode(images).mean.shape == (5, 3)
     assert dae.reconstruct(images, num_inference_steps=2, generator=torch.Generator().manual_seed(0)).shape == images.shape
     dae.save_pretrained(str(tmp_path / "dae"))
@@ -223,6 +230,6 @@ def test_compare_script_end_to_end(tiny_adapters, tmp_path):
     assert set(summary["table"]) == {"SAMI", "β-VAE (β=4)", "DiffAE"}
     assert summary["table"]["SAMI"]["MIG"]["n"] == 2 and summary["noise_order_agreement"] is not None
     text = (out / "compare.md").read_text()
-    assert "| metric | SAMI | β-VAE (β=4) | DiffAE |" in text
+    assert "| metric | SAMI | β-VAE (β=4) | DiffAE |" in text and "stem stride 2" in text
     json.loads((out / "compare.json").read_text())
     assert (out / "reconstructions.png").exists() and (out / "metrics.png").exists()

@@ -88,6 +88,7 @@ class BetaVAE(ModelMixin, ConfigMixin):
         sample_size: image side.
         latent_dim: size of ``z``.
         encoder_channels: ``block_out_channels`` of the encoder (examples/compare.py passes the SAMI adapter's).
+        encoder_stem_stride: ``stem_stride`` of the encoder (likewise).
         hidden_dim: MLP width of encoder head and decoder.
         layers_per_block: ResNet blocks per encoder down block.
         norm_num_groups: GroupNorm groups of both networks.
@@ -109,6 +110,7 @@ class BetaVAE(ModelMixin, ConfigMixin):
         decoder_channels: Optional[Tuple[int, ...]] = None,
         likelihood: str = "bernoulli",
         gaussian_std: float = 0.1,
+        encoder_stem_stride: int = 2,
     ):
         super().__init__()
         if likelihood not in ("bernoulli", "gaussian"):
@@ -116,7 +118,7 @@ class BetaVAE(ModelMixin, ConfigMixin):
         self.encoder = SAMIEncoder(
             in_channels=in_channels, sample_size=sample_size, latent_dim=latent_dim, block_out_channels=tuple(encoder_channels),
             layers_per_block=layers_per_block, hidden_dim=hidden_dim, time_conditioning=False, init_logvar=0.0,
-            norm_num_groups=norm_num_groups,
+            norm_num_groups=norm_num_groups, stem_stride=encoder_stem_stride,
         )
         self.decoder = ConvDecoder(
             latent_dim=latent_dim, out_channels=in_channels, sample_size=sample_size,
@@ -186,6 +188,7 @@ def train_beta_vae(
     hidden_dim: int = 256,
     norm_num_groups: int = 8,
     likelihood: str = "bernoulli",
+    encoder_stem_stride: int = 2,
     device: Optional[Union[str, torch.device]] = None,
     log_every: int = 50,
 ) -> BetaVAE:
@@ -203,8 +206,8 @@ def train_beta_vae(
         lr: Adam learning rate.
         seed: seed of initialisation, batches and noise.
         progress: show a tqdm bar.
-        encoder_channels, hidden_dim, norm_num_groups: encoder (and decoder) architecture; match the
-            SAMI encoder's config for a same-architecture comparison.
+        encoder_channels, hidden_dim, norm_num_groups, encoder_stem_stride: encoder (and decoder)
+            architecture; match the SAMI encoder's config for a same-architecture comparison.
         likelihood: ``"bernoulli"`` or ``"gaussian"`` (module docstring).
         device: where to train (default: CPU).
         log_every: steps between entries of ``model.training_log["history"]``.
@@ -217,7 +220,7 @@ def train_beta_vae(
         torch.manual_seed(seed)
         model = BetaVAE(
             in_channels=data.num_channels, sample_size=data.resolution, latent_dim=latent_dim, encoder_channels=tuple(encoder_channels),
-            hidden_dim=hidden_dim, norm_num_groups=norm_num_groups, likelihood=likelihood,
+            hidden_dim=hidden_dim, norm_num_groups=norm_num_groups, likelihood=likelihood, encoder_stem_stride=encoder_stem_stride,
         )
     model.to(device or "cpu")
     log = train_loop(

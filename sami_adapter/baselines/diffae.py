@@ -36,6 +36,7 @@ class DiffAE(ModelMixin, ConfigMixin):
         sample_size: image side.
         latent_dim: size of ``z``.
         encoder_channels: encoder ``block_out_channels`` (examples/compare.py passes the SAMI adapter's).
+        encoder_stem_stride: encoder ``stem_stride`` (likewise).
         hidden_dim: encoder MLP width.
         norm_num_groups: encoder GroupNorm groups.
         unet_channels: UNet ``block_out_channels`` (one ``DownBlock2D``/``UpBlock2D`` each, no attention).
@@ -59,11 +60,12 @@ class DiffAE(ModelMixin, ConfigMixin):
         unet_norm_num_groups: int = 8,
         num_train_timesteps: int = 1000,
         beta_schedule: str = "linear",
+        encoder_stem_stride: int = 2,
     ):
         super().__init__()
         self.encoder = SAMIEncoder(
             in_channels=in_channels, sample_size=sample_size, latent_dim=latent_dim, block_out_channels=tuple(encoder_channels),
-            hidden_dim=hidden_dim, time_conditioning=False, norm_num_groups=norm_num_groups,
+            hidden_dim=hidden_dim, time_conditioning=False, norm_num_groups=norm_num_groups, stem_stride=encoder_stem_stride,
         )
         levels = len(unet_channels)
         self.unet = UNet2DModel(
@@ -142,6 +144,7 @@ def train_diffae(
     norm_num_groups: int = 8,
     unet_channels: Sequence[int] = (32, 64, 64),
     unet_norm_num_groups: int = 8,
+    encoder_stem_stride: int = 2,
     device: Optional[Union[str, torch.device]] = None,
     log_every: int = 50,
 ) -> DiffAE:
@@ -157,7 +160,7 @@ def train_diffae(
         lr: Adam learning rate (all parameters).
         seed: seed of initialisation, batches, timesteps and noise.
         progress: show a tqdm bar.
-        encoder_channels, hidden_dim, norm_num_groups: encoder architecture (match the SAMI encoder's).
+        encoder_channels, hidden_dim, norm_num_groups, encoder_stem_stride: encoder architecture (match the SAMI encoder's).
         unet_channels, unet_norm_num_groups: UNet architecture (default: the disks base model's widths).
         device: where to train (default: CPU).
         log_every: steps between entries of ``model.training_log["history"]``.
@@ -171,7 +174,7 @@ def train_diffae(
         model = DiffAE(
             in_channels=data.num_channels, sample_size=data.resolution, latent_dim=latent_dim, encoder_channels=tuple(encoder_channels),
             hidden_dim=hidden_dim, norm_num_groups=norm_num_groups, unet_channels=tuple(unet_channels),
-            unet_norm_num_groups=unet_norm_num_groups,
+            unet_norm_num_groups=unet_norm_num_groups, encoder_stem_stride=encoder_stem_stride,
         )
     model.to(device or "cpu")
     log = train_loop(
