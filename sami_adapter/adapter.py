@@ -125,6 +125,34 @@ def merge_lora(unet: torch.nn.Module) -> torch.nn.Module:
 
 
 # ---------------------------------------------------------------------------- saving
+ADAPTER_PARTS = (ADAPTER_CONFIG_NAME, "encoder", LORA_DIR, "unet", "README.md")
+
+
+def check_finite_weights(module: torch.nn.Module, what: str) -> None:
+    """Raise a ValueError naming the first parameter or buffer of ``module`` that holds NaN or inf."""
+    for name, tensor in list(module.named_parameters()) + list(module.named_buffers()):
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise ValueError(
+                f"The {what} has non-finite values in {name!r}: training diverged (lower the learning rate). "
+                "Nothing was written."
+            )
+
+
+def _exchange(a: str, b: str) -> bool:
+    """Atomically swap two paths (Linux ``renameat2(RENAME_EXCHANGE)``); False where that is unavailable."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    return False
+
+
 def save_adapter(
     output_dir: str,
     encoder: Any,
@@ -136,36 +164,56 @@ def save_adapter(
     extra: Optional[Dict[str, Any]] = None,
     model_card: Optional[str] = None,
 ) -> str:
-    """Write an adapter into ``output_dir`` so that it is never seen half-written.
+    """Write an adapter into ``output_dir``; an older adapter there is replaced only by a complete new one.
+
+    The new adapter is written in full to a temporary folder next to ``output_dir``; then whatever
+    else lives in ``output_dir`` (checkpoints, logs, reports) is moved into that folder and the two
+    folders trade places in one atomic rename. Until that rename the old adapter is untouched; an
+    error or an interrupt before it leaves ``output_dir`` as it was.
 
     Args:
         output_dir: destination; other files there (checkpoints, logs) are kept, an older adapter is replaced.
         encoder: the trained :class:`SAMIEncoder`.
         base_model_name_or_path: repo id or local path of the base model (what ``from_pretrained`` loads).
+            A relative local path is taken relative to ``output_dir`` when the adapter is loaded.
         revision: Hub revision of the base model.
         unet: the UNet, needed for ``unet_mode`` ``"lora"`` (its LoRA weights are saved) and ``"full"``.
         unet_mode: ``"frozen"``, ``"lora"`` or ``"full"``.
         lora_config: the peft ``LoraConfig`` used (for ``"lora"``).
         extra: more JSON-serialisable facts for the config (training arguments, metrics).
         model_card: Markdown text for README.md.
+
+    Raises:
+        ValueError: unknown ``unet_mode``, a missing ``unet``/``lora_config``, or weights with NaN or inf.
     """
     if unet_mode not in ("frozen", "lora", "full"):
         raise ValueError(f"unet_mode must be 'frozen', 'lora' or 'full', got {unet_mode!r}.")
-    parent = os.path.dirname(os.path.abspath(output_dir))
+    if unet_mode == "lora" and (unet is None or lora_config is None):
+        raise ValueError("unet_mode='lora' needs the unet and its lora_config.")
+    if unet_mode == "full" and unet is None:
+        raise ValueError("unet_mode='full' needs the trained unet.")
+    check_finite_weights(encoder, "encoder")
+    if unet_mode == "full":
+        check_finite_weights(unet, "UNet")
+    lora_weights = lora_state_dict(unet) if unet_mode == "lora" else None
+    if lora_weights is not None:
+        bad = [k for k, v in lora_weights.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+        if bad:
+            raise ValueError(f"The LoRA weights have non-finite values in {bad[0]!r}: training diverged. Nothing was written.")
+    output_dir = os.path.abspath(output_dir)
+    parent = os.path.dirname(output_dir)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".tmp-adapter-", dir=parent)
+    moved = []  # entries of output_dir moved into tmp, to put back if the swap does not happen
+    swapped = False
     try:
         encoder.save_pretrained(os.path.join(tmp, "encoder"))
         if unet_mode == "lora":
-            if unet is None or lora_config is None:
-                raise ValueError("unet_mode='lora' needs the unet and its lora_config.")
             os.makedirs(os.path.join(tmp, LORA_DIR))
-            save_file(lora_state_dict(unet), os.path.join(tmp, LORA_DIR, LORA_WEIGHTS_NAME))
+            save_file(lora_weights, os.path.join(tmp, LORA_DIR, LORA_WEIGHTS_NAME))
             with open(os.path.join(tmp, LORA_DIR, LORA_CONFIG_NAME), "w") as f:
                 json.dump({"r": lora_config.r, "lora_alpha": lora_config.lora_alpha, "target_modules": sorted(lora_config.target_modules)}, f, indent=2)
         elif unet_mode == "full":
-            if unet is None:
-                raise ValueError("unet_mode='full' needs the trained unet.")
             unet.save_pretrained(os.path.join(tmp, "unet"))
         config = {
             "base_model_name_or_path": base_model_name_or_path,
@@ -179,27 +227,44 @@ def save_adapter(
         if model_card:
             with open(os.path.join(tmp, "README.md"), "w") as f:
                 f.write(model_card)
-        # Move the finished parts in one by one (each rename is atomic), the config last: a folder
-        # with sami_adapter_config.json always holds a complete adapter, and whatever else lives in
-        # output_dir (checkpoints, logs, reports) is left alone.
-        os.makedirs(output_dir, exist_ok=True)
-        os.replace(os.path.join(tmp, ADAPTER_CONFIG_NAME), os.path.join(tmp, ".config"))
-        stale = os.path.join(output_dir, ADAPTER_CONFIG_NAME)
-        if os.path.exists(stale):
-            os.remove(stale)
-        produced = sorted(n for n in os.listdir(tmp) if n != ".config")
-        for name in produced:
-            target = os.path.join(output_dir, name)
-            if os.path.isdir(target):
-                shutil.rmtree(target)
-            os.replace(os.path.join(tmp, name), target)
-        for name in (LORA_DIR, "unet"):  # parts of an earlier adapter of another mode
-            if name not in produced:
-                shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
-        os.replace(os.path.join(tmp, ".config"), os.path.join(output_dir, ADAPTER_CONFIG_NAME))
+        if not os.path.isdir(output_dir):
+            os.replace(tmp, output_dir)  # nothing to keep: the finished folder is renamed into place
+            swapped = True
+            return output_dir
+        # The rest of output_dir (checkpoints, logs, reports) joins the new adapter, then the folders trade places.
+        for name in sorted(os.listdir(output_dir)):
+            if name not in ADAPTER_PARTS:
+                os.replace(os.path.join(output_dir, name), os.path.join(tmp, name))
+                moved.append(name)
+        if not _exchange(tmp, output_dir):
+            # No atomic exchange on this system: two renames; if the second fails the first is undone.
+            old = tmp + "-old"
+            os.replace(output_dir, old)
+            try:
+                os.replace(tmp, output_dir)
+            except BaseException:
+                os.replace(old, output_dir)
+                raise
+            tmp = old
+        swapped = True
     finally:
+        if not swapped:
+            for name in reversed(moved):  # put the other files back where they were
+                os.replace(os.path.join(tmp, name), os.path.join(output_dir, name))
         shutil.rmtree(tmp, ignore_errors=True)
     return output_dir
+
+
+def update_adapter_config(output_dir: str, extra: Dict[str, Any], model_card: Optional[str] = None) -> None:
+    """Add ``extra`` to a saved adapter's config (and replace its model card), each file replaced atomically."""
+    config = {**read_adapter_config(output_dir), **extra}
+    for name, text in ((ADAPTER_CONFIG_NAME, json.dumps(config, indent=2, default=str)), ("README.md", model_card)):
+        if text is None:
+            continue
+        target = os.path.join(output_dir, name)
+        with open(target + ".tmp", "w") as f:
+            f.write(text)
+        os.replace(target + ".tmp", target)
 
 
 # ---------------------------------------------------------------------------- loading
