@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import shutil
 import sys
@@ -121,6 +122,9 @@ def parse_args(argv=None):
     g.add_argument("--num_threads", type=int, default=None, help="CPU threads per process (default: the cores divided among the processes).")
     g = p.add_argument_group("output")
     g.add_argument("--output_dir", default="sami-disks-adapter", help="Adapter directory (checkpoints go to checkpoint-<step>/ inside).")
+    g.add_argument("--overwrite_output_dir", action="store_true",
+                   help="Start afresh in an --output_dir that holds an earlier run: its checkpoints, logs and validation images are "
+                        "removed at the start; its adapter and report are replaced only once this run has finished.")
     g.add_argument("--checkpointing_steps", type=int, default=500, help="Save a resumable checkpoint every N steps.")
     g.add_argument("--checkpoints_total_limit", type=int, default=2, help="Keep at most this many checkpoints.")
     g.add_argument("--resume_from_checkpoint", default=None, help="'latest' or a checkpoint directory.")
@@ -140,21 +144,115 @@ def parse_args(argv=None):
     g.add_argument("--hub_model_id", default=None, help="Hub repo id for --push_to_hub.")
     g.add_argument("--hub_token", default=None, help="Hub token (default: the cached login).")
     args = p.parse_args(argv)
-    if args.train_data_dir and args.dataset_name:
-        p.error("use either --train_data_dir or --dataset_name, not both")
-    if args.latent_dim < 1:
-        p.error(f"--latent_dim must be >= 1, got {args.latent_dim}")
-    if args.max_train_steps < 1 or args.train_batch_size < 1 or args.gradient_accumulation_steps < 1:
-        p.error("--max_train_steps, --train_batch_size and --gradient_accumulation_steps must be >= 1")
-    if args.push_to_hub and not args.hub_model_id:
-        p.error("--push_to_hub needs --hub_model_id (e.g. your-name/sami-disks)")
     if args.pretrained_model_name_or_path is None and args.unet_mode != "full":
         args.pretrained_model_name_or_path = DEFAULT_BASE
-    if args.cache_latents and (args.random_flip or not args.center_crop or not (args.train_data_dir or args.dataset_name)):
-        p.error("--cache_latents needs an image dataset with deterministic preprocessing: --center_crop and no --random_flip")
     if args.unet_learning_rate is None:
         args.unet_learning_rate = args.learning_rate / 5
+    problem = check_args(args)
+    if problem:
+        p.error(problem)
     return args
+
+
+def check_args(args) -> str | None:
+    """The first flag that cannot work, as a message naming it and what it takes; None when all can.
+
+    Every flag is checked here, before any model is loaded, so that a run never fails after training
+    (or writes nothing) because of a flag only the evaluation reads.
+    """
+    from diffusers.optimization import SchedulerType
+
+    def bad(name, value, wanted):
+        return f"--{name} must be {wanted}, got {value!r}"
+
+    for name in ("learning_rate", "unet_learning_rate"):
+        value = getattr(args, name)
+        if not (math.isfinite(value) and value > 0):
+            return bad(name, value, "a finite number > 0")
+    for name in ("beta", "free_bits", "max_grad_norm", "adam_weight_decay"):
+        value = getattr(args, name)
+        if not (math.isfinite(value) and value >= 0):
+            return bad(name, value, "a finite number >= 0")
+    if args.beta_final is not None and not (math.isfinite(args.beta_final) and args.beta_final >= 0):
+        return bad("beta_final", args.beta_final, "a finite number >= 0")
+    if not (math.isfinite(args.eval_sami_scale) and args.eval_sami_scale >= 0):
+        return bad("eval_sami_scale", args.eval_sami_scale, "a finite number >= 0")
+    if not 0 <= args.eval_eta <= 1:
+        return bad("eval_eta", args.eval_eta, "in [0, 1]")
+    if not 0 <= args.ema_decay < 1:
+        return bad("ema_decay", args.ema_decay, "in [0, 1)")
+    if not math.isfinite(args.encoder_init_logvar):
+        return bad("encoder_init_logvar", args.encoder_init_logvar, "finite")
+    if args.encoder_min_logvar is not None and not (math.isfinite(args.encoder_min_logvar) and args.encoder_min_logvar < args.encoder_init_logvar):
+        return bad("encoder_min_logvar", args.encoder_min_logvar, f"finite and below --encoder_init_logvar ({args.encoder_init_logvar})")
+    for name in ("latent_dim", "max_train_steps", "train_batch_size", "gradient_accumulation_steps", "lora_rank", "checkpointing_steps",
+                 "checkpoints_total_limit", "logging_steps", "num_eval_images", "num_inference_steps"):
+        if getattr(args, name) < 1:
+            return bad(name, getattr(args, name), "an integer >= 1")
+    for name in ("kl_warmup_steps", "latent_noise_warmup_steps", "lr_warmup_steps", "validation_steps"):
+        if getattr(args, name) < 0:
+            return bad(name, getattr(args, name), "an integer >= 0")
+    if args.resolution is not None and args.resolution < 1:
+        return bad("resolution", args.resolution, "an integer >= 1 (or left out: the UNet's sample_size)")
+    if args.num_threads is not None and args.num_threads < 1:
+        return bad("num_threads", args.num_threads, "an integer >= 1")
+    try:
+        channels = [int(c) for c in args.encoder_channels.split(",")]
+    except ValueError:
+        channels = []
+    if not channels or min(channels) < 8 or any(c % 8 for c in channels):
+        return bad("encoder_channels", args.encoder_channels, "comma-separated multiples of 8 (the encoder's GroupNorm has 8 groups)")
+    if args.lr_scheduler not in [t.value for t in SchedulerType]:
+        return bad("lr_scheduler", args.lr_scheduler, f"one of {', '.join(t.value for t in SchedulerType)}")
+    if args.train_data_dir and args.dataset_name:
+        return "use either --train_data_dir or --dataset_name, not both"
+    if args.train_data_dir and not os.path.isdir(args.train_data_dir):
+        return f"--train_data_dir {args.train_data_dir!r} is not a directory"
+    if args.push_to_hub and not args.hub_model_id:
+        return "--push_to_hub needs --hub_model_id (e.g. your-name/sami-disks)"
+    if args.cache_latents and (args.random_flip or not args.center_crop or not (args.train_data_dir or args.dataset_name)):
+        return "--cache_latents needs an image dataset with deterministic preprocessing: --center_crop and no --random_flip"
+    earlier = earlier_run(args.output_dir)
+    if earlier and not args.overwrite_output_dir and not args.resume_from_checkpoint:
+        return (f"--output_dir {args.output_dir} already holds a run ({', '.join(earlier[:4])}); pass --overwrite_output_dir to "
+                "replace it, --resume_from_checkpoint latest to continue it, or another --output_dir")
+    return None
+
+
+def earlier_run(output_dir) -> list:
+    """What an earlier run left in ``output_dir`` (a reusable latent cache does not count)."""
+    if not os.path.isdir(output_dir):
+        return []
+    return sorted(n for n in os.listdir(output_dir) if n != "latent_cache" and not n.startswith("."))
+
+
+def clear_earlier_run(output_dir) -> None:
+    """--overwrite_output_dir: remove the earlier run's checkpoints, logs and validation images now.
+
+    Its adapter and report stay until this run has saved its own, so a run that fails or diverges
+    leaves a working adapter behind.
+    """
+    keep = set(adapter_lib.ADAPTER_PARTS) | {"report", "latent_cache"}
+    for name in earlier_run(output_dir):
+        if name not in keep:
+            path = os.path.join(output_dir, name)
+            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+
+
+class TrainingDiverged(SystemExit):
+    """A non-finite loss, gradient or weight: the run stops (non-zero exit) and saves nothing."""
+
+
+def stop_if_diverged(accelerator, step: int, what: str, value: torch.Tensor, output_dir: str) -> None:
+    """Stop every rank together when ``value`` is not finite on any of them."""
+    bad = torch.tensor([0.0 if bool(torch.isfinite(value).all()) else 1.0], device=accelerator.device)
+    if accelerator.num_processes > 1:
+        bad = accelerator.reduce(bad, reduction="sum")
+    if bad.item() > 0:
+        raise TrainingDiverged(
+            f"Training diverged at step {step}: the {what} is not finite (NaN or inf). Nothing from this run was saved; "
+            f"{output_dir} keeps its earlier adapter, if any. Lower --learning_rate or --max_grad_norm, or check the data."
+        )
 
 
 def build_unet(args):
@@ -232,6 +330,10 @@ def main(argv=None):
         except Exception:
             accelerator.log_with = []
     logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", level=logging.INFO)
+    if args.overwrite_output_dir and not args.resume_from_checkpoint:
+        if accelerator.is_main_process:
+            clear_earlier_run(args.output_dir)
+        accelerator.wait_for_everyone()
     if accelerator.device.type == "cpu":
         # `accelerate launch` exports OMP_NUM_THREADS=1; on CPU give each process its share of the cores instead.
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
@@ -324,8 +426,6 @@ def main(argv=None):
                 logger.warning(f"--resume_from_checkpoint latest: no checkpoint in {args.output_dir}; starting from scratch.")
         if path is not None:
             global_step = load_checkpoint(accelerator, path, run_config)
-    elif accelerator.is_main_process and checkpoint_dirs(args.output_dir):
-        logger.warning(f"{args.output_dir} already has checkpoints; they are kept. Pass --resume_from_checkpoint latest to continue.")
 
     if accelerator.is_main_process:
         accelerator.init_trackers("sami", config={k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))})
@@ -354,9 +454,12 @@ def main(argv=None):
                 out = SAMILossOutput(**objective(clean, noise_scheduler, unet_kwargs=unet_kwargs, beta=beta, weighting=args.weighting, timesteps=local["timesteps"],
                                 timestep_probs=timestep_probs, noise=local["noise"], latent_noise=local["latent_noise"] * noise_scale,
                                 free_bits=args.free_bits))
+                stop_if_diverged(accelerator, step + 1, "loss", out.loss.detach(), args.output_dir)
                 accelerator.backward(out.loss)
-                if accelerator.sync_gradients and args.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(trainable, args.max_grad_norm)
+                if accelerator.sync_gradients:
+                    grad_norm = accelerator.clip_grad_norm_(trainable, args.max_grad_norm if args.max_grad_norm > 0 else math.inf)
+                    if args.mixed_precision != "fp16":  # fp16's loss scaler skips overflowing steps by design
+                        stop_if_diverged(accelerator, step + 1, "gradient norm", grad_norm.detach(), args.output_dir)
                 optimizer.step()
                 lr_scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -393,12 +496,14 @@ def main(argv=None):
                             args.seed, args.latent_dim, args.num_inference_steps, args.eval_eta)
             objective.train()
         if global_step % args.checkpointing_steps == 0 and global_step < args.max_train_steps:
+            stop_if_diverged(accelerator, global_step, "weight", torch.stack([p.detach().float().abs().max() for p in trainable]), args.output_dir)
             save_checkpoint(accelerator, args, global_step, run_config)
     progress.close()
     accelerator.wait_for_everyone()
     # Every rank must hold the same weights after DDP training; record the evidence.
     checksum = torch.stack([p.detach().double().sum() for p in trainable]).sum().view(1).to(accelerator.device)
     rank_checksums = accelerator.gather(checksum).cpu().tolist()
+    stop_if_diverged(accelerator, global_step, "weight", checksum, args.output_dir)
 
     # ---------------------------------------------------------------- save
     if accelerator.is_main_process:
@@ -409,17 +514,20 @@ def main(argv=None):
         base_ref = args.pretrained_model_name_or_path
         if base_ref and os.path.isdir(base_ref):
             base_ref = os.path.relpath(os.path.abspath(base_ref), os.path.abspath(args.output_dir))
-        report = {}
+        report = {"train_seconds": round(train_seconds, 1), "rank_weight_checksums": rank_checksums}
+        extra = {"training": {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None)))}, "metrics": report}
+        # The adapter first: an evaluation that fails must not cost the trained weights.
+        adapter_lib.save_adapter(args.output_dir, model.encoder, base_ref, revision=args.revision, unet=model.unet, unet_mode=args.unet_mode,
+                                 lora_config=lora_config, extra=extra, model_card=model_card(args, report))
+        logger.info(f"Adapter saved to {args.output_dir} ({train_seconds:.0f} s)")
         if not args.no_report:
             pipe = make_pipeline(model.encoder, model.unet, noise_scheduler, components)
             images = held_out_images(held_out, args.num_eval_images, accelerator.device)
-            report = write_report(pipe, images, args, os.path.join(args.output_dir, "report"), noise_scheduler)
-        report["train_seconds"] = round(train_seconds, 1)
-        report["rank_weight_checksums"] = rank_checksums
-        extra = {"training": {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None)))}, "metrics": report}
-        adapter_lib.save_adapter(args.output_dir, model.encoder, base_ref, revision=args.revision, unet=model.unet, unet_mode=args.unet_mode,
-                                 lora_config=lora_config, extra=extra, model_card=model_card(args, report))
-        logger.info(f"Adapter saved to {args.output_dir} ({train_seconds:.0f} s); report: {json.dumps(report)}")
+            report_dir = os.path.join(args.output_dir, "report")
+            shutil.rmtree(report_dir, ignore_errors=True)  # no picture of an earlier run may stay next to this one's
+            report = {**write_report(pipe, images, args, report_dir, noise_scheduler), **report}
+            adapter_lib.update_adapter_config(args.output_dir, {"metrics": report}, model_card(args, report))
+            logger.info(f"Report: {json.dumps(report)}")
         if args.push_to_hub:
             from huggingface_hub import create_repo, upload_folder
 

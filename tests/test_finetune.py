@@ -218,3 +218,84 @@ def test_two_process_ddp_matches_one_process_at_twice_the_batch(base_dir, tmp_pa
     a, b = _encoder_weights(ddp_out), _encoder_weights(single_out)
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)
+
+
+# ---------------------------------------------------------------- nothing silent, nothing lost
+ADAPTER_PARTS = ("sami_adapter_config.json", "encoder", "unet_lora", "unet", "README.md")
+
+
+def _adapter_digest(out):
+    return {p: _tree_digest(os.path.join(out, p)) if os.path.isdir(os.path.join(out, p)) else hashlib.sha256(open(os.path.join(out, p), "rb").read()).hexdigest()
+            for p in ADAPTER_PARTS if os.path.exists(os.path.join(out, p))}
+
+
+def test_diverged_run_stops_naming_the_step_and_keeps_the_previous_adapter_byte_identical(base_dir, tmp_path):
+    out = tmp_path / "run"
+    finetune.main(_args(base_dir, out, "--max_train_steps", "2", "--no_report"))
+    before = _adapter_digest(out)
+    assert "encoder" in before and "sami_adapter_config.json" in before
+    with pytest.raises(SystemExit) as stop:
+        finetune.main(_args(base_dir, out, "--max_train_steps", "8", "--learning_rate", "1e6", "--lr_warmup_steps", "0",
+                            "--checkpointing_steps", "1", "--overwrite_output_dir"))
+    message = stop.value.code
+    assert isinstance(message, str), "a string exit code means exit status 1"  # sys.exit(str) exits non-zero
+    assert "diverged at step" in message and "--learning_rate" in message
+    assert _adapter_digest(out) == before
+    for name in finetune.checkpoint_dirs(out):  # checkpoints written before the divergence hold finite weights
+        for key, value in load_file(os.path.join(out, name, "model.safetensors")).items():
+            assert torch.isfinite(value).all(), (name, key)
+
+
+def test_an_earlier_run_is_refused_unless_overwrite_output_dir_and_then_cleared(base_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    finetune.main(_args(base_dir, out, "--max_train_steps", "2", "--checkpointing_steps", "1", "--checkpoints_total_limit", "5"))
+    assert (out / "checkpoint-1").is_dir() and (out / "report" / "report.json").exists()
+    before = _tree_digest(out)
+    with pytest.raises(SystemExit):
+        finetune.main(_args(base_dir, out, "--max_train_steps", "3", "--latent_dim", "2"))
+    err = capsys.readouterr().err
+    assert "already holds a run" in err and "--overwrite_output_dir" in err
+    assert _tree_digest(out) == before
+    (out / "report" / "stale.png").write_bytes(b"from the old run")
+    finetune.main(_args(base_dir, out, "--max_train_steps", "3", "--latent_dim", "2", "--overwrite_output_dir"))
+    assert json.loads((out / "sami_adapter_config.json").read_text())["latent_dim"] == 2
+    log = [json.loads(line) for line in (out / "logs" / "train_log.jsonl").read_text().splitlines()]
+    assert [entry["step"] for entry in log] == [1, 2, 3]  # the old run's log lines are gone, not appended to
+    assert not (out / "checkpoint-1").exists() and not (out / "report" / "stale.png").exists()
+    assert len(json.loads((out / "report" / "report.json").read_text())["kl_per_dim"]) == 2
+
+
+@pytest.mark.parametrize("flag, value, named", [
+    ("--num_inference_steps", "0", "--num_inference_steps must be an integer >= 1"),
+    ("--learning_rate", "0", "--learning_rate must be a finite number > 0"),
+    ("--beta", "nan", "--beta must be a finite number >= 0"),
+    ("--free_bits", "-1", "--free_bits must be a finite number >= 0"),
+    ("--resolution", "0", "--resolution must be an integer >= 1"),
+    ("--checkpointing_steps", "0", "--checkpointing_steps must be an integer >= 1"),
+    ("--eval_eta", "2", "--eval_eta must be in [0, 1]"),
+    ("--eval_sami_scale", "inf", "--eval_sami_scale must be a finite number >= 0"),
+    ("--num_eval_images", "0", "--num_eval_images must be an integer >= 1"),
+    ("--lr_scheduler", "cosnie", "--lr_scheduler must be one of"),
+    ("--encoder_channels", "8,x", "--encoder_channels must be comma-separated multiples of 8"),
+    ("--encoder_min_logvar", "0", "--encoder_min_logvar must be finite and below --encoder_init_logvar"),
+])
+def test_every_flag_is_checked_before_anything_runs(base_dir, tmp_path, capsys, flag, value, named):
+    out = tmp_path / "never"
+    with pytest.raises(SystemExit) as stop:
+        finetune.main(_args(base_dir, out, "--max_train_steps", "1", flag, value))
+    assert stop.value.code == 2  # argparse's usage error
+    assert named in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_the_adapter_is_saved_before_the_report_is_made(base_dir, tmp_path, monkeypatch):
+    """An evaluation that fails after training still leaves the trained adapter."""
+    out = tmp_path / "run"
+
+    def failing_report(*args, **kwargs):
+        raise RuntimeError("evaluation failed")
+
+    monkeypatch.setattr(finetune, "write_report", failing_report)
+    with pytest.raises(RuntimeError, match="evaluation failed"):
+        finetune.main(_args(base_dir, out, "--max_train_steps", "2"))
+    assert SAMIPipeline.from_pretrained(str(out)).encoder.config.latent_dim == 3
