@@ -9,8 +9,8 @@ Sizes (each with a default ``SAMIEncoder``: latent_dim 8, sized to the UNet's in
 * ``tiny``:  an 8 px UNet with channels (8, 16), only for quick checks of the script itself.
 
 **Part one, sampling.** DDIM sampling with ``SAMIPipeline`` and the same UNet, scheduler, batch, initial
-noise and number of steps: guided (a code ``z``, ``guidance_scale=1``) against unguided (the same
-pipeline with ``guidance_scale=0``, which skips the encoder). Also ``pipe.encode`` throughput at t = 0
+noise and number of steps: guided (a code ``z``, ``sami_scale=1``) against unguided (the same
+pipeline with ``sami_scale=0``, which skips the encoder). Also ``pipe.encode`` throughput at t = 0
 (clean images) and the ratio "one 50-step unguided sample / encoding one image" (per-step time x 50
 when ``--num_inference_steps`` is not 50; a DDIM step costs the same at every t).
 
@@ -280,9 +280,9 @@ def bench_sampling(size: str, unet, train_scheduler, encoder, args, device: torc
     images = (torch.rand((batch, *pipe._sample_shape()), generator=g) * 2 - 1).to(device)
 
     calls = {
-        # Same z, initial noise, scheduler and steps; guidance_scale=0 never calls the encoder.
-        "guided": lambda: pipe(z=z, latents=latents, num_inference_steps=steps, guidance_scale=1.0, output_type="pt"),
-        "unguided": lambda: pipe(z=z, latents=latents, num_inference_steps=steps, guidance_scale=0.0, output_type="pt"),
+        # Same z, initial noise, scheduler and steps; sami_scale=0 never calls the encoder.
+        "guided": lambda: pipe(z=z, latents=latents, num_inference_steps=steps, sami_scale=1.0, output_type="pt"),
+        "unguided": lambda: pipe(z=z, latents=latents, num_inference_steps=steps, sami_scale=0.0, output_type="pt"),
     }
     # One encode call takes milliseconds: time `inner` calls per round, enough for ~0.1 s.
     pipe.encode(images)

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from .evaluation import active_dimensions
-from .guidance import alpha_sigma_from_alphas_cumprod
+from .guidance import encoder_noise_level
 
 INFORMATION_MEASURE = "gaussian_capacity_nats"
 
@@ -44,13 +44,9 @@ def default_timestep_grid(num_train_timesteps: int = 1000, num_levels: int = 21)
 
 
 def _noise_levels(alphas_cumprod: torch.Tensor, timesteps: Sequence[float]) -> tuple:
-    """``(a_t, s_t)`` as float64 numpy arrays; ``t = 0`` is the clean image (``a = 1, s = 0``), as in ``SAMIPipeline.encode``."""
-    t = torch.as_tensor(list(timesteps), dtype=torch.float64)
-    alpha, sigma = alpha_sigma_from_alphas_cumprod(alphas_cumprod, t)
-    alpha, sigma = alpha.numpy().copy(), sigma.numpy().copy()
-    clean = t.numpy() == 0
-    alpha[clean], sigma[clean] = 1.0, 0.0
-    return alpha, sigma
+    """``(a_t, s_t)`` of the encoder's input as float64 numpy arrays (``t = 0``: the clean image)."""
+    alpha, sigma = encoder_noise_level(alphas_cumprod, torch.as_tensor(list(timesteps), dtype=torch.float64))
+    return alpha.numpy().copy(), sigma.numpy().copy()
 
 
 def _snr(alpha: np.ndarray, sigma: np.ndarray) -> np.ndarray:

@@ -1,6 +1,6 @@
 """The SAMI math: noise levels, the posterior score, and its conversion into a guided model output.
 
-Notation (DEVELOPERS.md): the variance-preserving forward process is
+Notation: the variance-preserving forward process is
 
     x_t = a_t x_0 + s_t eps,      a_t = sqrt(abar_t),   s_t = sqrt(1 - abar_t).            (1)
 
@@ -23,6 +23,10 @@ as ``x_t / a_t = x_0 + sigma_t eps`` with ``sigma_t = s_t / a_t``, so ``abar_t =
 their ``scale_model_input`` hands the UNet exactly the variance-preserving ``x_t`` of (1) (or
 leaves it unchanged when the state already is ``x_t``), so g is taken with respect to the
 UNet's input and (3)-(5) hold unchanged.
+
+The SAMI encoder reads clean images at ``t = 0``: ``q(z | x_0)`` is the encoder at timestep 0,
+so wherever an encoder input is built from a timestep, ``t = 0`` means ``a = 1, s = 0``
+(:func:`encoder_noise_level`), not the scheduler's first noise level.
 
 This module is the only place where these formulas live.
 """
@@ -74,6 +78,20 @@ def alpha_sigma_from_alphas_cumprod(alphas_cumprod: torch.Tensor, timestep: torc
     sigma = sigma_ve[lo] * (1 - frac) + sigma_ve[hi] * frac
     abar = 1.0 / (1.0 + sigma**2)
     return abar.sqrt(), (1 - abar).sqrt()
+
+
+def encoder_noise_level(alphas_cumprod: torch.Tensor, timestep: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(a_t, s_t)`` of the encoder's input at ``timestep``: as :func:`alpha_sigma_from_alphas_cumprod`,
+    except that ``t = 0`` is the clean image itself (``a = 1, s = 0``), the level at which the encoder
+    gives ``q(z | x_0)`` (module docstring)."""
+    alpha, sigma = alpha_sigma_from_alphas_cumprod(alphas_cumprod, timestep)
+    clean = timestep.to(alpha.device) == 0
+    return torch.where(clean, torch.ones_like(alpha), alpha), torch.where(clean, torch.zeros_like(sigma), sigma)
+
+
+def add_noise(clean: torch.Tensor, noise: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """Equation (1), ``x_t = a_t x_0 + s_t eps``, with per-sample ``alpha``, ``sigma`` of shape (B,)."""
+    return _per_sample(alpha, clean) * clean + _per_sample(sigma, clean) * noise
 
 
 def check_scheduler(scheduler: Any) -> None:
@@ -168,11 +186,11 @@ def apply_guidance(
     scheduler: Any,
     timestep: TimestepLike,
     sample: torch.Tensor,
-    guidance_scale: float = 1.0,
+    sami_scale: float = 1.0,
 ) -> torch.Tensor:
     """The guided model output in the scheduler's ``prediction_type``.
 
-    With ``w = guidance_scale`` and ``(a_t, s_t)`` from :func:`noise_level`:
+    With ``w = sami_scale`` and ``(a_t, s_t)`` from :func:`noise_level`:
 
     * ``epsilon``:      ``eps_theta - w s_t g``          (3)
     * ``sample``:       ``x0_theta + w (s_t^2 / a_t) g``  (4)
@@ -184,7 +202,7 @@ def apply_guidance(
         scheduler: the diffusers scheduler driving the loop (gives prediction type and noise level).
         timestep: the current timestep (scalar or per-sample).
         sample: the UNet input ``x_t`` (after ``scale_model_input``).
-        guidance_scale: multiplies the posterior score; 1 is the Bayes-exact SAMI decoder.
+        sami_scale: multiplies the posterior score; 1 is the Bayes-exact SAMI decoder, 0 turns SAMI off.
     """
     if score.shape != model_output.shape or sample.shape != model_output.shape:
         raise ValueError(
@@ -192,7 +210,7 @@ def apply_guidance(
         )
     alpha, sigma = noise_level(scheduler, timestep, model_output.shape[0], model_output.device)
     prediction_type = getattr(scheduler.config, "prediction_type", "epsilon")
-    return guided_output(model_output, score, alpha, sigma, prediction_type, guidance_scale)
+    return guided_output(model_output, score, alpha, sigma, prediction_type, sami_scale)
 
 
 def _per_sample(coefficient: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -205,9 +223,10 @@ def guided_output(
     alpha: torch.Tensor,
     sigma: torch.Tensor,
     prediction_type: str = "epsilon",
-    guidance_scale: float = 1.0,
+    sami_scale: float = 1.0,
 ) -> torch.Tensor:
-    """Equations (3)-(5) for known per-sample ``alpha = a_t`` and ``sigma = s_t`` (each (B,))."""
+    """Equations (3)-(5) for known per-sample ``alpha = a_t`` and ``sigma = s_t`` (each (B,)), with the
+    posterior score ``score`` multiplied by ``sami_scale``."""
     if prediction_type == "epsilon":
         coefficient = -sigma  # (3)
     elif prediction_type == "sample":
@@ -216,7 +235,7 @@ def guided_output(
         coefficient = -sigma / alpha  # (5)
     else:
         raise ValueError(f"Unsupported prediction_type {prediction_type!r}; expected 'epsilon', 'sample' or 'v_prediction'.")
-    return model_output + _per_sample(guidance_scale * coefficient, model_output) * score.to(model_output.dtype)
+    return model_output + _per_sample(sami_scale * coefficient, model_output) * score.to(model_output.dtype)
 
 
 def to_epsilon(

@@ -37,7 +37,7 @@ import torch
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-from .guidance import alpha_sigma_from_alphas_cumprod, guided_output, posterior_score, to_epsilon
+from .guidance import add_noise, alpha_sigma_from_alphas_cumprod, guided_output, posterior_score, to_epsilon
 
 
 @dataclass
@@ -110,7 +110,7 @@ def sami_loss(
     noise: Optional[torch.Tensor] = None,
     latent_noise: Optional[torch.Tensor] = None,
     free_bits: float = 0.0,
-    guidance_scale: float = 1.0,
+    sami_scale: float = 1.0,
     unet_kwargs: Optional[Dict[str, Any]] = None,
 ) -> SAMILossOutput:
     """One Monte Carlo estimate of the SAMI objective (module docstring).
@@ -132,7 +132,7 @@ def sami_loss(
         noise: (B, C, H, W) ``eps`` to use instead of sampling it.
         latent_noise: (B, D) standard normal draw of the reparameterisation ``z = mu + sigma * latent_noise``.
         free_bits: minimum batch-mean KL per dimension (nats) below which the KL is not penalised.
-        guidance_scale: multiplies the posterior score (1 = exact SAMI).
+        sami_scale: multiplies the posterior score (1 = exact SAMI).
         unet_kwargs: extra UNet inputs (e.g. ``encoder_hidden_states`` of a text-conditioned UNet).
     """
     if weighting not in ("elbo", "simple"):
@@ -158,15 +158,14 @@ def sami_loss(
         noise = randn_tensor(clean_images.shape, generator=generator, device=device, dtype=clean_images.dtype)
 
     alpha, sigma = alpha_sigma_from_alphas_cumprod(scheduler.alphas_cumprod, timesteps)
-    view = (-1,) + (1,) * (clean_images.ndim - 1)
-    noisy = alpha.view(view).to(clean_images.dtype) * clean_images + sigma.view(view).to(clean_images.dtype) * noise
+    noisy = add_noise(clean_images, noise, alpha, sigma)
 
     with torch.set_grad_enabled(train_unet and torch.is_grad_enabled()):
         model_output = _model_output(unet, noisy, timesteps, unet_kwargs)
     prediction_type = getattr(scheduler.config, "prediction_type", "epsilon")
     eps_theta = to_epsilon(model_output.float(), noisy.float(), alpha, sigma, prediction_type)
     score = posterior_score(encoder, z, noisy, timesteps, create_graph=torch.is_grad_enabled())
-    eps_hat = guided_output(eps_theta, score.float(), alpha, sigma, "epsilon", guidance_scale)
+    eps_hat = guided_output(eps_theta, score.float(), alpha, sigma, "epsilon", sami_scale)
 
     noise = noise.float()
     guided_sq = ((noise - eps_hat) ** 2).flatten(1).sum(dim=1)

@@ -16,7 +16,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from .adapter import resolve_adapter_dir
 from .encoder import LatentPosterior, SAMIEncoder
-from .guidance import alpha_sigma_from_alphas_cumprod, apply_guidance, check_scheduler, check_timesteps, posterior_score
+from .guidance import add_noise, apply_guidance, check_scheduler, check_timesteps, encoder_noise_level, posterior_score
 from .latent import LATENT_COMPONENTS, empty_prompt_embeddings, images_to_latents, latents_to_images, load_latent_components, prompt_embeddings
 from .latent import vae_scale_factor as _vae_scale_factor
 
@@ -53,18 +53,17 @@ class SAMIPipeline(DiffusionPipeline):
     is conditioned on ``prompt`` / ``prompt_embeds``, or on the empty-prompt embedding when no prompt
     is given (the unconditional model).
 
-    **Two guidance knobs**, composed in :meth:`guided_model_output` (``w = cfg_scale``, ``s = sami_scale``):
+    **Two guidance knobs**, composed in :meth:`guided_model_output` (``w = guidance_scale``, ``s = sami_scale``):
 
         eps_hat = eps_uncond + w (eps_cond - eps_uncond) - s * s_t * grad_{x_t} log q(z | x_t, t)
 
-    ``cfg_scale`` is classifier-free guidance (1 = off, the plain conditional model);
-    ``sami_scale`` multiplies the SAMI posterior score (1 = the Bayes-exact SAMI decoder, 0 = off).
-    ``guidance_scale`` is accepted as an alias of ``sami_scale`` (this package's core functions call
-    the SAMI knob ``guidance_scale``); note that this differs from diffusers' Stable Diffusion
-    pipelines, where ``guidance_scale`` is the CFG weight. For v- and x0-prediction models CFG is
-    applied to the model output in its own parameterisation and the SAMI term is converted with
-    :func:`~sami_adapter.guidance.apply_guidance` (``v - s (s_t / a_t) g``, ``x0 + s (s_t^2 / a_t) g``);
-    since these conversions are affine in the output, this equals the epsilon form above.
+    ``guidance_scale`` is classifier-free guidance, as in diffusers' text-to-image pipelines (1 = off,
+    the plain conditional model; only a text-conditioned UNet takes it). ``sami_scale`` multiplies
+    the SAMI posterior score (1 = the Bayes-exact SAMI decoder, 0 = off). For v- and x0-prediction
+    models CFG is applied to the model output in its own parameterisation and the SAMI term is
+    converted with :func:`~sami_adapter.guidance.apply_guidance` (``v - s (s_t / a_t) g``,
+    ``x0 + s (s_t^2 / a_t) g``); since these conversions are affine in the output, this equals the
+    epsilon form above.
 
     Args:
         unet: a diffusers ``UNet2DModel`` or ``UNet2DConditionModel`` (or any model with the same call
@@ -285,12 +284,8 @@ class SAMIPipeline(DiffusionPipeline):
         t = levels.repeat_interleave(n)
         clean = x0.repeat(k, 1, 1, 1)
         noise = randn_tensor(clean.shape, generator=generator, device=clean.device, dtype=clean.dtype)
-        alpha, sigma = alpha_sigma_from_alphas_cumprod(self.scheduler.alphas_cumprod, t)
-        view = (-1, 1, 1, 1)
-        # t = 0 means the clean image itself, as in training.
-        alpha = torch.where(t == 0, torch.ones_like(alpha), alpha)
-        sigma = torch.where(t == 0, torch.zeros_like(sigma), sigma)
-        noisy = alpha.view(view).to(clean.dtype) * clean + sigma.view(view).to(clean.dtype) * noise
+        alpha, sigma = encoder_noise_level(self.scheduler.alphas_cumprod, t)
+        noisy = add_noise(clean, noise, alpha, sigma)
         posterior = self.encoder(noisy, t)
         if not multiscale:
             return posterior
@@ -315,18 +310,18 @@ class SAMIPipeline(DiffusionPipeline):
         sami_scale: float = 1.0,
         prompt_embeds: Optional[torch.Tensor] = None,
         negative_prompt_embeds: Optional[torch.Tensor] = None,
-        cfg_scale: float = 1.0,
+        guidance_scale: float = 1.0,
     ) -> torch.Tensor:
         """One guided denoiser evaluation at the (scaled) model input ``sample`` and timestep ``t``.
 
         In the model's own parameterisation (``scheduler.config.prediction_type``), with
-        ``w = cfg_scale`` and ``out(c)`` the UNet output under conditioning ``c``::
+        ``w = guidance_scale`` and ``out(c)`` the UNet output under conditioning ``c``::
 
             out = out(negative) + w (out(prompt) - out(negative))     (classifier-free guidance)
             out = apply_guidance(out, grad_{x_t} log q(z | x_t, t), ..., sami_scale)
 
         which for epsilon prediction is ``eps_u + w (eps_c - eps_u) - sami_scale * s_t * g``.
-        Classifier-free guidance runs only when ``cfg_scale != 1`` and ``negative_prompt_embeds`` is
+        Classifier-free guidance runs only when ``guidance_scale != 1`` and ``negative_prompt_embeds`` is
         given (both halves in one batched UNet call); otherwise the UNet runs once on ``prompt_embeds``.
 
         Args:
@@ -337,9 +332,9 @@ class SAMIPipeline(DiffusionPipeline):
             prompt_embeds: (N, L, D) ``encoder_hidden_states`` of a text-conditioned UNet; None for a
                 UNet without text conditioning.
             negative_prompt_embeds: (N, L, D) the unconditional (empty or negative prompt) embeddings.
-            cfg_scale: the classifier-free guidance weight ``w``.
+            guidance_scale: the classifier-free guidance weight ``w``.
         """
-        do_cfg = cfg_scale != 1 and negative_prompt_embeds is not None
+        do_cfg = guidance_scale != 1 and negative_prompt_embeds is not None
         if negative_prompt_embeds is not None and prompt_embeds is None:
             raise ValueError("negative_prompt_embeds needs prompt_embeds.")
         with torch.no_grad():
@@ -348,7 +343,7 @@ class SAMIPipeline(DiffusionPipeline):
             elif do_cfg:
                 hidden = torch.cat([negative_prompt_embeds, prompt_embeds]).to(self.unet.dtype)
                 uncond, cond = self.unet(torch.cat([sample, sample]), t, encoder_hidden_states=hidden).sample.chunk(2)
-                model_output = uncond + cfg_scale * (cond - uncond)
+                model_output = uncond + guidance_scale * (cond - uncond)
             else:
                 model_output = self.unet(sample, t, encoder_hidden_states=prompt_embeds.to(self.unet.dtype)).sample
         if z is None or sami_scale == 0:
@@ -428,7 +423,7 @@ class SAMIPipeline(DiffusionPipeline):
         z: Optional[torch.Tensor] = None,
         batch_size: Optional[int] = None,
         num_inference_steps: int = 50,
-        sami_scale: Optional[float] = None,
+        sami_scale: float = 1.0,
         generator: Optional[Union[torch.Generator, List[torch.Generator]]] = None,
         latents: Optional[torch.Tensor] = None,
         eta: float = 0.0,
@@ -438,8 +433,7 @@ class SAMIPipeline(DiffusionPipeline):
         negative_prompt: Optional[PromptInput] = None,
         prompt_embeds: Optional[torch.Tensor] = None,
         negative_prompt_embeds: Optional[torch.Tensor] = None,
-        cfg_scale: float = 1.0,
-        guidance_scale: Optional[float] = None,
+        guidance_scale: float = 1.0,
     ) -> Union[SAMIPipelineOutput, tuple]:
         """Guided sampling.
 
@@ -448,8 +442,8 @@ class SAMIPipeline(DiffusionPipeline):
                 reconstructs; an edited code traverses.
             batch_size: number of images when ``z`` is None; defaults to the number of prompts (or 1).
             num_inference_steps: denoising steps.
-            sami_scale: multiplies the posterior score (default 1, the exact SAMI decoder); 0 gives
-                the plain (unconditional, or prompt-conditioned) model.
+            sami_scale: multiplies the SAMI posterior score (1, the default, is the exact SAMI
+                decoder; 0 gives the plain unconditional or prompt-conditioned model).
             generator: torch generator(s) for ``z``, the initial noise and stochastic schedulers.
             latents: (N, C, h, w) initial noise of the UNet input (diffusers' meaning); drawn when None.
             eta: DDIM's eta, passed to schedulers that accept it.
@@ -460,24 +454,27 @@ class SAMIPipeline(DiffusionPipeline):
             negative_prompt: what classifier-free guidance pushes away from (default: the empty prompt).
             prompt_embeds: precomputed ``encoder_hidden_states`` (1 or N, L, D) instead of ``prompt``.
             negative_prompt_embeds: precomputed negative embeddings instead of ``negative_prompt``.
-            cfg_scale: classifier-free guidance weight ``w`` (1 = off); used with a text-conditioned UNet.
-            guidance_scale: alias of ``sami_scale`` (the SAMI knob, *not* the CFG weight).
+            guidance_scale: classifier-free guidance weight ``w`` (1 = off), diffusers' meaning; only a
+                text-conditioned UNet takes a value other than 1.
 
         Returns:
             :class:`SAMIPipelineOutput` with ``images`` and the ``z`` used, or ``(images, z)``.
         """
         if output_type not in ("pil", "np", "pt", "latent"):
             raise ValueError(f"output_type must be 'pil', 'np', 'pt' or 'latent', got {output_type!r}.")
-        if guidance_scale is not None and sami_scale is not None and guidance_scale != sami_scale:
-            raise ValueError(f"guidance_scale is an alias of sami_scale; got both ({guidance_scale} and {sami_scale}).")
-        sami_scale = float(next((v for v in (sami_scale, guidance_scale) if v is not None), 1.0))
+        if guidance_scale != 1 and not self.is_text_conditioned:
+            raise ValueError(
+                f"guidance_scale={guidance_scale} is the classifier-free guidance weight, but this UNet is not text-conditioned. "
+                "The SAMI knob (how strongly z steers sampling) is sami_scale."
+            )
+        sami_scale = float(sami_scale)
         check_scheduler(self.scheduler)
         device = self._execution_device
         if z is None:
             n = batch_size if batch_size is not None else self._prompt_batch(prompt, prompt_embeds)
             z = randn_tensor((n, self.latent_dim), generator=generator, device=device, dtype=self.encoder.dtype)
         z = self.check_z(z)
-        do_cfg = cfg_scale != 1 and self.is_text_conditioned
+        do_cfg = guidance_scale != 1
         cond, uncond = self.encode_prompt(prompt, z.shape[0], prompt_embeds, negative_prompt, negative_prompt_embeds, do_cfg)
         shape = (z.shape[0], *self._sample_shape())
         if latents is None:
@@ -491,7 +488,7 @@ class SAMIPipeline(DiffusionPipeline):
         extra = self._extra_step_kwargs(generator, eta)
         for t in self.progress_bar(self.scheduler.timesteps):
             model_input = self.scheduler.scale_model_input(sample, t)
-            model_output = self.guided_model_output(model_input, t, z, sami_scale, cond, uncond, cfg_scale)
+            model_output = self.guided_model_output(model_input, t, z, sami_scale, cond, uncond, guidance_scale)
             sample = self.scheduler.step(model_output, t, sample, **extra).prev_sample
 
         if output_type == "latent":

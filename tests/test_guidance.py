@@ -6,7 +6,7 @@ from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler,
 from linear_gaussian import IMAGE_SHAPE, LinearGaussian
 
 from sami_adapter import LatentPosterior, apply_guidance, noise_level, posterior_score, sami_loss
-from sami_adapter.guidance import alpha_sigma_from_alphas_cumprod
+from sami_adapter.guidance import add_noise, alpha_sigma_from_alphas_cumprod, encoder_noise_level
 
 
 def _as_prediction(eps, x_t, abar, prediction_type):
@@ -120,3 +120,19 @@ def test_bad_scheduler_and_timesteps_raise():
         noise_level(DDIMScheduler(), float("nan"))
     with pytest.raises(ValueError, match="prediction_type"):
         apply_guidance(torch.zeros(1, 1, 2, 2), torch.zeros(1, 1, 2, 2), DDIMScheduler(prediction_type="foo"), 1, torch.zeros(1, 1, 2, 2))
+
+
+def test_forward_noising_matches_the_scheduler_and_t0_is_clean():
+    """``add_noise`` is diffusers' ``DDPMScheduler.add_noise`` (equation (1)); the encoder's level at
+    t = 0 is the clean image, at t > 0 the scheduler's."""
+    scheduler = DDPMScheduler(num_train_timesteps=1000)
+    g = torch.Generator().manual_seed(0)
+    x0, eps = torch.randn(4, 1, 8, 8, generator=g), torch.randn(4, 1, 8, 8, generator=g)
+    t = torch.tensor([0, 1, 500, 999])
+    alpha, sigma = alpha_sigma_from_alphas_cumprod(scheduler.alphas_cumprod, t)
+    torch.testing.assert_close(add_noise(x0, eps, alpha, sigma), scheduler.add_noise(x0, eps, t))
+    a_enc, s_enc = encoder_noise_level(scheduler.alphas_cumprod, t)
+    assert a_enc[0] == 1 and s_enc[0] == 0
+    torch.testing.assert_close(a_enc[1:], alpha[1:])
+    torch.testing.assert_close(s_enc[1:], sigma[1:])
+    torch.testing.assert_close(add_noise(x0, eps, a_enc, s_enc)[0], x0[0])

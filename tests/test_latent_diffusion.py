@@ -181,10 +181,10 @@ def test_pixel_checks_use_the_vae_resolution():
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
 def test_sample_and_traverse_in_pixels(prediction_type):
     pipe = latent_pipeline(prediction_type)
-    out = pipe(prompt="a red cat", cfg_scale=3.0, batch_size=2, num_inference_steps=2, generator=_gen(), output_type="pt")
+    out = pipe(prompt="a red cat", guidance_scale=3.0, batch_size=2, num_inference_steps=2, generator=_gen(), output_type="pt")
     assert out.images.shape == (2, 3, PIXEL_SIZE, PIXEL_SIZE) and out.z.shape == (2, LATENT_DIM)
     assert torch.isfinite(out.images).all() and out.images.abs().max() <= 1
-    latent = pipe(prompt="a red cat", cfg_scale=3.0, batch_size=2, num_inference_steps=2, generator=_gen(), output_type="latent").images
+    latent = pipe(prompt="a red cat", guidance_scale=3.0, batch_size=2, num_inference_steps=2, generator=_gen(), output_type="latent").images
     assert latent.shape == (2, LATENT_CHANNELS, LATENT_SIZE, LATENT_SIZE)
     torch.testing.assert_close(out.images, latents_to_images(pipe.vae, latent).clamp(-1, 1))
     pil = pipe(prompt=["a", "b", "c"], num_inference_steps=2, generator=_gen()).images  # batch from the prompts
@@ -210,14 +210,17 @@ def test_no_prompt_is_the_empty_prompt_and_knobs():
     torch.testing.assert_close(unconditional, run(prompt_embeds=empty))
     assert not torch.allclose(unconditional, run(prompt="a dog"))
     # CFG against the empty prompt with no prompt is a no-op; with a prompt it is not
-    torch.testing.assert_close(unconditional, run(cfg_scale=5.0))
-    assert not torch.allclose(run(prompt="a dog"), run(prompt="a dog", cfg_scale=5.0))
-    # sami_scale is the SAMI knob, guidance_scale its alias; 0 turns SAMI off
+    torch.testing.assert_close(unconditional, run(guidance_scale=5.0))
+    assert not torch.allclose(run(prompt="a dog"), run(prompt="a dog", guidance_scale=5.0))
+    # sami_scale is the SAMI knob; 0 turns SAMI off
     assert not torch.allclose(run(prompt="a dog"), run(prompt="a dog", z=-z))
     torch.testing.assert_close(run(prompt="a dog", sami_scale=0.0), run(prompt="a dog", z=-z, sami_scale=0.0))
-    torch.testing.assert_close(run(prompt="a dog", sami_scale=2.0), run(prompt="a dog", guidance_scale=2.0))
-    with pytest.raises(ValueError, match="alias"):
-        run(sami_scale=1.0, guidance_scale=2.0)
+    # guidance_scale is CFG (diffusers' meaning), not the SAMI knob: with SAMI off it still changes
+    # the output, and it does not act like sami_scale
+    assert not torch.allclose(run(prompt="a dog", sami_scale=0.0), run(prompt="a dog", sami_scale=0.0, guidance_scale=2.0))
+    assert not torch.allclose(run(prompt="a dog", sami_scale=2.0), run(prompt="a dog", guidance_scale=2.0))
+    with pytest.raises(TypeError, match="cfg_scale"):
+        run(prompt="a dog", cfg_scale=2.0)
 
 
 def test_prompt_errors():
@@ -262,7 +265,7 @@ def test_cfg_composition_matches_hand_computation(prediction_type):
     p_cond, p_uncond = pipe.encode_prompt(["a red cat", "a dog"], batch_size=2, do_cfg=True)
     torch.testing.assert_close(p_cond, cond)
     torch.testing.assert_close(p_uncond, uncond)
-    got = pipe.guided_model_output(x_t, t, z, s, p_cond, p_uncond, cfg_scale=w)
+    got = pipe.guided_model_output(x_t, t, z, s, p_cond, p_uncond, guidance_scale=w)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
 
     # whatever the parameterisation, the noise prediction is eps_u + w (eps_c - eps_u) - s * s_t * g
@@ -333,7 +336,7 @@ def _assert_no_base_weights(adapter_dir: str) -> None:
 def _fixed_call(pipe: SAMIPipeline) -> torch.Tensor:
     z = torch.randn(2, LATENT_DIM, generator=_gen(11))
     noise = torch.randn(2, LATENT_CHANNELS, LATENT_SIZE, LATENT_SIZE, generator=_gen(12))
-    return pipe(z=z, latents=noise, prompt="a cat", cfg_scale=2.0, num_inference_steps=2, output_type="pt").images
+    return pipe(z=z, latents=noise, prompt="a cat", guidance_scale=2.0, num_inference_steps=2, output_type="pt").images
 
 
 def test_frozen_adapter_round_trip_loads_the_base_components(base_dir, tmp_path):

@@ -1,5 +1,6 @@
 """SAMIPipeline: sampling, encoding, round trips and input errors on tiny models."""
 
+import inspect
 import json
 import os
 
@@ -9,7 +10,7 @@ import torch
 from diffusers import DDPMScheduler, DiffusionPipeline, DPMSolverMultistepScheduler, EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler
 from tiny import tiny_encoder, tiny_pipeline, tiny_unet
 
-from sami_adapter import SAMIEncoder, SAMIPipeline
+from sami_adapter import SAMIEncoder, SAMIPipeline, apply_guidance, guided_output, sami_loss
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -35,10 +36,28 @@ def test_guidance_changes_samples_and_scale_zero_is_unconditional():
     z = torch.randn(2, 3, generator=_gen(2))
     guided = pipe(z=z, latents=noise, num_inference_steps=4, output_type="pt").images
     other = pipe(z=-z, latents=noise, num_inference_steps=4, output_type="pt").images
-    off = pipe(z=z, latents=noise, num_inference_steps=4, guidance_scale=0.0, output_type="pt").images
-    off_other = pipe(z=-z, latents=noise, num_inference_steps=4, guidance_scale=0.0, output_type="pt").images
+    off = pipe(z=z, latents=noise, num_inference_steps=4, sami_scale=0.0, output_type="pt").images
+    off_other = pipe(z=-z, latents=noise, num_inference_steps=4, sami_scale=0.0, output_type="pt").images
     assert not torch.allclose(guided, other)
     torch.testing.assert_close(off, off_other)
+
+
+def test_guidance_scale_is_cfg_and_refused_without_text_conditioning():
+    """``sami_scale`` is the SAMI knob; ``guidance_scale`` keeps diffusers' meaning (the CFG weight),
+    so an unconditional UNet refuses it instead of silently reading it as the SAMI knob."""
+    pipe = tiny_pipeline()
+    noise = torch.randn(2, 1, 8, 8, generator=_gen(1))
+    z = torch.randn(2, 3, generator=_gen(2))
+    default = pipe(z=z, latents=noise, num_inference_steps=4, output_type="pt").images
+    torch.testing.assert_close(default, pipe(z=z, latents=noise, num_inference_steps=4, sami_scale=1.0, guidance_scale=1.0, output_type="pt").images)
+    assert not torch.allclose(default, pipe(z=z, latents=noise, num_inference_steps=4, sami_scale=2.0, output_type="pt").images)
+    with pytest.raises(ValueError, match="guidance_scale=2.0 is the classifier-free guidance weight.*sami_scale"):
+        pipe(z=z, latents=noise, num_inference_steps=4, guidance_scale=2.0)
+    for name in ("sami_scale", "guidance_scale"):
+        assert inspect.signature(SAMIPipeline.__call__).parameters[name].default == 1.0
+    for fn in (apply_guidance, guided_output, sami_loss):
+        params = inspect.signature(fn).parameters
+        assert "sami_scale" in params and "guidance_scale" not in params
 
 
 def test_encode_single_and_multiscale():
