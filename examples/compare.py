@@ -29,6 +29,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _args import add_metric_arguments, metric_kwargs, moving_disks_for  # noqa: E402
 from sami_adapter import SAMIEncoder, SAMIPipeline  # noqa: E402
 from sami_adapter.adapter import read_adapter_config  # noqa: E402
 from sami_adapter.analysis import axes_to_json, default_timestep_grid, discover_axes, noise_order_agreement, plot_information_profile  # noqa: E402
@@ -36,13 +38,10 @@ from sami_adapter.baselines import train_beta_vae, train_diffae  # noqa: E402
 from sami_adapter.data import DATASETS, FactorDataset  # noqa: E402
 from sami_adapter.report import (  # noqa: E402
     EncodeFn,
-    add_metric_arguments,
     aggregate,
     flat_metrics,
     mean_code_fn,
-    metric_kwargs,
     metrics_table_markdown,
-    moving_disks_for,
     representation_metrics,
     trajectory_curvatures,
     write_json,

@@ -29,18 +29,17 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _args import add_metric_arguments, metric_kwargs, moving_disks_for  # noqa: E402
 from sami_adapter import SAMIPipeline  # noqa: E402
 from sami_adapter.adapter import read_adapter_config  # noqa: E402
 from sami_adapter.analysis import axes_to_json, default_timestep_grid, discover_axes, plot_information_profile, profile_table_markdown  # noqa: E402
 from sami_adapter.data import DATASETS  # noqa: E402
 from sami_adapter.report import (  # noqa: E402
-    add_metric_arguments,
     elbo_bits_per_dim,
     flat_metrics,
     mean_code_fn,
-    metric_kwargs,
     metrics_table_markdown,
-    moving_disks_for,
     representation_metrics,
     trajectory_curvatures,
     write_json,
@@ -59,7 +58,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--num_inference_steps", type=int, default=50, help="DDIM steps of reconstructions, traversals and samples.")
     p.add_argument("--eta", type=float, default=1.0, help="DDIM eta of reconstructions and samples (1: stochastic); traversals always use 0 so a row shares its randomness.")
     p.add_argument("--sami_scale", type=float, default=1.0,
-                   help="Guidance scale of reconstructions, traversals and samples (1: the exact SAMI decoder; "
+                   help="sami_scale of reconstructions, traversals and samples (1: the exact SAMI decoder; "
                         "above 1 decodes from a sharpened posterior q(z|x_t)^w).")
     p.add_argument("--num_reconstructions", type=int, default=8, help="Images in reconstructions.png.")
     p.add_argument("--num_samples", type=int, default=16, help="Images in samples.png.")

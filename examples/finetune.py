@@ -49,8 +49,8 @@ from sami_adapter.training import (  # noqa: E402
     beta_at,
     collapse_warning,
     timestep_distribution,
-    write_report,
 )
+from sami_adapter.report import write_report  # noqa: E402
 from sami_adapter.utils import save_image_grid  # noqa: E402
 
 logger = get_logger(__name__)
@@ -134,7 +134,7 @@ def parse_args(argv=None):
     g.add_argument("--num_eval_images", type=int, default=512, help="Held-out images of the final report.")
     g.add_argument("--num_inference_steps", type=int, default=50, help="DDIM steps of validation and report images.")
     g.add_argument("--eval_sami_scale", type=float, default=3.0,
-                   help="The report also measures reconstructions at this guidance scale (1 = only the exact decoder). "
+                   help="The report also measures reconstructions at this sami_scale (1 = only the exact decoder). "
                         "Above 1 decodes from a sharpened posterior; it removes the wrong-position outliers of the exact decoder.")
     g.add_argument("--eval_eta", type=float, default=1.0,
                    help="DDIM eta of validation/report reconstructions. 1 (stochastic) corrects the step errors that sharp posteriors "
@@ -387,7 +387,15 @@ def main(argv=None):
 
     # ---------------------------------------------------------------- data
     if args.train_data_dir or args.dataset_name:
-        dataset = ImageFolderDataset.from_args(args, resolution, pixel_channels)
+        options = {"center_crop": args.center_crop, "random_flip": args.random_flip, "seed": args.seed}
+        flag, source = ("--train_data_dir", args.train_data_dir) if args.train_data_dir else ("--dataset_name", args.dataset_name)
+        try:
+            if args.train_data_dir:
+                dataset = ImageFolderDataset.from_folder(args.train_data_dir, resolution, pixel_channels, **options)
+            else:
+                dataset = ImageFolderDataset.from_saved_dataset(args.dataset_name, args.image_column, resolution, pixel_channels, **options)
+        except (ValueError, ImportError) as e:
+            raise SystemExit(f"{flag} {source!r}: {e}") from e
         held_out = dataset
     else:
         dataset = DATASETS[args.dataset](num_samples=1, resolution=resolution, seed=args.seed)
@@ -525,7 +533,9 @@ def main(argv=None):
             images = held_out_images(held_out, args.num_eval_images, accelerator.device)
             report_dir = os.path.join(args.output_dir, "report")
             shutil.rmtree(report_dir, ignore_errors=True)  # no picture of an earlier run may stay next to this one's
-            report = {**write_report(pipe, images, args, report_dir, noise_scheduler), **report}
+            disks = args.dataset == "disks" and not (args.train_data_dir or args.dataset_name)
+            report = {**write_report(pipe, images, report_dir, noise_scheduler, seed=args.seed, num_inference_steps=args.num_inference_steps,
+                                     eta=args.eval_eta, sami_scale=args.eval_sami_scale, disk_factors=disks), **report}
             adapter_lib.update_adapter_config(args.output_dir, {"metrics": report}, model_card(args, report))
             logger.info(f"Report: {json.dumps(report)}")
         if args.push_to_hub:

@@ -17,7 +17,6 @@ mean is the representation, as in disentanglement_lib's evaluations.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -30,8 +29,9 @@ import torch
 from .analysis import factor_alignment, to_jsonable
 from .data.base import FactorDataset
 from .data.moving_disks import MovingDisks
-from .evaluation import linear_r2
+from .evaluation import active_dimensions, disk_reconstruction_r2, guidance_gain, informative_dimensions, linear_r2
 from .metrics import dci, explicitness, factor_vae_score, mig, modularity, sap, trajectory_curvature
+from .utils import save_image_grid
 
 COUNT_ROWS = ("training steps", "training seconds")  # table rows shown as whole numbers
 EncodeFn = Callable[[torch.Tensor], Union[torch.Tensor, np.ndarray]]
@@ -321,37 +321,95 @@ def write_json(path: str, obj: Any) -> str:
     return path
 
 
-# ---------------------------------------------------------------------------------------- CLI
-def add_metric_arguments(parser: argparse.ArgumentParser) -> None:
-    """The metric-size flags that evaluate.py and compare.py share (defaults: a few CPU minutes at 16 px)."""
-    g = parser.add_argument_group("metric sizes")
-    g.add_argument("--num_train", type=int, default=2000, help="Labelled observations the metrics fit on (disentanglement_lib: 10000).")
-    g.add_argument("--num_test", type=int, default=1000, help="Held-out observations the metrics score on (disentanglement_lib: 5000).")
-    g.add_argument("--num_bins", type=int, default=20, help="Histogram bins of MIG and modularity.")
-    g.add_argument("--dci_max_train", type=int, default=None, help="Fit DCI's classifiers on at most this many observations.")
-    g.add_argument("--dci_estimators", type=int, default=None, help="n_estimators of DCI's gradient boosting (default: sklearn's 100).")
-    g.add_argument("--factor_vae_train", type=int, default=500, help="FactorVAE training votes (disentanglement_lib: 10000).")
-    g.add_argument("--factor_vae_eval", type=int, default=300, help="FactorVAE evaluation votes (disentanglement_lib: 5000).")
-    g.add_argument("--factor_vae_batch", type=int, default=64, help="Observations per FactorVAE vote.")
-    g.add_argument("--num_variance_estimate", type=int, default=2000, help="Observations of FactorVAE's global scale.")
-    g.add_argument("--trajectories", dest="trajectories", action="store_true", default=None,
-                   help="Measure trajectory curvature on moving_disks (default: on for disks).")
-    g.add_argument("--no_trajectories", dest="trajectories", action="store_false", help="Skip the trajectory curvature.")
-    g.add_argument("--num_sequences", type=int, default=200, help="moving_disks videos for the trajectory curvature.")
-    g.add_argument("--num_frames", type=int, default=8, help="Frames per moving_disks video.")
-    g.add_argument("--encode_batch_size", type=int, default=256, help="Images per encoder call.")
+# ---------------------------------------------------------------------------------------- training report
+def write_report(
+    pipe: Any,
+    images: torch.Tensor,
+    report_dir: str,
+    noise_scheduler: Any,
+    seed: int = 0,
+    num_inference_steps: int = 50,
+    eta: float = 1.0,
+    sami_scale: float = 1.0,
+    disk_factors: bool = False,
+) -> Dict[str, object]:
+    """Held-out measurements and pictures of a trained adapter: report.json, report.md and PNGs.
 
-
-def metric_kwargs(args: argparse.Namespace) -> Dict[str, Any]:
-    """:func:`representation_metrics` keyword arguments from the flags of :func:`add_metric_arguments`."""
-    return {
-        "num_train": args.num_train, "num_test": args.num_test, "seed": args.seed, "batch_size": args.encode_batch_size,
-        "num_bins": args.num_bins, "dci_max_train": args.dci_max_train, "dci_estimators": args.dci_estimators,
-        "factor_vae_train": args.factor_vae_train, "factor_vae_eval": args.factor_vae_eval,
-        "factor_vae_batch": args.factor_vae_batch, "num_variance_estimate": args.num_variance_estimate,
+    Args:
+        pipe: the :class:`~sami_adapter.SAMIPipeline` of the adapter.
+        images: (N, C, H, W) held-out images in [-1, 1].
+        report_dir: output folder (created).
+        noise_scheduler: the training scheduler (``betas``, ``alphas_cumprod``) of the guidance gain.
+        seed: seed of the noise, timesteps and sampling.
+        num_inference_steps: DDIM steps of reconstructions and traversals.
+        eta: DDIM eta of reconstructions (traversals use 0, so a row shares its randomness).
+        sami_scale: when not 1, reconstructions are also measured and drawn at this scale.
+        disk_factors: the images are ``disks``: measure reconstruction R² of their moments.
+    """
+    os.makedirs(report_dir, exist_ok=True)
+    model_inputs = pipe.preprocess(images)  # VAE latents for latent diffusion, the images otherwise
+    unet_kwargs = {}
+    if pipe.is_text_conditioned:
+        unet_kwargs = {"encoder_hidden_states": pipe.encode_prompt(batch_size=1)[0]}
+    gains = guidance_gain(pipe.unet, pipe.encoder, noise_scheduler, model_inputs, seed=seed, unet_kwargs=unet_kwargs)
+    kl = gains.pop("kl_per_dim")
+    mean_variance = gains.pop("mean_variance_per_dim")
+    order = sorted(range(len(kl)), key=lambda i: -kl[i])
+    active = active_dimensions(kl)
+    report: Dict[str, object] = {
+        "guided_loss": round(gains["guided_loss"], 3),
+        "unguided_loss": round(gains["unguided_loss"], 3),
+        "relative_guidance_gain": round(gains["relative_gain"], 4),
+        "band_gain": {k: round(v, 4) for k, v in gains["band_gain"].items()},
+        "kl_per_dim": [round(v, 3) for v in kl],
+        "active_dims": len(active),
+        "informative_dims": len(informative_dimensions(mean_variance)),
+        "mean_variance_per_dim": [round(v, 3) for v in mean_variance],
     }
-
-
-def moving_disks_for(args: argparse.Namespace, resolution: int) -> MovingDisks:
-    """The held-out ``moving_disks`` set of the curvature measurement (seed offset from ``args.seed``)."""
-    return MovingDisks(num_sequences=args.num_sequences, num_frames=args.num_frames, resolution=resolution, seed=args.seed + 20_000)
+    n_show = min(8, images.shape[0])
+    if disk_factors:
+        rec = disk_reconstruction_r2(pipe, images, num_inference_steps=num_inference_steps, seed=seed, eta=eta)
+        report["reconstruction_r2"] = {k: round(v, 3) for k, v in rec["r2"].items()}
+        recon = rec["reconstructions"][:n_show]
+        if sami_scale != 1.0:  # also decode with sharpened guidance (same noise): the exact decoder's spread vs its modes
+            rec = disk_reconstruction_r2(pipe, images, num_inference_steps=num_inference_steps, seed=seed, eta=eta, sami_scale=sami_scale)
+            report["reconstruction_sami_scale"] = sami_scale
+            report["reconstruction_r2_scaled"] = {k: round(v, 3) for k, v in rec["r2"].items()}
+            recon = torch.cat([recon, rec["reconstructions"][:n_show]])
+    else:
+        recon = pipe.reconstruct(images[:n_show], num_inference_steps=num_inference_steps, eta=eta, generator=torch.Generator().manual_seed(seed), output_type="pt").images.cpu()
+    save_image_grid(torch.cat([images[:n_show].cpu(), recon]), os.path.join(report_dir, "reconstructions.png"), nrow=n_show, scale=4)
+    values = torch.linspace(-2.5, 2.5, 9).tolist()
+    rows = []
+    for d in (order[: max(len(active), 1)]):
+        g = torch.Generator().manual_seed(seed)
+        # eta = 0: a traversal must share all randomness across its row, so only the code changes
+        rows.append(pipe.traverse(images[:1], d, values, num_inference_steps=num_inference_steps, eta=0.0, generator=g, output_type="pt").images.cpu())
+    save_image_grid(torch.cat(rows), os.path.join(report_dir, "traversals.png"), nrow=len(values), scale=4)
+    with open(os.path.join(report_dir, "report.json"), "w") as f:
+        json.dump(report, f, indent=2)
+    lines = [
+        "# SAMI adapter report", "",
+        f"Held-out images: {images.shape[0]}. Guided vs unguided denoising error (same noise, stratified timesteps):",
+        f"{report['guided_loss']} vs {report['unguided_loss']} (relative gain {report['relative_guidance_gain']:.1%}).", "",
+        "| noise band (t) | " + " | ".join(report["band_gain"]) + " |", "|---" * (len(report["band_gain"]) + 1) + "|",
+        "| guidance gain | " + " | ".join(f"{v:.1%}" for v in report["band_gain"].values()) + " |", "",
+        f"Active dimensions (KL > 0.1 nats): {len(active)} of {len(kl)}. KL per dimension: {report['kl_per_dim']}", "",
+        f"Informative dimensions (Var_x of the posterior mean > 0.01): {report['informative_dims']}. "
+        f"Variance of the mean per dimension: {report['mean_variance_per_dim']}", "",
+    ]
+    if "reconstruction_r2" in report:
+        names = list(report["reconstruction_r2"])
+        lines += ["Reconstruction R² from z = posterior mean (image moments of input vs reconstruction):", "",
+                  "| sami_scale | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|",
+                  "| 1 (exact) | " + " | ".join(f"{v:.3f}" for v in report["reconstruction_r2"].values()) + " |"]
+        if "reconstruction_r2_scaled" in report:
+            lines += [f"| {report['reconstruction_sami_scale']:g} | " + " | ".join(f"{v:.3f}" for v in report["reconstruction_r2_scaled"].values()) + " |"]
+        lines += [""]
+    rows_text = "Top row inputs, then reconstructions" + (
+        f" at sami_scale 1 and {report['reconstruction_sami_scale']:g}." if "reconstruction_r2_scaled" in report else ".")
+    lines += ["![reconstructions](reconstructions.png)", "", rows_text, "",
+              "![traversals](traversals.png)", "", f"One row per active dimension (by KL), values {values[0]} to {values[-1]}.", ""]
+    with open(os.path.join(report_dir, "report.md"), "w") as f:
+        f.write("\n".join(lines))
+    return report

@@ -1,9 +1,8 @@
 """Training plumbing shared by the example scripts: deterministic batches, image folders, timestep
-emphasis, collapse detection and the end-of-training report."""
+emphasis, KL schedules and collapse detection."""
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Dict, List, Optional
 
@@ -12,8 +11,6 @@ import torch
 from torch.utils.data import Dataset
 
 from .data.base import FactorDataset
-from .evaluation import active_dimensions, disk_reconstruction_r2, guidance_gain, informative_dimensions
-from .utils import save_image_grid
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
@@ -54,7 +51,7 @@ class ImageFolderDataset(Dataset):
 
     def __init__(self, images, resolution: int, channels: int, center_crop: bool = True, random_flip: bool = False, seed: int = 0):
         if len(images) == 0:
-            raise ValueError("The training data is empty: no images found. Point --train_data_dir at a folder with "
+            raise ValueError("The training data is empty: no images found. Pass a folder with "
                              f"{'/'.join(IMAGE_EXTENSIONS)} files (subfolders are searched).")
         if channels not in (1, 3):
             raise ValueError(f"The UNet takes {channels} channels; image training supports 1 (grey) or 3 (RGB).")
@@ -62,27 +59,26 @@ class ImageFolderDataset(Dataset):
         self.center_crop, self.random_flip, self.seed = center_crop, random_flip, seed
 
     @classmethod
-    def from_args(cls, args, resolution: int, channels: int) -> "ImageFolderDataset":
-        if args.train_data_dir:
-            if not os.path.isdir(args.train_data_dir):
-                raise SystemExit(f"--train_data_dir {args.train_data_dir!r} is not a directory.")
-            files = sorted(
-                os.path.join(root, f) for root, _, fs in os.walk(args.train_data_dir) for f in fs if f.lower().endswith(IMAGE_EXTENSIONS)
-            )
-            try:
-                return cls(files, resolution, channels, args.center_crop, args.random_flip, args.seed)
-            except ValueError as e:
-                raise SystemExit(f"--train_data_dir {args.train_data_dir!r}: {e}") from e
+    def from_folder(cls, path: str, resolution: int, channels: int, **kwargs) -> "ImageFolderDataset":
+        """Every image file under ``path`` (searched recursively), in sorted order; ``kwargs`` as in the class."""
+        if not os.path.isdir(path):
+            raise ValueError(f"{path!r} is not a directory; pass a folder of {'/'.join(IMAGE_EXTENSIONS)} images.")
+        files = sorted(os.path.join(root, f) for root, _, fs in os.walk(path) for f in fs if f.lower().endswith(IMAGE_EXTENSIONS))
+        return cls(files, resolution, channels, **kwargs)
+
+    @classmethod
+    def from_saved_dataset(cls, path: str, image_column: str, resolution: int, channels: int, **kwargs) -> "ImageFolderDataset":
+        """The ``image_column`` of a `datasets` dataset saved with ``save_to_disk`` (its ``train`` split when it has splits)."""
         try:
             import datasets
         except ImportError as e:
-            raise SystemExit("--dataset_name needs the `datasets` package: pip install datasets") from e
-        ds = datasets.load_from_disk(args.dataset_name)
+            raise ImportError("Reading a saved dataset needs the `datasets` package: pip install datasets") from e
+        ds = datasets.load_from_disk(path)
         if hasattr(ds, "keys") and "train" in ds:
             ds = ds["train"]
-        if args.image_column not in ds.column_names:
-            raise SystemExit(f"--image_column {args.image_column!r} is not in {args.dataset_name} (columns: {ds.column_names}).")
-        return cls(ds[args.image_column], resolution, channels, args.center_crop, args.random_flip, args.seed)
+        if image_column not in ds.column_names:
+            raise ValueError(f"image column {image_column!r} is not in {path} (columns: {ds.column_names}).")
+        return cls(ds[image_column], resolution, channels, **kwargs)
 
     def __len__(self) -> int:
         return len(self.images)
@@ -201,76 +197,3 @@ def collapse_warning(kl_per_dim: List[float], gain: float, step: int, max_steps:
         return (f"No guidance gain at step {step} (unguided - guided = {gain:.4g} <= 0): the encoder's guidance does not "
                 "help the denoiser. Lower --learning_rate or --beta, or check the base model.")
     return None
-
-
-def write_report(pipe, images: torch.Tensor, args, report_dir: str, noise_scheduler) -> Dict[str, object]:
-    """Held-out measurements and pictures of a trained adapter: report.json, report.md and PNGs."""
-    os.makedirs(report_dir, exist_ok=True)
-    model_inputs = pipe.preprocess(images)  # VAE latents for latent diffusion, the images otherwise
-    unet_kwargs = {}
-    if pipe.is_text_conditioned:
-        unet_kwargs = {"encoder_hidden_states": pipe.encode_prompt(batch_size=1)[0]}
-    gains = guidance_gain(pipe.unet, pipe.encoder, noise_scheduler, model_inputs, seed=args.seed, unet_kwargs=unet_kwargs)
-    kl = gains.pop("kl_per_dim")
-    mean_variance = gains.pop("mean_variance_per_dim")
-    order = sorted(range(len(kl)), key=lambda i: -kl[i])
-    active = active_dimensions(kl)
-    report: Dict[str, object] = {
-        "guided_loss": round(gains["guided_loss"], 3),
-        "unguided_loss": round(gains["unguided_loss"], 3),
-        "relative_guidance_gain": round(gains["relative_gain"], 4),
-        "band_gain": {k: round(v, 4) for k, v in gains["band_gain"].items()},
-        "kl_per_dim": [round(v, 3) for v in kl],
-        "active_dims": len(active),
-        "informative_dims": len(informative_dimensions(mean_variance)),
-        "mean_variance_per_dim": [round(v, 3) for v in mean_variance],
-    }
-    n_show = min(8, images.shape[0])
-    if getattr(args, "dataset", None) == "disks" and not (args.train_data_dir or args.dataset_name):
-        rec = disk_reconstruction_r2(pipe, images, num_inference_steps=args.num_inference_steps, seed=args.seed, eta=args.eval_eta)
-        report["reconstruction_r2"] = {k: round(v, 3) for k, v in rec["r2"].items()}
-        recon = rec["reconstructions"][:n_show]
-        scale = getattr(args, "eval_sami_scale", 1.0)
-        if scale != 1.0:  # also decode with sharpened guidance (same noise): the exact decoder's spread vs its modes
-            rec = disk_reconstruction_r2(pipe, images, num_inference_steps=args.num_inference_steps, seed=args.seed, eta=args.eval_eta,
-                                         sami_scale=scale)
-            report["reconstruction_sami_scale"] = scale
-            report["reconstruction_r2_scaled"] = {k: round(v, 3) for k, v in rec["r2"].items()}
-            recon = torch.cat([recon, rec["reconstructions"][:n_show]])
-    else:
-        recon = pipe.reconstruct(images[:n_show], num_inference_steps=args.num_inference_steps, eta=args.eval_eta, generator=torch.Generator().manual_seed(args.seed), output_type="pt").images.cpu()
-    save_image_grid(torch.cat([images[:n_show].cpu(), recon]), os.path.join(report_dir, "reconstructions.png"), nrow=n_show, scale=4)
-    values = torch.linspace(-2.5, 2.5, 9).tolist()
-    rows = []
-    for d in (order[: max(len(active), 1)]):
-        g = torch.Generator().manual_seed(args.seed)
-        # eta = 0: a traversal must share all randomness across its row, so only the code changes
-        rows.append(pipe.traverse(images[:1], d, values, num_inference_steps=args.num_inference_steps, eta=0.0, generator=g, output_type="pt").images.cpu())
-    save_image_grid(torch.cat(rows), os.path.join(report_dir, "traversals.png"), nrow=len(values), scale=4)
-    with open(os.path.join(report_dir, "report.json"), "w") as f:
-        json.dump(report, f, indent=2)
-    lines = [
-        "# SAMI adapter report", "",
-        f"Held-out images: {images.shape[0]}. Guided vs unguided denoising error (same noise, stratified timesteps):",
-        f"{report['guided_loss']} vs {report['unguided_loss']} (relative gain {report['relative_guidance_gain']:.1%}).", "",
-        "| noise band (t) | " + " | ".join(report["band_gain"]) + " |", "|---" * (len(report["band_gain"]) + 1) + "|",
-        "| guidance gain | " + " | ".join(f"{v:.1%}" for v in report["band_gain"].values()) + " |", "",
-        f"Active dimensions (KL > 0.1 nats): {len(active)} of {len(kl)}. KL per dimension: {report['kl_per_dim']}", "",
-        f"Informative dimensions (Var_x of the posterior mean > 0.01): {report['informative_dims']}. "
-        f"Variance of the mean per dimension: {report['mean_variance_per_dim']}", "",
-    ]
-    if "reconstruction_r2" in report:
-        names = list(report["reconstruction_r2"])
-        lines += ["Reconstruction R² from z = posterior mean (image moments of input vs reconstruction):", "",
-                  "| sami_scale | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|",
-                  "| 1 (exact) | " + " | ".join(f"{v:.3f}" for v in report["reconstruction_r2"].values()) + " |"]
-        if "reconstruction_r2_scaled" in report:
-            lines += [f"| {report['reconstruction_sami_scale']:g} | " + " | ".join(f"{v:.3f}" for v in report["reconstruction_r2_scaled"].values()) + " |"]
-        lines += [""]
-    rows_text = "Top row inputs, then reconstructions" + (
-        f" at sami_scale 1 and {report['reconstruction_sami_scale']:g}." if "reconstruction_r2_scaled" in report else ".")
-    lines += ["![reconstructions](reconstructions.png)", "", rows_text, "",
-              "![traversals](traversals.png)", "", f"One row per active dimension (by KL), values {values[0]} to {values[-1]}.", ""]
-    with open(os.path.join(report_dir, "report.md"), "w") as f:
-        f.write("\n".join(lines))
-    return report
