@@ -66,17 +66,19 @@ def check_timesteps(timestep: TimestepLike, num_train_timesteps: int) -> None:
 def alpha_sigma_from_alphas_cumprod(alphas_cumprod: torch.Tensor, timestep: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """``(a_t, s_t)`` of equation (1) from ``alphas_cumprod`` at (possibly fractional) timesteps.
 
-    Fractional timesteps, as Euler-type schedulers pass them, interpolate ``sigma_t = s_t / a_t``
-    linearly between the neighbouring integer steps, the way diffusers builds their sigmas.
+    Integer timesteps read ``abar_t = alphas_cumprod[t]`` directly. Fractional timesteps, as
+    Euler-type schedulers pass them, interpolate ``sigma_t = s_t / a_t`` linearly between the
+    neighbouring integer steps, the way diffusers builds their sigmas. A zero-terminal-SNR schedule
+    (``abar_{T-1} = 0``) gives ``a_t = 0, s_t = 1`` there, not NaN.
     """
     alphas_cumprod = alphas_cumprod.to(device=timestep.device, dtype=torch.float64)
     t = timestep.to(torch.float64)
     lo = t.floor().long().clamp(0, alphas_cumprod.shape[0] - 1)
     hi = (lo + 1).clamp(max=alphas_cumprod.shape[0] - 1)
     frac = t - lo.to(torch.float64)
-    sigma_ve = ((1 - alphas_cumprod) / alphas_cumprod).sqrt()
-    sigma = sigma_ve[lo] * (1 - frac) + sigma_ve[hi] * frac
-    abar = 1.0 / (1.0 + sigma**2)
+    sigma_ve = ((1 - alphas_cumprod) / alphas_cumprod).sqrt()  # inf where abar = 0
+    interpolated = 1.0 / (1.0 + (sigma_ve[lo] + (sigma_ve[hi] - sigma_ve[lo]).nan_to_num(posinf=float("inf")) * frac) ** 2)
+    abar = torch.where(frac == 0, alphas_cumprod[lo], interpolated)
     return abar.sqrt(), (1 - abar).sqrt()
 
 
@@ -108,17 +110,58 @@ def check_scheduler(scheduler: Any) -> None:
         )
 
 
+def _model_input_sigma(scheduler: Any, index: int) -> torch.Tensor:
+    """The sigma by which a sigma scheduler scaled this step's model input (``x / sqrt(1 + sigma^2)``).
+
+    First-order steps use ``sigmas[index]``; the second stage of KDPM2, KDPM2-Ancestral and
+    DPM-Solver-SDE uses an interpolated or mid-point sigma instead. Rather than copying each
+    scheduler's bookkeeping, the scale its own ``scale_model_input`` applies is measured and matched
+    exactly against the sigmas it keeps. A scheduler that leaves its input unscaled (DPM-Solver,
+    UniPC, DEIS: the state already is ``x_t``) is at ``sigmas[index]``.
+
+    Raises:
+        TypeError: the scale matches none of the scheduler's sigmas (an unknown scheduler).
+    """
+    timestep = scheduler.timesteps[index]
+    one = torch.ones(1, dtype=scheduler.sigmas.dtype, device=scheduler.sigmas.device)
+    scale = scheduler.scale_model_input(one, timestep)
+    sigma = scheduler.sigmas[index]
+    if torch.equal(scale, one):
+        return sigma
+    candidates = [sigma]
+    for name in ("sigmas_interpol", "mid_point_sigma"):
+        value = getattr(scheduler, name, None)
+        if isinstance(value, torch.Tensor) and value.ndim == 1:
+            candidates += [value[i] for i in (index, index - 1) if 0 <= i < len(value)]
+        elif value is not None:
+            candidates.append(torch.as_tensor(value))
+    for candidate in candidates:
+        candidate = candidate.to(one)
+        if torch.equal(one / ((candidate**2 + 1) ** 0.5), scale):
+            return candidate
+    raise TypeError(
+        f"{type(scheduler).__name__} scales its model input by {scale.item():.6g}, which matches none of its sigmas at step "
+        f"{index}: SAMI guidance cannot tell the noise level of this model call. Use DDIM, DDPM, Euler, Heun, LMS, KDPM2, "
+        "DPM-Solver, UniPC or DEIS."
+    )
+
+
 def noise_level(scheduler: Any, timestep: TimestepLike, batch_size: int = 1, device: torch.device | str = "cpu") -> Tuple[torch.Tensor, torch.Tensor]:
     """``(a_t, s_t)`` (each shape ``(batch_size,)``, float64) of the UNet input at ``timestep``.
 
-    * alphas_cumprod schedulers (DDPM, DDIM, PNDM, LCM, TCD): ``abar_t = alphas_cumprod[t]``.
-    * sigma schedulers in the middle of sampling: ``sigma = scheduler.sigmas[step_index]``
-      (the step's exact noise level, also for Karras sigmas and second-order repeats), then
-      ``abar_t = 1 / (1 + sigma^2)``.
+    * In the middle of a sigma scheduler's loop (Euler, Heun, LMS, KDPM2, DPM-Solver, UniPC, ...),
+      when ``timestep`` is the scheduler's current one: the sigma that scheduler used for this model
+      call (``sigmas[step_index]``, or the interpolated / mid-point sigma of a second-order stage; see
+      :func:`_model_input_sigma`), then ``abar_t = 1 / (1 + sigma^2)``. Multistep solvers set
+      ``step_index`` only in ``step()``; before their first step the timestep is looked up in
+      ``scheduler.timesteps``.
+    * Otherwise, i.e. alphas_cumprod schedulers (DDPM, DDIM, PNDM, LCM, TCD), any other timestep,
+      per-sample timesteps, or a finished loop: ``abar_t = alphas_cumprod[t]`` at the timestep given
+      (interpolated for fractional ``t``), so the result always belongs to ``timestep``.
 
     Raises:
         TypeError: the scheduler has no ``alphas_cumprod`` (EDM, flow-matching or variance-exploding
-            schedulers): SAMI guidance needs a variance-preserving noise level.
+            schedulers), or its model-input scale cannot be matched to a sigma.
         ValueError: the timestep is negative, non-finite or beyond ``num_train_timesteps``.
     """
     device = torch.device(device)
@@ -129,16 +172,24 @@ def noise_level(scheduler: Any, timestep: TimestepLike, batch_size: int = 1, dev
     check_timesteps(timestep, num_train)
     t = _timestep_tensor(timestep, batch_size, device)
 
-    if sigmas is not None and isinstance(sigmas, torch.Tensor) and getattr(scheduler, "timesteps", None) is not None:
+    timesteps = getattr(scheduler, "timesteps", None)
+    if isinstance(sigmas, torch.Tensor) and isinstance(timesteps, torch.Tensor) and bool((t == t[0]).all()):
         index = getattr(scheduler, "step_index", None)
-        if index is None and t.ndim == 1 and bool((t == t[0]).all()):
-            # Multistep solvers set step_index only in step(): find the step from the timestep.
-            matches = (scheduler.timesteps.to(t.device).float() == t[0].float()).nonzero()
-            index = int(matches[0]) if len(matches) else None
+        current = t[0].to(timesteps.dtype if timesteps.is_floating_point() else torch.float64)
         if index is not None:
-            sigma = sigmas[index].to(device=device, dtype=torch.float64).expand(batch_size)
-            abar = 1.0 / (1.0 + sigma**2)
-            return abar.sqrt(), (1 - abar).sqrt()
+            if not (index < len(timesteps) and float(timesteps[index]) == float(current)):
+                index = None  # not this loop's current step: use the timestep given
+            else:
+                sigma = _model_input_sigma(scheduler, index)
+                abar = (1.0 / (1.0 + sigma.to(device=device, dtype=torch.float64) ** 2)).expand(batch_size)
+                return abar.sqrt(), (1 - abar).sqrt()
+        elif not hasattr(scheduler, "state_in_first_order"):
+            # A multistep solver before its first step(): its sigmas line up with its timesteps.
+            matches = (timesteps.to(t.device).double() == t[0].double()).nonzero()
+            if len(matches):
+                sigma = sigmas[int(matches[0])].to(device=device, dtype=torch.float64).expand(batch_size)
+                abar = 1.0 / (1.0 + sigma**2)
+                return abar.sqrt(), (1 - abar).sqrt()
     return alpha_sigma_from_alphas_cumprod(alphas_cumprod, t)
 
 
@@ -227,12 +278,17 @@ def guided_output(
 ) -> torch.Tensor:
     """Equations (3)-(5) for known per-sample ``alpha = a_t`` and ``sigma = s_t`` (each (B,)), with the
     posterior score ``score`` multiplied by ``sami_scale``."""
+    # At zero SNR (a_t = 0, the last step of a zero-terminal-SNR schedule) x_t says nothing about
+    # x_0: the exact posterior's score vanishes, and (3) keeps its finite value -s_t g. The x0 and v
+    # forms divide by a_t there; their limit is not a function of the score at that one point, so
+    # that single model call stays unguided (the following steps, with a_t > 0, carry the guidance).
+    safe_alpha = torch.where(alpha > 0, alpha, torch.ones_like(alpha))
     if prediction_type == "epsilon":
         coefficient = -sigma  # (3)
     elif prediction_type == "sample":
-        coefficient = sigma**2 / alpha  # (4)
+        coefficient = torch.where(alpha > 0, sigma**2 / safe_alpha, torch.zeros_like(alpha))  # (4)
     elif prediction_type == "v_prediction":
-        coefficient = -sigma / alpha  # (5)
+        coefficient = torch.where(alpha > 0, -sigma / safe_alpha, torch.zeros_like(alpha))  # (5)
     else:
         raise ValueError(f"Unsupported prediction_type {prediction_type!r}; expected 'epsilon', 'sample' or 'v_prediction'.")
     return model_output + _per_sample(sami_scale * coefficient, model_output) * score.to(model_output.dtype)

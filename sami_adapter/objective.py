@@ -70,9 +70,19 @@ class SAMILossOutput(BaseOutput):
 
 
 def elbo_weights(scheduler: Any) -> torch.Tensor:
-    """``w_i`` of the module docstring, shape (T,), float64."""
+    """``w_i`` of the module docstring, shape (T,), float64.
+
+    Raises:
+        ValueError: a step with ``alpha_i = 0`` (``beta_i = 1``, as in zero-terminal-SNR schedules): its
+            reverse mean divides by ``sqrt(alpha_i)``, so its weight and the bound are infinite.
+    """
     betas = scheduler.betas.to(torch.float64)
     alphas = 1.0 - betas
+    if (alphas <= 0).any():
+        raise ValueError(
+            "weighting='elbo' is undefined for this schedule: it has zero terminal SNR (beta = 1 at the last step, "
+            "abar_T = 0), where the ELBO weight beta / (2 alpha (1 - abar)) is infinite. Use weighting='simple'."
+        )
     alphas_cumprod = torch.cumprod(alphas, dim=0)
     weights = torch.empty_like(betas)
     weights[0] = 1.0 / (2.0 * alphas[0])

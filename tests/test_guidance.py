@@ -1,5 +1,7 @@
 """Guidance and the ELBO against the closed forms of a linear-Gaussian model."""
 
+import inspect
+
 import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, ScoreSdeVeScheduler
@@ -27,34 +29,57 @@ class ExactEncoder:
         return LatentPosterior(torch.cat([p.mean, p.logvar], dim=-1))
 
 
-@pytest.mark.parametrize("prediction_type", ["epsilon", "sample", "v_prediction"])
-@pytest.mark.parametrize("scheduler_cls", [DDIMScheduler, EulerDiscreteScheduler, DPMSolverMultistepScheduler])
-def test_guided_output_equals_analytic_conditional(scheduler_cls, prediction_type):
+# Every variance-preserving scheduler the pipeline accepts (DPMSolverSDE needs torchsde, not installed here).
+ACCEPTED_SCHEDULERS = [
+    "DDIMScheduler", "DDPMScheduler", "PNDMScheduler", "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler",
+    "HeunDiscreteScheduler", "LMSDiscreteScheduler", "KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler",
+    "DPMSolverMultistepScheduler", "DPMSolverSinglestepScheduler", "UniPCMultistepScheduler", "DEISMultistepScheduler",
+]
+
+
+def _true_abar(scheduler, state, model_input, t, call):
+    """The noise level of this model call, read off the loop itself, not from the library.
+
+    A scheduler that scales its state hands the model ``state / sqrt(1 + sigma^2)`` (``abar = 1 / (1 + sigma^2)``),
+    so the ratio of the two tensors gives the level; one that does not is at ``sigmas[call]`` (one model call per
+    timestep) or, without sigmas, at ``alphas_cumprod[t]``.
+    """
+    ratio = (state / model_input).flatten()[0].double()
+    if not torch.equal(state, model_input):
+        return (1.0 / ratio**2).expand(state.shape[0])
+    if isinstance(getattr(scheduler, "sigmas", None), torch.Tensor):
+        return (1.0 / (1.0 + scheduler.sigmas[call].double() ** 2)).expand(state.shape[0])
+    return scheduler.alphas_cumprod[int(t)].double().expand(state.shape[0])
+
+
+NO_X0_PREDICTION = {"PNDMScheduler", "EulerAncestralDiscreteScheduler", "KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler"}
+
+
+@pytest.mark.parametrize(
+    "scheduler_name, prediction_type",
+    [(n, p) for n in ACCEPTED_SCHEDULERS for p in ("epsilon", "sample", "v_prediction") if not (p == "sample" and n in NO_X0_PREDICTION)],
+)
+def test_guided_output_equals_analytic_conditional_at_every_model_call_of_a_real_loop(scheduler_name, prediction_type):
+    """With the exact posterior as encoder, guided = the exact conditional model, at every call of the
+    scheduler's own loop (second-order stages, interpolated sigmas, Karras-free defaults included)."""
+    import diffusers
+
     model = LinearGaussian()
-    scheduler = scheduler_cls(num_train_timesteps=1000, prediction_type=prediction_type)
-    scheduler.set_timesteps(10)
+    scheduler = getattr(diffusers, scheduler_name)(num_train_timesteps=1000, prediction_type=prediction_type)
+    scheduler.set_timesteps(6)
     g = torch.Generator().manual_seed(0)
-    x0 = model.sample(16, g)
-    z = torch.randn(16, model.k, generator=g, dtype=torch.float64)
-    for i, t in enumerate(scheduler.timesteps[:-1]):
-        if hasattr(scheduler, "sigmas"):
-            sigma = scheduler.sigmas[i].double()
-            abar = torch.full((16,), 1.0 / (1.0 + sigma.item() ** 2), dtype=torch.float64)
-        else:
-            abar = scheduler.alphas_cumprod[int(t)].double().expand(16)
-        # the scheduler's own state: VP x_t for DDIM/DPM-Solver, x_t / a_t for Euler
-        x_t = abar.sqrt().view(-1, 1, 1, 1) * x0 + (1 - abar).sqrt().view(-1, 1, 1, 1) * torch.randn(x0.shape, generator=g, dtype=torch.float64)
-        state = x_t if scheduler.init_noise_sigma == 1.0 else x_t / abar.sqrt().view(-1, 1, 1, 1)
+    z = torch.randn(8, model.k, generator=g, dtype=torch.float64)
+    state = torch.randn(8, *IMAGE_SHAPE, generator=g, dtype=torch.float64) * scheduler.init_noise_sigma
+    step_kwargs = {"generator": g} if "generator" in inspect.signature(scheduler.step).parameters else {}
+    for call, t in enumerate(scheduler.timesteps):
         model_input = scheduler.scale_model_input(state, t)
-        torch.testing.assert_close(model_input, x_t)
+        abar = _true_abar(scheduler, state, model_input, t, call)
         unguided = _as_prediction(model.eps_unconditional(model_input, abar), model_input, abar, prediction_type)
-        encoder = ExactEncoder(model, lambda _t, abar=abar: abar)
-        score = posterior_score(encoder, z, model_input, t)
+        score = posterior_score(ExactEncoder(model, lambda _t, abar=abar: abar), z, model_input, t)
         guided = apply_guidance(unguided, score, scheduler, t, model_input)
         expected = _as_prediction(model.eps_conditional(model_input, z, abar), model_input, abar, prediction_type)
-        torch.testing.assert_close(guided, expected, atol=1e-4, rtol=1e-4)
-        if hasattr(scheduler, "_step_index") and scheduler.step_index is not None:
-            scheduler._step_index += 1  # advance as step() would
+        torch.testing.assert_close(guided, expected, atol=1e-4, rtol=1e-4, msg=lambda m: f"{scheduler_name}, call {call} (t={float(t):g}): {m}")
+        state = scheduler.step(guided, t, state, **step_kwargs).prev_sample
 
 
 def test_score_is_difference_of_conditional_and_marginal_scores():
@@ -136,3 +161,54 @@ def test_forward_noising_matches_the_scheduler_and_t0_is_clean():
     torch.testing.assert_close(a_enc[1:], alpha[1:])
     torch.testing.assert_close(s_enc[1:], sigma[1:])
     torch.testing.assert_close(add_noise(x0, eps, a_enc, s_enc)[0], x0[0])
+
+
+def test_zero_terminal_snr_endpoint_is_finite_in_guidance_and_loss():
+    """abar_{T-1} = 0: a_t = 0, s_t = 1; epsilon keeps -s_t g, x0 and v leave that one call unguided; the loss stays finite."""
+    scheduler = DDPMScheduler(num_train_timesteps=1000, rescale_betas_zero_snr=True)
+    assert scheduler.alphas_cumprod[-1] == 0
+    a, s = noise_level(scheduler, 999, batch_size=2)
+    assert torch.equal(a, torch.zeros(2, dtype=torch.float64)) and torch.equal(s, torch.ones(2, dtype=torch.float64))
+    a, s = noise_level(scheduler, torch.tensor([998.5, 999.0]), batch_size=2)  # fractional next to the endpoint
+    assert torch.isfinite(a).all() and torch.isfinite(s).all() and a[1] == 0
+    out, score, x = torch.randn(2, 1, 2, 2), torch.randn(2, 1, 2, 2), torch.randn(2, 1, 2, 2)
+    torch.testing.assert_close(apply_guidance(out, score, scheduler, 999, x), out - score)
+    for prediction_type in ("sample", "v_prediction"):
+        other = DDPMScheduler(num_train_timesteps=1000, rescale_betas_zero_snr=True, prediction_type=prediction_type)
+        assert torch.equal(apply_guidance(out, score, other, 999, x), out)
+        assert not torch.equal(apply_guidance(out, score, other, 998, x), out)  # guided one step earlier
+
+    model = LinearGaussian()
+    unet = lambda x, t: model.eps_unconditional(x, scheduler.alphas_cumprod.double()[t])  # noqa: E731
+    encoder = ExactEncoder(model, lambda t: torch.where(t == 0, torch.ones(()), scheduler.alphas_cumprod[t]).double())
+    x0 = model.sample(4, torch.Generator().manual_seed(0))
+    loss = sami_loss(unet, encoder, scheduler, x0, weighting="simple", timesteps=torch.tensor([999, 999, 998, 0]))
+    assert torch.isfinite(loss.loss) and torch.isfinite(loss.guided_error).all()
+    with pytest.raises(ValueError, match="zero terminal SNR"):
+        sami_loss(unet, encoder, scheduler, x0, weighting="elbo", timesteps=torch.tensor([999, 10, 998, 0]))
+
+
+def test_noise_level_uses_the_timestep_given_outside_the_schedulers_current_step():
+    """A sigma scheduler's step_index is used only for its own current timestep: a finished loop, another
+    timestep or per-sample timesteps each get their own level."""
+    ddpm = DDPMScheduler(num_train_timesteps=1000)
+    reference = lambda t: alpha_sigma_from_alphas_cumprod(ddpm.alphas_cumprod, torch.as_tensor(t, dtype=torch.float64).view(-1))  # noqa: E731
+    euler = EulerDiscreteScheduler(num_train_timesteps=1000)
+    euler.set_timesteps(5)
+    sample = torch.zeros(1)
+    for t in euler.timesteps:
+        euler.scale_model_input(sample, t)
+        sample = euler.step(torch.zeros(1), t, sample).prev_sample
+    assert euler.step_index == len(euler.timesteps)  # the loop is over
+    a, s = noise_level(euler, 500)
+    torch.testing.assert_close((a, s), reference(500))
+    assert s.item() > 0.5  # not the silent zero of sigmas[-1]
+    euler.set_timesteps(5)
+    euler.scale_model_input(sample, euler.timesteps[1])  # mid-loop: step_index = 0 ... set to this step
+    euler._step_index = 1
+    a, s = noise_level(euler, torch.tensor([100, 700]), batch_size=2)
+    torch.testing.assert_close((a, s), reference([100, 700]))
+    a, s = noise_level(euler, 300)  # another timestep than the current one
+    torch.testing.assert_close((a, s), reference(300))
+    a, s = noise_level(euler, euler.timesteps[1])  # the current one: the scheduler's own sigma
+    torch.testing.assert_close((s / a).float(), euler.sigmas[1].view(1))
