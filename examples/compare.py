@@ -33,20 +33,25 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _args import add_metric_arguments, metric_kwargs, moving_disks_for  # noqa: E402
 from sami_adapter import SAMIEncoder, SAMIPipeline  # noqa: E402
 from sami_adapter.adapter import read_adapter_config  # noqa: E402
-from sami_adapter.analysis import axes_to_json, default_timestep_grid, discover_axes, noise_order_agreement, plot_information_profile  # noqa: E402
 from sami_adapter.baselines import train_beta_vae, train_diffae  # noqa: E402
 from sami_adapter.data import DATASETS, FactorDataset  # noqa: E402
+from sami_adapter.evaluation import default_timestep_grid, noise_order_agreement  # noqa: E402
 from sami_adapter.report import (  # noqa: E402
     EncodeFn,
     aggregate,
+    axes_to_json,
+    discover_axes,
     flat_metrics,
     mean_code_fn,
     metrics_table_markdown,
+    plot_axes,
+    plot_metric_bars,
+    reconstructions,
     representation_metrics,
+    save_image_grid,
     trajectory_curvatures,
     write_json,
 )
-from sami_adapter.utils import save_image_grid  # noqa: E402
 
 DEFAULT_BUDGET = 300.0
 
@@ -122,33 +127,6 @@ def evaluate_model(encode_fn: EncodeFn, dataset: FactorDataset, args: argparse.N
     return result
 
 
-def plot_metric_bars(columns: Dict[str, List[Dict[str, float]]], path: str, rows: List[str]) -> str:
-    """Grouped bars (mean, std error bars over runs) of ``rows`` for each model; saved as PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    stats = {name: aggregate(runs) for name, runs in columns.items()}
-    x = np.arange(len(rows))
-    width = 0.8 / max(len(stats), 1)
-    fig, ax = plt.subplots(figsize=(1.6 * len(rows) + 2, 3.8))
-    for j, (name, per_row) in enumerate(stats.items()):
-        means = [per_row.get(r, {}).get("mean", np.nan) for r in rows]
-        stds = [per_row.get(r, {}).get("std", 0.0) for r in rows]
-        ax.bar(x + (j - (len(stats) - 1) / 2) * width, means, width, yerr=stds, capsize=2, label=name)
-    ax.set_xticks(x)
-    ax.set_xticklabels(rows, rotation=20, ha="right", fontsize=8)
-    ax.set_ylim(0, 1.05)
-    ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
 def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     """Train the baselines, evaluate everything, write compare.md/compare.json and the figures; returns the summary."""
     args = parse_args(argv)
@@ -192,9 +170,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
                              batch_size=args.encode_batch_size)
         axes_runs.append(axes)
         k = len(axes_runs) - 1
-        labels = [f"{axes['alignment']['best_factor'][i]} {axes['alignment']['best_score'][i]:.2f}" for i in range(latent_dim)]
-        plot_information_profile(axes["profile"], os.path.join(args.output_dir, f"information_profile_sami{k}.png"), axes["levels"],
-                                 labels=labels, title=os.path.basename(os.path.normpath(adapter_dir)))
+        plot_axes(axes, os.path.join(args.output_dir, f"information_profile_sami{k}.png"), title=os.path.basename(os.path.normpath(adapter_dir)))
         first_models.setdefault("SAMI", pipe)
 
     # ---------------------------------------------------------------- baselines
@@ -230,11 +206,10 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     rows = [inputs]
     row_names = ["input"]
     for name, model in first_models.items():
-        g = torch.Generator().manual_seed(args.seed)
         if name == "SAMI":
-            rec = model.reconstruct(inputs, num_inference_steps=args.num_inference_steps, eta=1.0, generator=g, output_type="pt").images
+            rec = reconstructions(model, inputs, args.num_inference_steps, eta=1.0, seed=args.seed)
         elif name == "DiffAE":
-            rec = model.reconstruct(inputs, num_inference_steps=args.num_inference_steps, generator=g)
+            rec = model.reconstruct(inputs, num_inference_steps=args.num_inference_steps, generator=torch.Generator().manual_seed(args.seed))
         else:
             rec = model.reconstruct(inputs)
         rows.append(rec.cpu())

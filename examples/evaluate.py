@@ -33,18 +33,23 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _args import add_metric_arguments, metric_kwargs, moving_disks_for  # noqa: E402
 from sami_adapter import SAMIPipeline  # noqa: E402
 from sami_adapter.adapter import read_adapter_config  # noqa: E402
-from sami_adapter.analysis import axes_to_json, default_timestep_grid, discover_axes, plot_information_profile, profile_table_markdown  # noqa: E402
 from sami_adapter.data import DATASETS  # noqa: E402
+from sami_adapter.evaluation import default_timestep_grid, elbo_bits_per_dim  # noqa: E402
 from sami_adapter.report import (  # noqa: E402
-    elbo_bits_per_dim,
+    axes_to_json,
+    discover_axes,
     flat_metrics,
     mean_code_fn,
     metrics_table_markdown,
+    plot_axes,
+    profile_table_markdown,
+    reconstructions,
     representation_metrics,
+    save_image_grid,
     trajectory_curvatures,
+    traversal_rows,
     write_json,
 )
-from sami_adapter.utils import save_image_grid  # noqa: E402
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
@@ -83,25 +88,16 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     return args
 
 
-def _generator(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
-def traversal_rows(pipe: SAMIPipeline, image: torch.Tensor, dims: List[int], codes: np.ndarray, args: argparse.Namespace) -> Dict[str, Any]:
-    """One traversal row per dimension in ``dims``: the dimension sweeps the [q, 1-q] quantile range of its
-    posterior mean over the held-out codes; the other coordinates stay at ``image``'s posterior mean and
-    every row shares one initial noise."""
-    rows, ranges = [], {}
+def traversal_values(codes: np.ndarray, dims: List[int], quantile: float, steps: int) -> Dict[str, List[float]]:
+    """Each dimension's traversal values: ``steps`` points across the [q, 1-q] quantiles of its posterior mean
+    over the held-out codes (a constant dimension gets +-1 around its value)."""
+    out = {}
     for d in dims:
-        lo, hi = np.quantile(codes[:, d], [args.traversal_quantile, 1 - args.traversal_quantile])
+        lo, hi = np.quantile(codes[:, d], [quantile, 1 - quantile])
         if hi - lo < 1e-6:
             lo, hi = lo - 1.0, hi + 1.0
-        values = np.linspace(lo, hi, args.traversal_steps).tolist()
-        out = pipe.traverse(image, d, values, generator=_generator(args.seed), num_inference_steps=args.num_inference_steps, eta=0.0, output_type="pt",
-                            sami_scale=args.sami_scale)
-        rows.append(out.images.cpu())
-        ranges[f"z{d}"] = [float(lo), float(hi)]
-    return {"images": torch.cat(rows) if rows else None, "ranges": ranges}
+        out[f"z{d}"] = np.linspace(lo, hi, steps).tolist()
+    return out
 
 
 def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
@@ -137,22 +133,21 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     axes = discover_axes(pipe, images, values, names, grid, fraction=args.fraction, kl_threshold=args.kl_threshold, seed=args.seed,
                          batch_size=args.encode_batch_size)
     profile, levels, alignment, codes = axes["profile"], axes["levels"], axes["alignment"], axes["codes"]
-    labels = [f"{alignment['best_factor'][i]} {alignment['best_score'][i]:.2f}" for i in range(codes.shape[1])]
-    plot_information_profile(profile, os.path.join(args.output_dir, "information_profile.png"), levels, labels=labels,
-                             title=f"{os.path.basename(os.path.normpath(args.adapter_dir))} on {dataset_name}")
+    plot_axes(axes, os.path.join(args.output_dir, "information_profile.png"),
+              title=f"{os.path.basename(os.path.normpath(args.adapter_dir))} on {dataset_name}")
     timings["axis_discovery"] = time.perf_counter() - clock
 
     # ---------------------------------------------------------------- pictures
     clock = time.perf_counter()
     n_rec = min(args.num_reconstructions, images.shape[0])
-    rec = pipe.reconstruct(images[:n_rec], num_inference_steps=args.num_inference_steps, eta=args.eta, generator=_generator(args.seed), output_type="pt",
-                          sami_scale=args.sami_scale).images.cpu()
+    rec = reconstructions(pipe, images[:n_rec], args.num_inference_steps, args.eta, args.seed, args.sami_scale)
     save_image_grid(torch.cat([images[:n_rec], rec]), os.path.join(args.output_dir, "reconstructions.png"), nrow=n_rec, scale=4)
     rows = levels["order"] or [int(np.argmax(np.asarray(profile["kl"])[0]))]
-    traversal = traversal_rows(pipe, images[:1], rows, codes, args)
-    save_image_grid(traversal["images"], os.path.join(args.output_dir, "traversals.png"), nrow=args.traversal_steps, scale=4)
-    samples = pipe(batch_size=args.num_samples, num_inference_steps=args.num_inference_steps, eta=args.eta, generator=_generator(args.seed + 1), output_type="pt",
-                   sami_scale=args.sami_scale).images.cpu()
+    values = traversal_values(codes, rows, args.traversal_quantile, args.traversal_steps)
+    traversal = traversal_rows(pipe, images[:1], rows, list(values.values()), args.num_inference_steps, args.seed, args.sami_scale)
+    save_image_grid(traversal, os.path.join(args.output_dir, "traversals.png"), nrow=args.traversal_steps, scale=4)
+    samples = pipe(batch_size=args.num_samples, num_inference_steps=args.num_inference_steps, eta=args.eta,
+                   generator=torch.Generator().manual_seed(args.seed + 1), output_type="pt", sami_scale=args.sami_scale).images.cpu()
     save_image_grid(samples, os.path.join(args.output_dir, "samples.png"), nrow=min(8, args.num_samples), scale=4)
     timings["pictures"] = time.perf_counter() - clock
 
@@ -187,7 +182,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         "elbo": elbo,
         "trajectories": trajectories,
         "axis_discovery": axes_to_json(axes),
-        "traversal": {"rows": [f"z{d}" for d in rows], "ranges": traversal["ranges"], "values_per_row": args.traversal_steps},
+        "traversal": {"rows": [f"z{d}" for d in rows], "ranges": {k: [v[0], v[-1]] for k, v in values.items()},
+                      "values_per_row": args.traversal_steps},
         "seconds": {k: round(v, 1) for k, v in timings.items()},
         "args": {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None)))},
     }

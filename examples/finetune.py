@@ -50,8 +50,7 @@ from sami_adapter.training import (  # noqa: E402
     collapse_warning,
     timestep_distribution,
 )
-from sami_adapter.report import write_report  # noqa: E402
-from sami_adapter.utils import save_image_grid  # noqa: E402
+from sami_adapter.report import reconstructions, save_image_grid, traversal_rows, write_report  # noqa: E402
 
 logger = get_logger(__name__)
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -298,14 +297,8 @@ def make_pipeline(encoder, unet, noise_scheduler, components) -> SAMIPipeline:
 @torch.no_grad()
 def save_validation(pipe, images, path, seed, latent_dim, steps, eta):
     """Reconstructions (input row, reconstruction row) and one traversal row per dimension, as one PNG."""
-    g = torch.Generator().manual_seed(seed)
-    rec = pipe.reconstruct(images, num_inference_steps=steps, eta=eta, generator=g, output_type="pt").images.cpu()
-    rows = [images.cpu(), rec]
     values = torch.linspace(-2.5, 2.5, images.shape[0]).tolist()
-    for d in range(latent_dim):
-        g = torch.Generator().manual_seed(seed)
-        # eta = 0: the row shares all randomness, so only the code changes
-        rows.append(pipe.traverse(images[:1], d, values, num_inference_steps=steps, eta=0.0, generator=g, output_type="pt").images.cpu())
+    rows = [images.cpu(), reconstructions(pipe, images, steps, eta, seed), traversal_rows(pipe, images[:1], range(latent_dim), values, steps, seed)]
     save_image_grid(torch.cat(rows), path, nrow=images.shape[0], scale=4)
 
 

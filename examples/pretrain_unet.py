@@ -23,14 +23,14 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import set_seed
-from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
+from diffusers import DDIMPipeline, DDIMScheduler, DDPMScheduler, UNet2DModel
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from sami_adapter.data import DATASETS, clean_disk_fraction  # noqa: E402
-from sami_adapter.utils import save_image_grid  # noqa: E402
+from sami_adapter.report import save_image_grid  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -52,17 +52,12 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-@torch.no_grad()
 def sample_images(unet: UNet2DModel, scheduler_config: dict, num: int, steps: int, seed: int) -> torch.Tensor:
-    """Plain unconditional DDIM samples (eta = 0) from ``unet``."""
-    scheduler = DDIMScheduler.from_config(scheduler_config, clip_sample=False)
-    scheduler.set_timesteps(steps)
-    g = torch.Generator().manual_seed(seed)
-    size = unet.config.sample_size
-    x = torch.randn(num, unet.config.in_channels, size, size, generator=g).to(unet.device)
-    for t in scheduler.timesteps:
-        x = scheduler.step(unet(x, t).sample, t, x).prev_sample
-    return x.clamp(-1, 1).cpu()
+    """Plain unconditional DDIM samples (eta = 0) from ``unet`` with diffusers' ``DDIMPipeline``, as (N, C, H, W) in [-1, 1]."""
+    pipe = DDIMPipeline(unet=unet, scheduler=DDIMScheduler.from_config(scheduler_config, clip_sample=False))
+    pipe.set_progress_bar_config(disable=True)
+    images = pipe(batch_size=num, generator=torch.Generator().manual_seed(seed), eta=0.0, num_inference_steps=steps, output_type="np").images
+    return torch.from_numpy(images).permute(0, 3, 1, 2) * 2.0 - 1.0
 
 
 def main(argv=None):

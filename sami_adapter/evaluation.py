@@ -1,13 +1,40 @@
-"""Measurements of a trained adapter: guidance gain, active dimensions, reconstruction fidelity."""
+"""Measurements of a trained adapter on tensors: guidance gain, active dimensions, reconstruction
+fidelity, the ELBO in bits per dimension, and the information profile with its characteristic noise levels.
+
+SAMI's encoder ``q(z | x_t, t)`` is defined at every noise level, so each code dimension has an
+*information profile*: how much ``q(z_i | x_t)`` tells about the image as ``t`` grows. Coarse
+properties (position) survive a lot of noise, fine ones (size, brightness) are lost early, so the
+noise level where a dimension's information falls off (its *characteristic noise level*) orders
+the axes without any label.
+
+The information measure (:func:`information_profile`) is the Gaussian channel capacity of
+dimension ``i`` at timestep ``t``, in nats::
+
+    I_i(t) = 1/2 log(1 + Var_{x, eps}[mu_i(x_t)] / E_{x, eps}[sigma_i^2(x_t)]),
+    x_t = a_t x + s_t eps,  (mu_i, sigma_i^2) the mean and variance of q(z_i | x_t, t).
+
+It is the mutual information between ``x_t`` and ``z_i ~ q(z_i | x_t)`` for a Gaussian channel
+with the same signal and noise variances (an estimate of ``I(z_i; x_t)``, the information the
+noisy image carries about the code). For a Bayes-consistent encoder
+``Var[mu_i] + E[sigma_i^2] = 1`` (the prior variance), and ``I_i`` is ``-1/2 log`` of the
+fraction of the prior variance left unexplained. The clean value ``I_i(0)`` uses ``x_0`` itself.
+
+Array-level scores (disentanglement metrics, factor alignment, linear R²) live in
+:mod:`sami_adapter.metrics`; :mod:`sami_adapter.report` runs these measurements and writes them out.
+"""
 
 from __future__ import annotations
 
-from typing import Dict, Optional, Sequence
+import math
+from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
 
-from .objective import sami_loss
+from .guidance import encoder_noise_level
+from .metrics.linear_r2 import r2_score
+from .objective import elbo_constant, sami_loss
+
 
 NOISE_BANDS = ((0, 250), (250, 500), (500, 750), (750, 1000))
 
@@ -83,23 +110,6 @@ def informative_dimensions(mean_variance_per_dim: Sequence[float], threshold: fl
     return [i for i, v in enumerate(mean_variance_per_dim) if v > threshold]
 
 
-def r2_score(target: np.ndarray, prediction: np.ndarray) -> float:
-    """Coefficient of determination ``1 - SS_res / SS_tot`` (may be negative)."""
-    target, prediction = np.asarray(target, float), np.asarray(prediction, float)
-    ss_tot = ((target - target.mean()) ** 2).sum()
-    return float(1 - ((target - prediction) ** 2).sum() / max(ss_tot, 1e-12))
-
-
-def linear_r2(codes: np.ndarray, targets: np.ndarray) -> list:
-    """Per-target R² of an ordinary least-squares fit (with intercept) from ``codes``, in-sample."""
-    x = np.concatenate([codes, np.ones((codes.shape[0], 1))], axis=1)
-    out = []
-    for k in range(targets.shape[1]):
-        coef, *_ = np.linalg.lstsq(x, targets[:, k], rcond=None)
-        out.append(r2_score(targets[:, k], x @ coef))
-    return out
-
-
 @torch.no_grad()
 def disk_reconstruction_r2(
     pipe, images: torch.Tensor, num_inference_steps: int = 50, batch_size: int = 128, seed: int = 0, eta: float = 1.0,
@@ -126,3 +136,287 @@ def disk_reconstruction_r2(
     true_m, rec_m = disk_moments(images.cpu()), disk_moments(recon)
     scores = {name: r2_score(true_m[name].numpy(), rec_m[name].numpy()) for name in ("x", "y", "radius", "brightness")}
     return {"r2": scores, "reconstructions": recon}
+
+
+@torch.no_grad()
+def elbo_bits_per_dim(
+    pipe: Any,
+    images: torch.Tensor,
+    timesteps_per_image: int = 8,
+    seed: int = 0,
+    batch_size: int = 256,
+) -> Dict[str, float]:
+    """The SAMI ELBO of a pixel-space pipeline, in bits per dimension (and the unguided base model's).
+
+    Each image gets ``timesteps_per_image`` stratified timesteps (one per equal slice of [0, T), at a
+    random offset) and one ``z ~ q(z | x_0)`` per draw; each draw of
+    :func:`~sami_adapter.objective.sami_loss` with ``weighting="elbo"``, ``beta = 1`` is an unbiased
+    estimate of the full negative bound ``-ELBO = E_q[sum_i L_i] + KL + const`` (nats), and the
+    estimates of one image are averaged. ``bpd = mean(-ELBO) / (D ln 2)`` with ``D = C H W``.
+
+    The pixels are continuous values in [-1, 1], so this is a *continuous-density* bpd (it can be
+    negative and is not comparable with the discrete 8-bit bpd of image benchmarks, which would
+    add about ``log2(127.5) = 7`` bits for data quantised to 256 levels and rescaled to [-1, 1]).
+
+    Returns:
+        dict with ``bpd`` (SAMI bound), ``bpd_stderr`` (standard error over images),
+        ``unguided_bpd`` (the same noise and timesteps with the guidance off and no KL: the base
+        model's own bound), ``kl_nats`` (mean KL per image), ``nats_per_image``, ``num_images``,
+        ``timesteps_per_image``, ``num_pixels``.
+    """
+    from diffusers import DDPMScheduler
+
+    if getattr(pipe, "is_latent", False) or getattr(pipe, "is_text_conditioned", False):
+        raise ValueError("elbo_bits_per_dim supports unconditional pixel-space pipelines only.")
+    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    num_train = scheduler.config.num_train_timesteps
+    x0_all = pipe.preprocess(images)
+    s = int(timesteps_per_image)
+    if s < 1:
+        raise ValueError(f"timesteps_per_image must be >= 1, got {s}.")
+    g = torch.Generator().manual_seed(seed)
+    chunk = max(1, batch_size // s)
+    guided, unguided, kls = [], [], []
+    for start in range(0, x0_all.shape[0], chunk):
+        x0 = x0_all[start : start + chunk]
+        b = x0.shape[0]
+        offsets = torch.rand(s, b, generator=g)
+        t = ((torch.arange(s).view(s, 1) + offsets) / s * num_train).long().clamp(max=num_train - 1).flatten()
+        x = x0.repeat(s, 1, 1, 1)
+        out = sami_loss(pipe.unet, pipe.encoder, scheduler, x, beta=1.0, weighting="elbo", generator=g, timesteps=t.to(x.device))
+        constant = elbo_constant(scheduler, x).float()
+        guided.append(out.negative_elbo.cpu().double().view(s, b).mean(0))
+        unguided.append((out.unguided_error + constant).cpu().double().view(s, b).mean(0))
+        kls.append(float(out.kl) * b)
+    guided_all, unguided_all = torch.cat(guided), torch.cat(unguided)
+    kl = sum(kls) / guided_all.numel()
+    num_pixels = int(np.prod(x0_all.shape[1:]))
+    scale = 1.0 / (num_pixels * math.log(2.0))
+    n = guided_all.numel()
+    return {
+        "bpd": float(guided_all.mean() * scale),
+        "bpd_stderr": float(guided_all.std() / math.sqrt(n) * scale) if n > 1 else float("nan"),
+        "unguided_bpd": float(unguided_all.mean() * scale),
+        "kl_nats": kl,
+        "nats_per_image": float(guided_all.mean()),
+        "num_images": int(n),
+        "timesteps_per_image": s,
+        "num_pixels": num_pixels,
+    }
+
+
+# ---------------------------------------------------------------------------- information profile
+INFORMATION_MEASURE = "gaussian_capacity_nats"
+
+
+def default_timestep_grid(num_train_timesteps: int = 1000, num_levels: int = 21) -> List[int]:
+    """``num_levels`` evenly spaced integer timesteps from 0 to ``num_train_timesteps - 1`` (0 included)."""
+    if num_levels < 2:
+        raise ValueError(f"num_levels must be >= 2, got {num_levels}.")
+    grid = np.round(np.linspace(0, num_train_timesteps - 1, num_levels)).astype(int)
+    return sorted(set(int(t) for t in grid))
+
+
+def _noise_levels(alphas_cumprod: torch.Tensor, timesteps: Sequence[float]) -> tuple:
+    """``(a_t, s_t)`` of the encoder's input as float64 numpy arrays (``t = 0``: the clean image)."""
+    alpha, sigma = encoder_noise_level(alphas_cumprod, torch.as_tensor(list(timesteps), dtype=torch.float64))
+    return alpha.numpy().copy(), sigma.numpy().copy()
+
+
+def _snr(alpha: np.ndarray, sigma: np.ndarray) -> np.ndarray:
+    with np.errstate(divide="ignore"):
+        return np.where(sigma > 0, alpha**2 / np.maximum(sigma, 1e-300) ** 2, np.inf)
+
+
+@torch.no_grad()
+def information_profile(
+    pipe: Any,
+    images: torch.Tensor,
+    timesteps: Optional[Sequence[int]] = None,
+    generator: Optional[torch.Generator] = None,
+    batch_size: int = 256,
+) -> Dict[str, Any]:
+    """Per-dimension information of ``q(z_i | x_t)`` at each noise level (module docstring).
+
+    Args:
+        pipe: a :class:`~sami_adapter.SAMIPipeline` (its ``encode`` and ``scheduler.alphas_cumprod`` are used).
+        images: (N, C, H, W) clean images in [-1, 1] (anything ``pipe.encode`` accepts as a tensor).
+        timesteps: integer timesteps; 0 (the clean reference) is added when missing and the grid
+            is sorted. Default: :func:`default_timestep_grid` (21 levels).
+        generator: generator of the noise ``eps`` (one draw per image and level).
+        batch_size: images per ``pipe.encode`` call (each call encodes all levels at once).
+
+    Returns:
+        dict of numpy arrays (K levels, D dimensions) and metadata:
+
+        * ``timesteps`` (K,), ``alpha`` and ``sigma`` (K,) the noise level ``x_t = a_t x + s_t eps``,
+          ``snr`` (K,) ``a_t^2 / s_t^2`` (inf at t = 0), ``log_snr`` (K,);
+        * ``information`` (K, D) ``I_i(t)`` in nats (:data:`INFORMATION_MEASURE`);
+        * ``explained_variance`` (K, D) ``Var[mu] / (Var[mu] + E[sigma^2])``;
+        * ``mean_variance`` (K, D) ``Var[mu_i(x_t)]``, ``posterior_variance`` (K, D) ``E[sigma_i^2]``;
+        * ``kl`` (K, D) data-mean ``KL(q(z_i | x_t) || N(0, 1))`` in nats (row 0: the clean KL);
+        * ``alphas_cumprod`` (T,) of the scheduler, ``num_images``, ``measure``.
+    """
+    if images.ndim != 4 or images.shape[0] < 2:
+        raise ValueError(f"images must be (N, C, H, W) with N >= 2, got {tuple(images.shape)}.")
+    num_train = int(pipe.scheduler.config.num_train_timesteps)
+    grid = default_timestep_grid(num_train) if timesteps is None else sorted(set(int(t) for t in timesteps) | {0})
+    n = images.shape[0]
+    # Running sums per (level, dim) in float64: sum mu, sum mu^2, sum sigma^2, sum KL.
+    sums = None
+    for start in range(0, n, batch_size):
+        post = pipe.encode(images[start : start + batch_size], timesteps=grid, generator=generator)
+        mean, var = post.mean.double().cpu(), post.var.double().cpu()
+        kl = post.kl_per_dim().double().cpu()
+        part = torch.stack([mean.sum(1), (mean**2).sum(1), var.sum(1), kl.sum(1)])  # (4, K, D)
+        sums = part if sums is None else sums + part
+    s_mu, s_mu2, s_var, s_kl = (sums[i].numpy() for i in range(4))
+    mu_bar = s_mu / n
+    mean_variance = np.maximum((s_mu2 - n * mu_bar**2) / (n - 1), 0.0)
+    posterior_variance = s_var / n
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = mean_variance / np.maximum(posterior_variance, 1e-300)
+        explained = mean_variance / np.maximum(mean_variance + posterior_variance, 1e-300)
+    information = 0.5 * np.log1p(ratio)
+    alphas_cumprod = pipe.scheduler.alphas_cumprod.detach().cpu().double()
+    alpha, sigma = _noise_levels(alphas_cumprod, grid)
+    snr = _snr(alpha, sigma)
+    with np.errstate(divide="ignore"):
+        log_snr = np.log(snr)
+    return {
+        "timesteps": np.asarray(grid, dtype=np.int64),
+        "alpha": alpha,
+        "sigma": sigma,
+        "snr": snr,
+        "log_snr": log_snr,
+        "information": information,
+        "explained_variance": explained,
+        "mean_variance": mean_variance,
+        "posterior_variance": posterior_variance,
+        "kl": s_kl / n,
+        "alphas_cumprod": alphas_cumprod.numpy(),
+        "num_images": int(n),
+        "measure": INFORMATION_MEASURE,
+    }
+
+
+def _noise_at(profile: Dict[str, Any], t: float) -> tuple:
+    """``(a, s)`` at a fractional timestep ``t``: exact from ``alphas_cumprod`` when the profile has
+    it, else linear interpolation of ``sigma`` on the grid (``a = sqrt(1 - s^2)``)."""
+    if profile.get("alphas_cumprod") is not None:
+        alpha, sigma = _noise_levels(torch.as_tensor(np.asarray(profile["alphas_cumprod"]), dtype=torch.float64), [t])
+        return float(alpha[0]), float(sigma[0])
+    sigma = float(np.interp(t, np.asarray(profile["timesteps"], float), np.asarray(profile["sigma"], float)))
+    return math.sqrt(max(1.0 - sigma**2, 0.0)), sigma
+
+
+def characteristic_noise_levels(
+    profile: Dict[str, Any],
+    fraction: float = 0.5,
+    active: Optional[Sequence[int]] = None,
+    kl_threshold: float = 0.1,
+) -> Dict[str, Any]:
+    """The noise level at which each active dimension's information first falls below ``fraction`` of its clean value.
+
+    Rule: with ``I_i(t_0 = 0) > 0`` the clean information and ``c = fraction * I_i(0)``, find the first
+    grid point ``t_k`` with ``I_i(t_k) < c``; then ``I_i(t_{k-1}) >= c`` and the crossing is
+    interpolated linearly in ``t``::
+
+        t*_i = t_{k-1} + (I_i(t_{k-1}) - c) / (I_i(t_{k-1}) - I_i(t_k)) * (t_k - t_{k-1}).
+
+    The noise scale ``s_{t*}`` and ``SNR(t*) = a^2 / s^2`` at that (fractional) timestep come from the
+    scheduler's ``alphas_cumprod`` (interpolating ``s / a`` like the guidance does).
+
+    Args:
+        profile: output of :func:`information_profile` (needs ``timesteps``, ``information``, and
+            ``kl`` unless ``active`` is given; ``alphas_cumprod`` or ``sigma`` for the noise scale).
+        fraction: the share of the clean information that defines "lost", in (0, 1).
+        active: dimensions to measure; default :func:`active_dimensions` of the clean KL ``profile["kl"][0]``.
+        kl_threshold: KL threshold of the default active set.
+
+    Returns:
+        dict with per-dimension arrays (D,): ``timestep`` (t*, NaN for inactive dimensions and for
+        ``censored`` ones), ``sigma``, ``alpha``, ``snr``, ``log_snr`` at t*, ``clean_information``,
+        ``censored`` (True when an active dimension keeps more than ``fraction`` of its information
+        up to the last grid level, so t* lies beyond the grid); plus ``active`` (list),
+        ``order`` (active dimensions sorted by t*, censored last) and ``fraction``.
+    """
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"fraction must be in (0, 1), got {fraction}.")
+    grid = np.asarray(profile["timesteps"], dtype=np.float64)
+    info = np.asarray(profile["information"], dtype=np.float64)
+    if info.ndim != 2 or info.shape[0] != grid.size:
+        raise ValueError(f"information must be (K levels, D dims) with K = {grid.size}, got {info.shape}.")
+    if grid[0] != 0 or np.any(np.diff(grid) <= 0):
+        raise ValueError("profile timesteps must be increasing and start at 0 (the clean reference).")
+    num_dims = info.shape[1]
+    if active is None:
+        active = active_dimensions(np.asarray(profile["kl"])[0], kl_threshold)
+    active = sorted(int(i) for i in active)
+    out = {key: np.full(num_dims, np.nan) for key in ("timestep", "sigma", "alpha", "snr", "log_snr")}
+    censored = np.zeros(num_dims, dtype=bool)
+    clean = info[0].copy()
+    for i in active:
+        if not clean[i] > 0:
+            continue
+        threshold = fraction * clean[i]
+        below = np.flatnonzero(info[1:, i] < threshold)
+        if below.size == 0:
+            censored[i] = True
+            continue
+        k = int(below[0]) + 1
+        hi, lo = info[k - 1, i], info[k, i]
+        t_star = grid[k - 1] + (hi - threshold) / (hi - lo) * (grid[k] - grid[k - 1])
+        alpha, sigma = _noise_at(profile, t_star)
+        out["timestep"][i], out["alpha"][i], out["sigma"][i] = t_star, alpha, sigma
+        out["snr"][i] = alpha**2 / sigma**2 if sigma > 0 else np.inf
+        out["log_snr"][i] = math.log(out["snr"][i]) if sigma > 0 else np.inf
+    measured = [i for i in active if np.isfinite(out["timestep"][i])]
+    order = sorted(measured, key=lambda i: out["timestep"][i]) + [i for i in active if censored[i]]
+    return {**out, "clean_information": clean, "censored": censored, "active": active, "order": order, "fraction": fraction}
+
+
+def factor_dimensions(levels: Dict[str, Any], alignment: Dict[str, Any]) -> Dict[str, Optional[int]]:
+    """The measured dimension that stands for each factor, or None.
+
+    A dimension stands for factor ``k`` when it is active with a finite t* and ``k`` is its
+    best-matching factor (largest ``|corr|`` in its row of ``alignment["matrix"]``); among several
+    such dimensions the one most correlated with ``k`` is taken. A dimension therefore represents at
+    most one factor, and a factor that is nobody's best match gets None.
+    """
+    matrix = np.asarray(alignment["matrix"])
+    t_star = np.asarray(levels["timestep"], dtype=np.float64)
+    dims = [i for i in levels["active"] if np.isfinite(t_star[i])]
+    out: Dict[str, Optional[int]] = {}
+    for k, name in enumerate(alignment["names"]):
+        candidates = [i for i in dims if int(np.argmax(matrix[i])) == k]
+        out[name] = max(candidates, key=lambda i: matrix[i, k]) if candidates else None
+    return out
+
+
+def factor_noise_levels(levels: Dict[str, Any], alignment: Dict[str, Any]) -> Dict[str, float]:
+    """Characteristic noise level of each factor: the t* of the dimension that stands for it
+    (:func:`factor_dimensions`), NaN when none does.
+
+    Comparing the resulting factor order between two runs (seeds) tests whether characteristic
+    noise levels order the factors consistently (:func:`noise_order_agreement`).
+    """
+    t_star = np.asarray(levels["timestep"], dtype=np.float64)
+    return {name: (float(t_star[d]) if d is not None else float("nan")) for name, d in factor_dimensions(levels, alignment).items()}
+
+
+def noise_order_agreement(a: Dict[str, float], b: Dict[str, float]) -> Dict[str, Any]:
+    """Do two runs order the factors the same way by characteristic noise level?
+
+    Compares factors with a finite level in both: ``kendall_tau`` over them (1 = same order) and
+    ``same_order`` (the sorted factor lists are identical), plus both orders.
+    """
+    common = [name for name in a if name in b and np.isfinite(a[name]) and np.isfinite(b[name])]
+    order_a = sorted(common, key=lambda n: a[n])
+    order_b = sorted(common, key=lambda n: b[n])
+    tau = float("nan")
+    if len(common) >= 2:
+        from scipy.stats import kendalltau
+
+        tau = float(kendalltau([a[n] for n in common], [b[n] for n in common]).statistic)
+    return {"factors": common, "order_a": order_a, "order_b": order_b, "same_order": order_a == order_b and len(common) >= 2, "kendall_tau": tau}

@@ -1,4 +1,6 @@
-"""The evaluation harness shared by ``examples/evaluate.py`` and ``examples/compare.py``.
+"""The evaluation harness: runs the measurements of :mod:`sami_adapter.evaluation` and the scores of
+:mod:`sami_adapter.metrics`, and writes tables, JSON, plots and image grids. ``examples/finetune.py``,
+``evaluate.py`` and ``compare.py`` draw every picture with the helpers here.
 
 Every representation, SAMI's or a baseline's, enters as an ``encode_fn``: images (N, C, H, W) in
 [-1, 1] -> codes (N, D). :func:`mean_code_fn` builds one from anything with
@@ -10,9 +12,12 @@ mean is the representation, as in disentanglement_lib's evaluations.
   per-factor linear R² and the factor alignment, on fresh labelled samples of a dataset.
 * :func:`trajectory_curvatures`: mean turning angle of ``moving_disks`` videos in code space,
   in pixel space and in ground-truth factor space.
-* :func:`elbo_bits_per_dim`: the SAMI bound of a pipeline in bits per dimension.
+* :func:`discover_axes` / :func:`plot_axes`: information profile, characteristic noise levels and
+  factor alignment of a SAMI pipeline, and their plot.
 * :func:`flat_metrics` / :func:`metrics_table_markdown`: one table, one column per model (mean ±
   std over seeds when a column holds several runs).
+* :func:`reconstructions`, :func:`traversal_rows`, :func:`save_image_grid`: the pictures.
+* :func:`write_report`: the end-of-training report of ``examples/finetune.py``.
 """
 
 from __future__ import annotations
@@ -25,15 +30,27 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 import torch
+from PIL import Image
 
-from .analysis import factor_alignment, to_jsonable
 from .data.base import FactorDataset
 from .data.moving_disks import MovingDisks
-from .evaluation import active_dimensions, disk_reconstruction_r2, guidance_gain, informative_dimensions, linear_r2
-from .metrics import dci, explicitness, factor_vae_score, mig, modularity, sap, trajectory_curvature
-from .utils import save_image_grid
+from .evaluation import (
+    INFORMATION_MEASURE,
+    active_dimensions,
+    characteristic_noise_levels,
+    disk_reconstruction_r2,
+    factor_dimensions,
+    factor_noise_levels,
+    guidance_gain,
+    informative_dimensions,
+    information_profile,
+)
+from .metrics import dci, explicitness, factor_alignment, factor_vae_score, linear_r2, mig, modularity, sap, trajectory_curvature
+
 
 COUNT_ROWS = ("training steps", "training seconds")  # table rows shown as whole numbers
+
+
 EncodeFn = Callable[[torch.Tensor], Union[torch.Tensor, np.ndarray]]
 
 
@@ -88,7 +105,7 @@ def representation_metrics(
     * ``factor_vae``: :func:`~sami_adapter.metrics.factor_vae_score` (train/eval accuracy);
     * ``linear_r2``: per factor, R² of an in-sample least-squares fit of the continuous factor value
       from the codes (training set);
-    * ``alignment``: :func:`~sami_adapter.analysis.factor_alignment` (|Spearman|) on the test set;
+    * ``alignment``: :func:`~sami_adapter.metrics.factor_alignment` (|Spearman|) on the test set;
     * ``code_std``: per-dimension standard deviation of the training codes.
 
     Args:
@@ -170,76 +187,195 @@ def trajectory_curvatures(
     }
 
 
-@torch.no_grad()
-def elbo_bits_per_dim(
+# ---------------------------------------------------------------------------------------- axis discovery
+def discover_axes(
     pipe: Any,
     images: torch.Tensor,
-    timesteps_per_image: int = 8,
+    factor_values: Optional[np.ndarray] = None,
+    factor_names: Optional[Sequence[str]] = None,
+    timesteps: Optional[Sequence[int]] = None,
+    fraction: float = 0.5,
+    kl_threshold: float = 0.1,
     seed: int = 0,
     batch_size: int = 256,
-) -> Dict[str, float]:
-    """The SAMI ELBO of a pixel-space pipeline, in bits per dimension (and the unguided base model's).
+) -> Dict[str, Any]:
+    """The whole axis-discovery pass of a SAMI pipeline on ``images``.
 
-    Each image gets ``timesteps_per_image`` stratified timesteps (one per equal slice of [0, T), at a
-    random offset) and one ``z ~ q(z | x_0)`` per draw; each draw of
-    :func:`~sami_adapter.objective.sami_loss` with ``weighting="elbo"``, ``beta = 1`` is an unbiased
-    estimate of the full negative bound ``-ELBO = E_q[sum_i L_i] + KL + const`` (nats), and the
-    estimates of one image are averaged. ``bpd = mean(-ELBO) / (D ln 2)`` with ``D = C H W``.
-
-    The pixels are continuous values in [-1, 1], so this is a *continuous-density* bpd (it can be
-    negative and is not comparable with the discrete 8-bit bpd of image benchmarks, which would
-    add about ``log2(127.5) = 7`` bits for data quantised to 256 levels and rescaled to [-1, 1]).
+    :func:`information_profile` (noise drawn from ``seed``), :func:`characteristic_noise_levels`
+    (active dimensions by clean KL > ``kl_threshold``) and, with ground-truth ``factor_values``
+    (N, K) and ``factor_names``, :func:`factor_alignment` of the clean posterior means and
+    :func:`factor_noise_levels`.
 
     Returns:
-        dict with ``bpd`` (SAMI bound), ``bpd_stderr`` (standard error over images),
-        ``unguided_bpd`` (the same noise and timesteps with the guidance off and no KL: the base
-        model's own bound), ``kl_nats`` (mean KL per image), ``nats_per_image``, ``num_images``,
-        ``timesteps_per_image``, ``num_pixels``.
+        dict with ``profile``, ``levels``, ``codes`` (N, D) clean posterior means and, with factors,
+        ``alignment``, ``factor_dims`` (:func:`factor_dimensions`), ``factor_noise_levels`` and ``factor_order`` (factor names by increasing level,
+        unmeasured factors left out).
     """
-    from diffusers import DDPMScheduler
-
-    from .objective import elbo_constant, sami_loss
-
-    if getattr(pipe, "is_latent", False) or getattr(pipe, "is_text_conditioned", False):
-        raise ValueError("elbo_bits_per_dim supports unconditional pixel-space pipelines only.")
-    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    num_train = scheduler.config.num_train_timesteps
-    x0_all = pipe.preprocess(images)
-    s = int(timesteps_per_image)
-    if s < 1:
-        raise ValueError(f"timesteps_per_image must be >= 1, got {s}.")
-    g = torch.Generator().manual_seed(seed)
-    chunk = max(1, batch_size // s)
-    guided, unguided, kls = [], [], []
-    for start in range(0, x0_all.shape[0], chunk):
-        x0 = x0_all[start : start + chunk]
-        b = x0.shape[0]
-        offsets = torch.rand(s, b, generator=g)
-        t = ((torch.arange(s).view(s, 1) + offsets) / s * num_train).long().clamp(max=num_train - 1).flatten()
-        x = x0.repeat(s, 1, 1, 1)
-        out = sami_loss(pipe.unet, pipe.encoder, scheduler, x, beta=1.0, weighting="elbo", generator=g, timesteps=t.to(x.device))
-        constant = elbo_constant(scheduler, x).float()
-        guided.append(out.negative_elbo.cpu().double().view(s, b).mean(0))
-        unguided.append((out.unguided_error + constant).cpu().double().view(s, b).mean(0))
-        kls.append(float(out.kl) * b)
-    guided_all, unguided_all = torch.cat(guided), torch.cat(unguided)
-    kl = sum(kls) / guided_all.numel()
-    num_pixels = int(np.prod(x0_all.shape[1:]))
-    scale = 1.0 / (num_pixels * math.log(2.0))
-    n = guided_all.numel()
-    return {
-        "bpd": float(guided_all.mean() * scale),
-        "bpd_stderr": float(guided_all.std() / math.sqrt(n) * scale) if n > 1 else float("nan"),
-        "unguided_bpd": float(unguided_all.mean() * scale),
-        "kl_nats": kl,
-        "nats_per_image": float(guided_all.mean()),
-        "num_images": int(n),
-        "timesteps_per_image": s,
-        "num_pixels": num_pixels,
-    }
+    profile = information_profile(pipe, images, timesteps, generator=torch.Generator().manual_seed(seed), batch_size=batch_size)
+    levels = characteristic_noise_levels(profile, fraction=fraction, kl_threshold=kl_threshold)
+    codes = []
+    with torch.no_grad():
+        for start in range(0, images.shape[0], batch_size):
+            codes.append(pipe.encode(images[start : start + batch_size]).mean.double().cpu().numpy())
+    out: Dict[str, Any] = {"profile": profile, "levels": levels, "codes": np.concatenate(codes)}
+    if factor_values is not None:
+        names = list(factor_names) if factor_names is not None else [f"factor{k}" for k in range(np.asarray(factor_values).shape[1])]
+        out["alignment"] = factor_alignment(out["codes"], factor_values, names)
+        out["factor_dims"] = factor_dimensions(levels, out["alignment"])
+        out["factor_noise_levels"] = factor_noise_levels(levels, out["alignment"])
+        per_factor = out["factor_noise_levels"]
+        out["factor_order"] = sorted((n for n in per_factor if np.isfinite(per_factor[n])), key=lambda n: per_factor[n])
+    return out
 
 
-# ---------------------------------------------------------------------------------------- tables
+def plot_axes(axes: Dict[str, Any], path: str, title: Optional[str] = None) -> str:
+    """:func:`plot_information_profile` of a :func:`discover_axes` result, each dimension labelled with its
+    best-matching factor and ``|corr|`` when the pass had factors."""
+    alignment = axes.get("alignment")
+    labels = None
+    if alignment is not None:
+        labels = [f"{alignment['best_factor'][i]} {alignment['best_score'][i]:.2f}" for i in range(len(alignment["best_factor"]))]
+    return plot_information_profile(axes["profile"], path, axes["levels"], labels=labels, title=title)
+
+
+def axes_to_json(axes: Dict[str, Any]) -> Dict[str, Any]:
+    """JSON-ready summary of :func:`discover_axes` (the per-image codes are left out)."""
+    out = profile_to_json(axes["profile"], axes["levels"])
+    out["measure"] = INFORMATION_MEASURE
+    out["active_dims"] = axes["levels"]["active"]
+    if "alignment" in axes:
+        out["alignment"] = {k: to_jsonable(v) for k, v in axes["alignment"].items()}
+        out["factor_dims"] = to_jsonable(axes["factor_dims"])
+        out["factor_noise_levels"] = to_jsonable(axes["factor_noise_levels"])
+        out["factor_order"] = axes["factor_order"]
+    return out
+
+
+def plot_information_profile(
+    profile: Dict[str, Any],
+    path: str,
+    levels: Optional[Dict[str, Any]] = None,
+    labels: Optional[Sequence[str]] = None,
+    title: Optional[str] = None,
+) -> str:
+    """Plot per-dimension information against noise level and save it as a PNG at ``path``.
+
+    Left: ``I_i(t)`` in nats. Right: ``I_i(t) / I_i(0)`` with the ``fraction`` line and each
+    dimension's characteristic noise level marked (when ``levels`` is given). Active dimensions
+    (``levels["active"]``) are drawn solid, the others dotted grey. The top axis shows ``s_t``.
+
+    Args:
+        profile: output of :func:`information_profile`.
+        path: PNG path (folders created).
+        levels: output of :func:`characteristic_noise_levels`.
+        labels: optional per-dimension legend suffixes (e.g. the best-matching factor).
+        title: figure title.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    t = np.asarray(profile["timesteps"], dtype=np.float64)
+    info = np.asarray(profile["information"], dtype=np.float64)
+    sigma = np.asarray(profile["sigma"], dtype=np.float64)
+    num_dims = info.shape[1]
+    active = set(levels["active"]) if levels is not None else set(active_dimensions(np.asarray(profile["kl"])[0]))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    colors = plt.get_cmap("tab10" if num_dims <= 10 else "tab20")
+    with np.errstate(divide="ignore", invalid="ignore"):
+        relative = info / info[0:1]
+    for i in range(num_dims):
+        name = f"z{i}" + (f" ({labels[i]})" if labels is not None else "")
+        style = dict(color=colors(i % colors.N), lw=1.8) if i in active else dict(color="0.6", lw=1.0, ls=":")
+        axes[0].plot(t, info[:, i], label=name if i in active else None, **style)
+        if i in active:
+            axes[1].plot(t, relative[:, i], label=name, **style)
+            if levels is not None and np.isfinite(levels["timestep"][i]):
+                axes[1].plot([levels["timestep"][i]], [levels["fraction"]], "o", color=style["color"], ms=6)
+    axes[0].set_ylabel("information I_i(t) (nats, Gaussian capacity)")
+    axes[1].set_ylabel("I_i(t) / I_i(0)")
+    if levels is not None:
+        axes[1].axhline(levels["fraction"], color="k", lw=0.8, ls="--")
+    finite = relative[:, sorted(active)] if active else np.zeros(1)
+    finite = finite[np.isfinite(finite)]
+    axes[1].set_ylim(-0.05, float(np.clip(finite.max() * 1.05, 1.15, 2.0)) if finite.size else 1.15)
+    for ax in axes:
+        ax.set_xlabel("timestep t")
+        ax.set_xlim(t[0], t[-1])
+        ax.grid(alpha=0.3)
+        order = np.argsort(sigma)
+        top = ax.secondary_xaxis(
+            "top", functions=(lambda x: np.interp(x, t, sigma), lambda s: np.interp(s, sigma[order], t[order]))
+        )
+        top.set_xlabel("noise scale s_t")
+    if active:
+        axes[1].legend(fontsize=7, loc="upper right")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _fmt(value: float, spec: str = ".3g") -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    if isinstance(value, float) and math.isinf(value):
+        return "∞"
+    return format(value, spec)
+
+
+def profile_table_markdown(
+    profile: Dict[str, Any],
+    levels: Dict[str, Any],
+    alignment: Optional[Dict[str, Any]] = None,
+    include_inactive: bool = False,
+) -> str:
+    """A Markdown table of the characteristic noise levels, one row per dimension, ordered by t*.
+
+    Columns: dimension, clean KL (nats), clean information (nats), t*, ``s_{t*}``, ``log SNR(t*)``
+    and, with ``alignment`` (:func:`factor_alignment`), the best-matching factor and its ``|corr|``.
+    Censored dimensions (information kept beyond the grid) show ``> t_max``.
+    """
+    kl0 = np.asarray(profile["kl"])[0]
+    rows = list(levels["order"])
+    if include_inactive:
+        rows += [i for i in range(kl0.size) if i not in rows]
+    head = ["dim", "clean KL to prior (nats)", "I_i(0) (nats)", f"t* ({levels['fraction']:g} of I_i(0))", "s_t*", "log SNR(t*)"]
+    if alignment is not None:
+        head += ["best factor", f"abs. {alignment['method']} corr."]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    t_max = int(np.asarray(profile["timesteps"])[-1])
+    for i in rows:
+        if levels["censored"][i]:
+            t_cell, s_cell, snr_cell = f"> {t_max}", "–", "–"
+        else:
+            t_cell = _fmt(float(levels["timestep"][i]), ".1f")
+            s_cell = _fmt(float(levels["sigma"][i]), ".3f")
+            snr_cell = _fmt(float(levels["log_snr"][i]), ".2f")
+        cells = [f"z{i}" + ("" if i in levels["active"] else " (inactive)"), _fmt(float(kl0[i]), ".3f"),
+                 _fmt(float(levels["clean_information"][i]), ".3f"), t_cell, s_cell, snr_cell]
+        if alignment is not None:
+            cells += [alignment["best_factor"][i], _fmt(float(alignment["best_score"][i]), ".2f")]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def profile_to_json(profile: Dict[str, Any], levels: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """JSON-ready copy of a profile (and characteristic levels): arrays become lists, inf/NaN become None.
+
+    ``alphas_cumprod`` is left out (it belongs to the scheduler, not to the measurement).
+    """
+    out: Dict[str, Any] = {"profile": {k: to_jsonable(v) for k, v in profile.items() if k != "alphas_cumprod"}}
+    if levels is not None:
+        out["characteristic_noise_levels"] = {k: to_jsonable(v) for k, v in levels.items()}
+    return out
+
+
+# ---------------------------------------------------------------------------------------- tables and JSON
 def flat_metrics(result: Dict[str, Any]) -> Dict[str, float]:
     """One row label -> value per scalar of a :func:`representation_metrics` result (plus
     ``trajectories`` and ``elbo`` entries when present), in table order."""
@@ -313,12 +449,125 @@ def metrics_table_markdown(columns: Dict[str, Union[Dict[str, float], Sequence[D
     return "\n".join(lines)
 
 
+def plot_metric_bars(columns: Dict[str, List[Dict[str, float]]], path: str, rows: List[str]) -> str:
+    """Grouped bars (mean, std error bars over runs) of ``rows`` for each model; saved as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    stats = {name: aggregate(runs) for name, runs in columns.items()}
+    x = np.arange(len(rows))
+    width = 0.8 / max(len(stats), 1)
+    fig, ax = plt.subplots(figsize=(1.6 * len(rows) + 2, 3.8))
+    for j, (name, per_row) in enumerate(stats.items()):
+        means = [per_row.get(r, {}).get("mean", np.nan) for r in rows]
+        stds = [per_row.get(r, {}).get("std", 0.0) for r in rows]
+        ax.bar(x + (j - (len(stats) - 1) / 2) * width, means, width, yerr=stds, capsize=2, label=name)
+    ax.set_xticks(x)
+    ax.set_xticklabels(rows, rotation=20, ha="right", fontsize=8)
+    ax.set_ylim(0, 1.05)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def to_jsonable(value: Any) -> Any:
+    """numpy/torch values and containers -> plain Python, with non-finite floats as None (strict JSON)."""
+    if isinstance(value, torch.Tensor):
+        value = value.detach().cpu().numpy()
+    if isinstance(value, np.ndarray):
+        return to_jsonable(value.tolist())
+    if isinstance(value, dict):
+        return {str(k): to_jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_jsonable(v) for v in value]
+    if isinstance(value, (np.bool_, bool)):
+        return bool(value)
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        return float(value) if math.isfinite(float(value)) else None
+    return value
+
+
 def write_json(path: str, obj: Any) -> str:
-    """Write ``obj`` as strict JSON (:func:`~sami_adapter.analysis.to_jsonable`: arrays as lists, inf/NaN as null)."""
+    """Write ``obj`` as strict JSON (:func:`to_jsonable`: arrays as lists, inf/NaN as null)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
         json.dump(to_jsonable(obj), f, indent=2, allow_nan=False)
     return path
+
+
+# ---------------------------------------------------------------------------------------- pictures
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """(N, C, H, W) in [-1, 1] -> (N, H, W, C) uint8."""
+    x = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return x.permute(0, 2, 3, 1).numpy()
+
+
+def image_grid(images: torch.Tensor, nrow: int, scale: int = 1, pad: int = 1) -> Image.Image:
+    """Tile (N, C, H, W) images in [-1, 1] into one PIL image with ``nrow`` images per row."""
+    arr = to_uint8(images)
+    n, h, w, c = arr.shape
+    ncol = nrow
+    nrows = int(np.ceil(n / ncol))
+    grid = np.full((nrows * (h + pad) + pad, ncol * (w + pad) + pad, c), 128, dtype=np.uint8)
+    for i in range(n):
+        r, q = divmod(i, ncol)
+        grid[pad + r * (h + pad) : pad + r * (h + pad) + h, pad + q * (w + pad) : pad + q * (w + pad) + w] = arr[i]
+    img = Image.fromarray(grid[..., 0] if c == 1 else grid)
+    if scale != 1:
+        img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+    return img
+
+
+def save_image_grid(images: torch.Tensor, path: str, nrow: int = 8, scale: int = 1) -> str:
+    """Save ``image_grid(images, nrow, scale)`` as a PNG at ``path`` (folders created)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    image_grid(images, nrow, scale).save(path)
+    return path
+
+
+@torch.no_grad()
+def reconstructions(
+    pipe: Any, images: torch.Tensor, num_inference_steps: int = 50, eta: float = 1.0, seed: int = 0, sami_scale: float = 1.0
+) -> torch.Tensor:
+    """Decodes of ``z = mean q(z | x_0)`` of ``images`` (N, C, H, W) in [-1, 1], on the CPU; noise from ``seed``."""
+    generator = torch.Generator().manual_seed(seed)
+    return pipe.reconstruct(images, num_inference_steps=num_inference_steps, eta=eta, generator=generator, output_type="pt",
+                            sami_scale=sami_scale).images.cpu()
+
+
+@torch.no_grad()
+def traversal_rows(
+    pipe: Any,
+    image: torch.Tensor,
+    dims: Sequence[int],
+    values: Union[Sequence[float], Sequence[Sequence[float]]],
+    num_inference_steps: int = 50,
+    seed: int = 0,
+    sami_scale: float = 1.0,
+) -> torch.Tensor:
+    """One traversal row per dimension in ``dims``, stacked: (len(dims) * len(values), C, H, W) on the CPU.
+
+    Each row starts from the posterior mean of ``image`` and moves one coordinate through its
+    ``values`` (one list for every row, or one list per row). Every row uses DDIM eta 0 and the same
+    initial noise (from ``seed``), so within and across rows only the code changes.
+    """
+    per_row = list(values) if len(values) and isinstance(values[0], (list, tuple, np.ndarray)) else [list(values)] * len(dims)
+    if len(per_row) != len(dims):
+        raise ValueError(f"got {len(per_row)} value lists for {len(dims)} dimensions.")
+    rows = []
+    for d, row_values in zip(dims, per_row):
+        generator = torch.Generator().manual_seed(seed)
+        rows.append(pipe.traverse(image[:1], d, list(row_values), num_inference_steps=num_inference_steps, eta=0.0, generator=generator,
+                                  output_type="pt", sami_scale=sami_scale).images.cpu())
+    return torch.cat(rows)
 
 
 # ---------------------------------------------------------------------------------------- training report
@@ -377,15 +626,11 @@ def write_report(
             report["reconstruction_r2_scaled"] = {k: round(v, 3) for k, v in rec["r2"].items()}
             recon = torch.cat([recon, rec["reconstructions"][:n_show]])
     else:
-        recon = pipe.reconstruct(images[:n_show], num_inference_steps=num_inference_steps, eta=eta, generator=torch.Generator().manual_seed(seed), output_type="pt").images.cpu()
+        recon = reconstructions(pipe, images[:n_show], num_inference_steps, eta, seed)
     save_image_grid(torch.cat([images[:n_show].cpu(), recon]), os.path.join(report_dir, "reconstructions.png"), nrow=n_show, scale=4)
     values = torch.linspace(-2.5, 2.5, 9).tolist()
-    rows = []
-    for d in (order[: max(len(active), 1)]):
-        g = torch.Generator().manual_seed(seed)
-        # eta = 0: a traversal must share all randomness across its row, so only the code changes
-        rows.append(pipe.traverse(images[:1], d, values, num_inference_steps=num_inference_steps, eta=0.0, generator=g, output_type="pt").images.cpu())
-    save_image_grid(torch.cat(rows), os.path.join(report_dir, "traversals.png"), nrow=len(values), scale=4)
+    rows = traversal_rows(pipe, images[:1], order[: max(len(active), 1)], values, num_inference_steps, seed)
+    save_image_grid(rows, os.path.join(report_dir, "traversals.png"), nrow=len(values), scale=4)
     with open(os.path.join(report_dir, "report.json"), "w") as f:
         json.dump(report, f, indent=2)
     lines = [

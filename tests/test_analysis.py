@@ -1,4 +1,4 @@
-"""Axis discovery, baselines, the shared metric harness and the evaluate/compare scripts on tiny models."""
+"""Information profiles, axis discovery, baselines, the shared metric harness and the evaluate/compare scripts on tiny models."""
 
 import importlib.util
 import json
@@ -12,20 +12,26 @@ from diffusers import DDPMScheduler
 from tiny import tiny_pipeline
 
 from sami_adapter.adapter import save_adapter
-from sami_adapter.analysis import (
-    active_dims_by_kl,
+from sami_adapter.evaluation import (
+    active_dimensions,
     characteristic_noise_levels,
-    factor_alignment,
+    elbo_bits_per_dim,
     factor_noise_levels,
     information_profile,
     noise_order_agreement,
-    plot_information_profile,
-    profile_table_markdown,
 )
+from sami_adapter.metrics import factor_alignment
 from sami_adapter.baselines import BetaVAE, DiffAE, train_beta_vae, train_diffae
 from sami_adapter.data import Disks, MovingDisks
 from sami_adapter.guidance import alpha_sigma_from_alphas_cumprod
-from sami_adapter.report import elbo_bits_per_dim, flat_metrics, metrics_table_markdown, representation_metrics, trajectory_curvatures
+from sami_adapter.report import (
+    flat_metrics,
+    metrics_table_markdown,
+    plot_information_profile,
+    profile_table_markdown,
+    representation_metrics,
+    trajectory_curvatures,
+)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_ARCH = {"encoder_channels": (8, 16), "hidden_dim": 32, "norm_num_groups": 4}
@@ -92,7 +98,7 @@ def test_characteristic_noise_levels_interpolates_the_first_crossing():
     assert plain["sigma"][0] == pytest.approx(np.interp(175.0, profile["timesteps"], profile["sigma"]))
     # An explicit active set overrides the KL rule.
     assert characteristic_noise_levels(profile, active=[0])["active"] == [0]
-    assert active_dims_by_kl([0.5, 0.05, 0.2]) == [0, 2]
+    assert active_dimensions([0.5, 0.05, 0.2]) == [0, 2]
     table = profile_table_markdown(profile, levels)
     assert "175.0" in table and "> 400" in table
     with pytest.raises(ValueError):

@@ -12,15 +12,6 @@ from sami_adapter.data.disks import POSITION_RANGE, RADIUS_RANGE
 from sami_adapter.data.moving_disks import SPEED_RANGE, reflect_into
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small tensors: one thread is faster and leaves the other core alone."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_registry():
     assert DATASETS["disks"] is Disks and DATASETS["dsprites"] is DSprites
 

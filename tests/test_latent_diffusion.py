@@ -25,15 +25,6 @@ LATENT_SIZE, PIXEL_SIZE, LATENT_CHANNELS, LATENT_DIM, TEXT_DIM, MAX_TOKENS = 8, 
 ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models are fastest on one thread (and do not fight the other jobs for the cores)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def _gen(seed=0):
     return torch.Generator().manual_seed(seed)
 

@@ -29,15 +29,6 @@ from sami_adapter.metrics import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small tensors: one thread is faster and leaves the other core alone."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # -- fixtures: ideal, rotated and noise codes ---------------------------------------------------
 N_TRAIN, N_TEST, K, SIZE = 600, 400, 4, 5
 

@@ -1,12 +1,15 @@
-"""Disentanglement metrics with disentanglement_lib's definitions (Locatello et al. 2019), on arrays.
+"""Array-level scores of a representation: disentanglement metrics with disentanglement_lib's
+definitions (Locatello et al. 2019), factor alignment, linear R² and trajectory curvature.
 
 ``codes`` are (N, D) float arrays, ``factors`` are (N, K) integer factor indices.
 """
 
 from ._discretize import discrete_entropy, discrete_mutual_info, histogram_discretize
+from .alignment import factor_alignment
 from .curvature import trajectory_curvature
 from .dci import completeness_from_importance, dci, dci_importance, disentanglement_from_importance
 from .factor_vae import factor_vae_score
+from .linear_r2 import linear_r2, r2_score
 from .mig import mig
 from .modularity import explicitness, modularity, modularity_from_mutual_info
 from .sap import sap, sap_score_matrix
@@ -27,4 +30,7 @@ __all__ = [
     "explicitness",
     "factor_vae_score",
     "trajectory_curvature",
+    "factor_alignment",
+    "linear_r2",
+    "r2_score",
 ]
