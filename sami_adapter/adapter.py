@@ -7,8 +7,9 @@
       unet/                         only for --unet_mode full: the jointly trained UNet
       README.md                     model card
 
-The base UNet is never copied for frozen or LoRA adapters; ``SAMIPipeline.from_pretrained(adapter_dir)``
-resolves it from the reference. Weights are always read with safetensors (nothing is unpickled).
+The base UNet is never copied for frozen or LoRA adapters: :func:`load_adapter_components` (what
+``SAMIPipeline.from_pretrained(adapter_dir)`` calls) resolves it from the reference. Weights are
+always read with safetensors (nothing is unpickled).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import json
 import os
 import shutil
 import tempfile
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Union
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -31,9 +32,20 @@ def is_adapter_dir(path: str) -> bool:
 
 
 def resolve_adapter_dir(name_or_path: str, revision: Optional[str] = None, **hub_kwargs) -> Optional[str]:
-    """A local directory holding an adapter, downloading a Hub repo if needed; None if it is no adapter."""
+    """A local directory holding an adapter, downloading a Hub repo if needed; None if it is no adapter.
+
+    ``revision`` picks a version of a Hub repo; a local adapter directory has none, so a revision
+    given with one raises a ValueError instead of being ignored.
+    """
     if os.path.isdir(name_or_path):
-        return name_or_path if is_adapter_dir(name_or_path) else None
+        if not is_adapter_dir(name_or_path):
+            return None
+        if revision is not None:
+            raise ValueError(
+                f"revision={revision!r} selects a version of a Hub repo, but {name_or_path!r} is a local adapter directory; "
+                "check out that version there, or load the Hub repo id."
+            )
+        return name_or_path
     if os.path.exists(name_or_path):
         return None
     from huggingface_hub import hf_hub_download, snapshot_download
@@ -122,6 +134,9 @@ def merge_lora(unet: torch.nn.Module) -> torch.nn.Module:
             parent_name, _, child = name.rpartition(".")
             setattr(unet.get_submodule(parent_name) if parent_name else unet, child, module.get_base_layer())
     return unet
+
+
+_merge_lora_layers = merge_lora  # load_adapter_components' merge_lora flag shadows the function's name
 
 
 # ---------------------------------------------------------------------------- saving
@@ -303,3 +318,97 @@ def load_base_unet_and_scheduler(base: str, revision: Optional[str] = None, **kw
         except (OSError, ValueError, EnvironmentError):
             scheduler_config = DDPMScheduler().config
     return unet, scheduler_config
+
+
+def load_saved_unet(path: str) -> Any:
+    """A UNet saved with ``save_pretrained``, as the diffusers class recorded in its ``config.json``."""
+    import diffusers
+
+    with open(os.path.join(path, "config.json")) as f:
+        class_name = json.load(f).get("_class_name", "UNet2DModel")
+    if class_name not in ("UNet2DModel", "UNet2DConditionModel"):
+        raise ValueError(f"{path} holds a {class_name}; SAMIPipeline supports UNet2DModel and UNet2DConditionModel.")
+    return getattr(diffusers, class_name).from_pretrained(path)
+
+
+HUB_KWARGS = ("cache_dir", "local_files_only", "token")
+LOAD_KWARGS = HUB_KWARGS + ("revision", "torch_dtype", "unet", "scheduler", "merge_lora", "vae", "text_encoder", "tokenizer")
+
+
+def check_load_kwargs(kwargs: Dict[str, Any]) -> None:
+    """Raise a TypeError for a keyword that loading an adapter would otherwise silently drop."""
+    unknown = sorted(set(kwargs) - set(LOAD_KWARGS))
+    if unknown:
+        raise TypeError(
+            f"Loading a SAMI adapter got unexpected keyword argument(s) {unknown}; it accepts {', '.join(LOAD_KWARGS)}."
+        )
+
+
+def load_adapter_components(
+    adapter_dir: str,
+    unet: Any = None,
+    scheduler: Any = None,
+    merge_lora: bool = True,
+    torch_dtype: Optional[torch.dtype] = None,
+    vae: Any = None,
+    text_encoder: Any = None,
+    tokenizer: Any = None,
+    cache_dir: Optional[str] = None,
+    local_files_only: Optional[bool] = None,
+    token: Optional[Union[str, bool]] = None,
+) -> Dict[str, Any]:
+    """The components of a SAMI pipeline (``unet``, ``scheduler``, ``encoder``, ``vae``, ``text_encoder``,
+    ``tokenizer``) for a local adapter directory.
+
+    The adapter directory never holds the base weights: the UNet, scheduler config and, for a latent
+    diffusion base (a full pipeline whose ``model_index.json`` lists them), the VAE, text encoder and
+    tokenizer are loaded from the recorded ``base_model_name_or_path`` at the recorded ``revision``.
+
+    Args:
+        adapter_dir: directory with ``sami_adapter_config.json`` and ``encoder/``.
+        unet: use this base UNet instead of loading the referenced one.
+        scheduler: use this scheduler instead of DDIM built from the base model's scheduler config.
+        merge_lora: fold LoRA weights into the UNet after loading them.
+        torch_dtype: load the encoder, UNet, VAE and text encoder in this dtype.
+        vae, text_encoder, tokenizer: use these instead of the base model's.
+        cache_dir, local_files_only, token: passed to every Hub download of the base model.
+    """
+    from diffusers import DDIMScheduler, DDPMScheduler
+
+    from .encoder import SAMIEncoder
+    from .latent import is_text_conditioned, load_latent_components
+
+    hub = {k: v for k, v in (("cache_dir", cache_dir), ("local_files_only", local_files_only), ("token", token)) if v is not None}
+    config = read_adapter_config(adapter_dir)
+    encoder = SAMIEncoder.from_pretrained(os.path.join(adapter_dir, "encoder"))
+    base = resolve_base_path(config, adapter_dir) if config.get("base_model_name_or_path") else None
+    revision = config.get("revision")
+    scheduler_config = None
+    unet_from_base = unet is None
+    if unet is None:
+        if config.get("unet_mode") == "full":
+            unet = load_saved_unet(os.path.join(adapter_dir, "unet"))
+            scheduler_config = load_base_unet_and_scheduler(base, revision, **hub)[1] if base else None
+        else:
+            if base is None:
+                resolve_base_path(config, adapter_dir)  # raises the "names no base" error
+            unet, scheduler_config = load_base_unet_and_scheduler(base, revision, **hub)
+        if config.get("unet_mode") == "lora":
+            load_lora(unet, os.path.join(adapter_dir, LORA_DIR))
+            if merge_lora:
+                _merge_lora_layers(unet)
+    if scheduler is None:
+        scheduler = DDIMScheduler.from_config(scheduler_config or DDPMScheduler().config, clip_sample=False)
+
+    # Latent-diffusion components come from the base pipeline, never from the adapter directory.
+    components = {"vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer}
+    missing = [name for name, component in components.items() if component is None]
+    # With an explicit UNet, only look the base up when it is local or the UNet needs text.
+    look_up = unet_from_base or os.path.isdir(base or "") or is_text_conditioned(unet)
+    if base is not None and missing and look_up:
+        components.update(load_latent_components(base, revision, components=missing, **hub))
+    if torch_dtype is not None:
+        for module in (encoder, unet, components["vae"], components["text_encoder"]):
+            if isinstance(module, torch.nn.Module):
+                module.to(dtype=torch_dtype)
+    return {"unet": unet, "scheduler": scheduler, "encoder": encoder, **components}

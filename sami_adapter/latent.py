@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import inspect
 import json
 import os
 import tempfile
@@ -118,6 +119,14 @@ def empty_prompt_embeddings(
     unconditional model (what SAMI trains against and what classifier-free guidance subtracts)."""
     embedding = prompt_embeddings(text_encoder, tokenizer, [""], device=device)
     return embedding.expand(batch_size, *embedding.shape[1:])
+
+
+def is_text_conditioned(unet: Any) -> bool:
+    """Whether the UNet takes ``encoder_hidden_states`` (a ``UNet2DConditionModel``-like model)."""
+    forward = getattr(unet, "forward", None)
+    if forward is None:
+        return False
+    return "encoder_hidden_states" in inspect.signature(forward).parameters
 
 
 # ---------------------------------------------------------------------------- base-model components

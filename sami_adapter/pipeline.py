@@ -14,10 +14,10 @@ import torch
 from diffusers import DiffusionPipeline, ImagePipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-from .adapter import resolve_adapter_dir
+from .adapter import HUB_KWARGS, check_load_kwargs, load_adapter_components, resolve_adapter_dir
 from .encoder import LatentPosterior, SAMIEncoder
 from .guidance import add_noise, apply_guidance, check_scheduler, check_timesteps, encoder_noise_level, posterior_score
-from .latent import LATENT_COMPONENTS, empty_prompt_embeddings, images_to_latents, latents_to_images, load_latent_components, prompt_embeddings
+from .latent import LATENT_COMPONENTS, empty_prompt_embeddings, images_to_latents, is_text_conditioned, latents_to_images, prompt_embeddings
 from .latent import vae_scale_factor as _vae_scale_factor
 
 ImageInput = Union[torch.Tensor, np.ndarray, PIL.Image.Image, Sequence[PIL.Image.Image]]
@@ -96,79 +96,20 @@ class SAMIPipeline(DiffusionPipeline):
         base is a full latent-diffusion pipeline, its ``vae``, ``text_encoder`` and ``tokenizer`` are
         loaded from it too (or passed explicitly). Any other directory or repo goes to
         ``DiffusionPipeline.from_pretrained``.
+
+        For an adapter the keywords are those of :func:`~sami_adapter.adapter.load_adapter_components`
+        plus ``revision`` (of the adapter repo; the base model is loaded at the revision the adapter
+        records). ``cache_dir``, ``local_files_only`` and ``token`` apply to the adapter repo and to the
+        base model; ``torch_dtype`` to every model. Any other keyword raises a TypeError.
         """
         path = str(pretrained_model_name_or_path)
-        adapter_dir = resolve_adapter_dir(path, revision=kwargs.get("revision"))
+        hub = {k: kwargs[k] for k in HUB_KWARGS if kwargs.get(k) is not None}
+        adapter_dir = resolve_adapter_dir(path, revision=kwargs.get("revision"), **hub)
         if adapter_dir is None:
             return super().from_pretrained(path, **kwargs)
-        return cls.from_adapter(adapter_dir, **kwargs)
-
-    @classmethod
-    def from_adapter(
-        cls,
-        adapter_dir: str,
-        unet: Any = None,
-        scheduler: Any = None,
-        merge_lora: bool = True,
-        torch_dtype: Optional[torch.dtype] = None,
-        vae: Any = None,
-        text_encoder: Any = None,
-        tokenizer: Any = None,
-        **kwargs,
-    ) -> "SAMIPipeline":
-        """Build the pipeline from a local adapter directory.
-
-        The adapter directory never holds the base weights: the UNet, scheduler config and, for a
-        latent diffusion base (a full pipeline whose ``model_index.json`` lists them), the VAE, text
-        encoder and tokenizer are loaded from the recorded ``base_model_name_or_path``/``revision``.
-
-        Args:
-            adapter_dir: directory with ``sami_adapter_config.json`` and ``encoder/``.
-            unet: use this base UNet instead of loading the referenced one.
-            scheduler: use this scheduler instead of DDIM built from the base model's scheduler config.
-            merge_lora: fold LoRA weights into the UNet after loading them.
-            torch_dtype: cast the loaded models to this dtype.
-            vae: use this VAE instead of the base model's.
-            text_encoder: use this text encoder instead of the base model's.
-            tokenizer: use this tokenizer instead of the base model's.
-        """
-        from diffusers import DDIMScheduler
-
-        from . import adapter as adapter_lib
-
-        config = adapter_lib.read_adapter_config(adapter_dir)
-        encoder = SAMIEncoder.from_pretrained(os.path.join(adapter_dir, "encoder"))
-        base = adapter_lib.resolve_base_path(config, adapter_dir) if config.get("base_model_name_or_path") else None
-        scheduler_config = None
-        unet_from_base = unet is None
-        if unet is None:
-            if config.get("unet_mode") == "full":
-                unet = _load_saved_unet(os.path.join(adapter_dir, "unet"))
-                scheduler_config = adapter_lib.load_base_unet_and_scheduler(base, config.get("revision"))[1] if base else None
-            else:
-                if base is None:
-                    adapter_lib.resolve_base_path(config, adapter_dir)  # raises the "names no base" error
-                unet, scheduler_config = adapter_lib.load_base_unet_and_scheduler(base, config.get("revision"))
-            if config.get("unet_mode") == "lora":
-                adapter_lib.load_lora(unet, os.path.join(adapter_dir, adapter_lib.LORA_DIR))
-                if merge_lora:
-                    adapter_lib.merge_lora(unet)
-        if scheduler is None:
-            from diffusers import DDPMScheduler
-
-            scheduler = DDIMScheduler.from_config(scheduler_config or DDPMScheduler().config, clip_sample=False)
-
-        # Latent-diffusion components come from the base pipeline, never from the adapter directory.
-        components = {"vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer}
-        missing = [name for name, component in components.items() if component is None]
-        # With an explicit UNet, only look the base up when it is local or the UNet needs text.
-        look_up = unet_from_base or os.path.isdir(base or "") or _is_text_conditioned(unet)
-        if base is not None and missing and look_up:
-            components.update(load_latent_components(base, config.get("revision"), components=missing))
-        pipe = cls(unet=unet, scheduler=scheduler, encoder=encoder, **components)
-        if torch_dtype is not None:
-            pipe.to(torch_dtype=torch_dtype)
-        return pipe
+        check_load_kwargs(kwargs)
+        kwargs.pop("revision", None)
+        return cls(**load_adapter_components(adapter_dir, **kwargs))
 
     # ------------------------------------------------------------------ input checks
     @property
@@ -183,7 +124,7 @@ class SAMIPipeline(DiffusionPipeline):
     @property
     def is_text_conditioned(self) -> bool:
         """True when the UNet takes ``encoder_hidden_states`` (prompt embeddings)."""
-        return _is_text_conditioned(self.unet)
+        return is_text_conditioned(self.unet)
 
     @property
     def vae_scale_factor(self) -> int:
@@ -572,27 +513,6 @@ class SAMIPipeline(DiffusionPipeline):
         w = torch.linspace(0, 1, steps, device=z_a.device, dtype=z_a.dtype).view(-1, 1)
         codes = (1 - w) * z_a + w * z_b
         return self(z=codes, latents=self._shared_noise(steps, generator, latents), generator=generator, **kwargs)
-
-
-def _is_text_conditioned(unet: Any) -> bool:
-    """Whether the UNet takes ``encoder_hidden_states`` (a ``UNet2DConditionModel``-like model)."""
-    forward = getattr(unet, "forward", None)
-    if forward is None:
-        return False
-    return "encoder_hidden_states" in inspect.signature(forward).parameters
-
-
-def _load_saved_unet(path: str) -> Any:
-    """A UNet saved with ``save_pretrained``, as the diffusers class recorded in its ``config.json``."""
-    import json
-
-    import diffusers
-
-    with open(os.path.join(path, "config.json")) as f:
-        class_name = json.load(f).get("_class_name", "UNet2DModel")
-    if class_name not in ("UNet2DModel", "UNet2DConditionModel"):
-        raise ValueError(f"{path} holds a {class_name}; SAMIPipeline supports UNet2DModel and UNet2DConditionModel.")
-    return getattr(diffusers, class_name).from_pretrained(path)
 
 
 def check_encoder_fits_unet(encoder: Any, unet: Any) -> None:
