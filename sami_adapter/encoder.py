@@ -22,8 +22,12 @@ class LatentPosterior(DiagonalGaussianDistribution):
     """
 
     def __init__(self, parameters: torch.Tensor):
-        super().__init__(parameters)
-        # The parent chunks along dim 1 (feature maps); a code is chunked along its last dim.
+        # Not the parent's __init__: it chunks along dim 1 (feature maps), which breaks for a stack of
+        # codes with one image (K, 1, 2D). A code is chunked along its last dim.
+        if parameters.shape[-1] % 2:
+            raise ValueError(f"parameters must hold mean and log-variance along the last dim (even size), got {tuple(parameters.shape)}.")
+        self.parameters = parameters
+        self.deterministic = False
         self.mean, logvar = torch.chunk(parameters, 2, dim=-1)
         self.logvar = torch.clamp(logvar, -30.0, 20.0)
         self.std = torch.exp(0.5 * self.logvar)

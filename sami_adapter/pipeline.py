@@ -17,10 +17,10 @@ from diffusers.utils.torch_utils import randn_tensor
 from .adapter import HUB_KWARGS, check_load_kwargs, load_adapter_components, resolve_adapter_dir
 from .encoder import LatentPosterior, SAMIEncoder
 from .guidance import add_noise, apply_guidance, check_scheduler, check_timesteps, encoder_noise_level, posterior_score
+from .images import ImageInput, to_model_range
 from .latent import LATENT_COMPONENTS, empty_prompt_embeddings, images_to_latents, is_text_conditioned, latents_to_images, prompt_embeddings
 from .latent import vae_scale_factor as _vae_scale_factor
 
-ImageInput = Union[torch.Tensor, np.ndarray, PIL.Image.Image, Sequence[PIL.Image.Image]]
 PromptInput = Union[str, Sequence[str]]
 
 
@@ -152,30 +152,18 @@ class SAMIPipeline(DiffusionPipeline):
         ``unet.sample_size * vae_scale_factor`` pixels and ``vae.in_channels`` (3) channels) are encoded
         to the VAE latent mean scaled by ``vae.config.scaling_factor`` (deterministic, no gradient).
 
-        Accepts a tensor in [-1, 1], a uint8/float numpy array (N, H, W, C) in [0, 255]/[0, 1], or PIL images.
+        Accepts what :func:`sami_adapter.images.to_model_range` reads: float tensors in [-1, 1], uint8
+        tensors, numpy arrays (N, H, W, C) as uint8 [0, 255], uint16 [0, 65535] or float [0, 1], and
+        PIL images (8-bit, or 16-bit grey); anything else, or values outside their range, raise.
         """
-        if isinstance(images, PIL.Image.Image):
-            images = [images]
-        if isinstance(images, (list, tuple)) and images and isinstance(images[0], PIL.Image.Image):
-            images = np.stack([np.asarray(im) for im in images])
-        if isinstance(images, np.ndarray):
-            array = images.astype(np.float32) / (255.0 if images.dtype == np.uint8 else 1.0)
-            if array.ndim == 3:
-                array = array[..., None]
-            images = torch.from_numpy(array).permute(0, 3, 1, 2) * 2.0 - 1.0
-        if not isinstance(images, torch.Tensor):
-            raise TypeError(f"images must be a torch.Tensor, numpy array or PIL image(s), got {type(images).__name__}.")
-        if images.ndim == 3:
-            images = images.unsqueeze(0)
         expected = self._image_shape()
+        images = to_model_range(images, channels=expected[0])
         taker = f"the VAE (scale factor {self.vae_scale_factor}) of this latent UNet" if self.is_latent else "the UNet"
         if images.ndim != 4 or tuple(images.shape[1:]) != expected:
             raise ValueError(
                 f"images have shape {tuple(images.shape)} but {taker} takes (N, {expected[0]}, {expected[1]}, {expected[2]}); "
                 f"resize to {expected[1]}x{expected[2]} and use {expected[0]} channel(s)."
             )
-        if not torch.isfinite(images).all():
-            raise ValueError("images contain NaN or inf; pass finite pixel values in [-1, 1].")
         device = self._execution_device
         if self.is_latent:
             return images_to_latents(self.vae, images.to(device)).to(device=device, dtype=self.unet.dtype)
@@ -218,9 +206,14 @@ class SAMIPipeline(DiffusionPipeline):
         x0 = self.preprocess(images)
         if timesteps is None:
             return self.encoder(x0, torch.zeros(x0.shape[0], device=x0.device, dtype=torch.long))
-        multiscale = not (isinstance(timesteps, int) or (isinstance(timesteps, torch.Tensor) and timesteps.ndim == 0))
-        levels = torch.as_tensor(timesteps if multiscale else [timesteps], device=x0.device).long()
-        check_timesteps(levels, self.scheduler.config.num_train_timesteps)
+        requested = torch.as_tensor(np.asarray(timesteps) if not isinstance(timesteps, torch.Tensor) else timesteps)
+        multiscale = requested.ndim > 0  # a Python/numpy/tensor scalar encodes at one level, a sequence at several
+        if requested.ndim > 1 or requested.dtype == torch.bool or requested.numel() == 0:
+            raise ValueError(f"timesteps must be an integer or a 1-D sequence of integers, got {timesteps!r}.")
+        check_timesteps(requested, self.scheduler.config.num_train_timesteps)
+        if requested.is_floating_point() and not torch.equal(requested, requested.round()):
+            raise ValueError(f"timesteps must be whole numbers (the encoder was trained on integer timesteps), got {requested.tolist()}.")
+        levels = requested.reshape(-1).to(device=x0.device, dtype=torch.long)
         n, k = x0.shape[0], levels.shape[0]
         t = levels.repeat_interleave(n)
         clean = x0.repeat(k, 1, 1, 1)
@@ -408,6 +401,7 @@ class SAMIPipeline(DiffusionPipeline):
                 f"guidance_scale={guidance_scale} is the classifier-free guidance weight, but this UNet is not text-conditioned. "
                 "The SAMI knob (how strongly z steers sampling) is sami_scale."
             )
+        self.check_inputs(z, batch_size, num_inference_steps, sami_scale, generator, latents, eta, guidance_scale)
         sami_scale = float(sami_scale)
         check_scheduler(self.scheduler)
         device = self._execution_device
@@ -441,6 +435,36 @@ class SAMIPipeline(DiffusionPipeline):
         if not return_dict:
             return images, z
         return SAMIPipelineOutput(images=images, z=z)
+
+    def check_inputs(self, z, batch_size, num_inference_steps, sami_scale, generator, latents, eta, guidance_scale) -> None:
+        """Raise a ValueError for sampling arguments that would give NaN, noise or a silently different batch."""
+
+        def is_int(value):
+            return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+        if not is_int(num_inference_steps) or num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps must be an integer >= 1, got {num_inference_steps!r}.")
+        if batch_size is not None and (not is_int(batch_size) or batch_size < 1):
+            raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}.")
+        for name, value in (("sami_scale", sami_scale), ("guidance_scale", guidance_scale)):
+            if not isinstance(value, (int, float, np.number)) or isinstance(value, bool) or not np.isfinite(float(value)):
+                raise ValueError(f"{name} must be a finite number, got {value!r}.")
+        if not isinstance(eta, (int, float, np.number)) or not 0.0 <= float(eta) <= 1.0:
+            raise ValueError(f"eta must be in [0, 1] (0: deterministic DDIM, 1: DDPM-like), got {eta!r}.")
+        n = None
+        if z is not None:
+            n = self.check_z(z).shape[0]
+            if batch_size is not None and batch_size != n:
+                raise ValueError(f"batch_size={batch_size} but z holds {n} codes; leave batch_size out when passing z.")
+        elif batch_size is not None:
+            n = batch_size
+        if latents is not None:
+            if not torch.isfinite(torch.as_tensor(latents)).all():
+                raise ValueError("latents contain NaN or inf; pass finite initial noise (or leave latents out).")
+            if n is None:
+                n = latents.shape[0]
+        if isinstance(generator, (list, tuple)) and n is not None and len(generator) != n:
+            raise ValueError(f"A list of generators needs one per sample: got {len(generator)} for a batch of {n}.")
 
     @staticmethod
     def postprocess(sample: torch.Tensor, output_type: str) -> Any:
@@ -488,9 +512,11 @@ class SAMIPipeline(DiffusionPipeline):
             kwargs: passed to :meth:`__call__`.
         """
         if isinstance(z_or_image, torch.Tensor) and z_or_image.ndim <= 2 and z_or_image.shape[-1] == self.latent_dim:
-            z = self.check_z(z_or_image)[:1]
+            z = self.check_z(z_or_image)
         else:
-            z = self.encode(z_or_image).mean[:1]
+            z = self.encode(z_or_image).mean
+        if z.shape[0] != 1:
+            raise ValueError(f"traverse takes one code or one image, got a batch of {z.shape[0]}; call it once per item.")
         if not 0 <= dim < self.latent_dim:
             raise ValueError(f"dim must be in [0, {self.latent_dim}), got {dim}.")
         codes = z.repeat(len(values), 1)
@@ -507,7 +533,9 @@ class SAMIPipeline(DiffusionPipeline):
         **kwargs,
     ) -> Union[SAMIPipelineOutput, tuple]:
         """Decode ``(1 - w) z_a + w z_b`` for ``steps`` evenly spaced ``w`` in [0, 1], with shared initial noise."""
-        z_a, z_b = self.check_z(z_a)[:1], self.check_z(z_b)[:1]
+        z_a, z_b = self.check_z(z_a), self.check_z(z_b)
+        if z_a.shape[0] != 1 or z_b.shape[0] != 1:
+            raise ValueError(f"interpolate takes one code at each end, got batches of {z_a.shape[0]} and {z_b.shape[0]}.")
         if steps < 2:
             raise ValueError(f"steps must be >= 2, got {steps}.")
         w = torch.linspace(0, 1, steps, device=z_a.device, dtype=z_a.dtype).view(-1, 1)

@@ -11,6 +11,7 @@ import torch
 from torch.utils.data import Dataset
 
 from .data.base import FactorDataset
+from .images import SIXTEEN_BIT_MODES, pil_to_array
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
@@ -89,8 +90,11 @@ class ImageFolderDataset(Dataset):
         item = self.images[index]
         try:
             image = Image.open(item) if isinstance(item, str) else item
-            image = image.convert("L" if self.channels == 1 else "RGB")
-        except (UnidentifiedImageError, OSError) as e:
+            if image.mode in SIXTEEN_BIT_MODES:  # convert("L") would clip 16-bit values to white
+                image = Image.fromarray(pil_to_array(image)[..., 0], mode="F")  # grey in [0, 1]
+            else:
+                image = image.convert("L" if self.channels == 1 else "RGB")
+        except (UnidentifiedImageError, OSError, ValueError) as e:
             raise ValueError(f"Cannot read image {item!r} ({e}); remove or fix it.") from e
         scale = self.resolution / min(image.size)
         image = image.resize((max(self.resolution, round(image.width * scale)), max(self.resolution, round(image.height * scale))), Image.BICUBIC)
@@ -99,8 +103,11 @@ class ImageFolderDataset(Dataset):
         else:
             left, top = int(rng.integers(0, image.width - self.resolution + 1)), int(rng.integers(0, image.height - self.resolution + 1))
         image = image.crop((left, top, left + self.resolution, top + self.resolution))
-        array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
-        tensor = torch.from_numpy(array).view(self.resolution, self.resolution, self.channels).permute(2, 0, 1)
+        array = np.asarray(image, dtype=np.float32)
+        array = array * 2.0 - 1.0 if image.mode == "F" else array / 127.5 - 1.0
+        if array.ndim == 2:
+            array = np.repeat(array[..., None], self.channels, axis=-1)
+        tensor = torch.from_numpy(np.ascontiguousarray(array)).view(self.resolution, self.resolution, self.channels).permute(2, 0, 1)
         if self.random_flip and rng.random() < 0.5:
             tensor = tensor.flip(-1)
         return tensor

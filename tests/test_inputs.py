@@ -1,0 +1,153 @@
+"""The input contract: every accepted image type read in its documented range, everything else refused,
+and sampling knobs that would give NaN, noise or a silently different batch refused with a clear error."""
+
+import warnings
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from tiny import tiny_pipeline
+
+
+def _gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return tiny_pipeline()
+
+
+@pytest.fixture(scope="module")
+def pixels():
+    """(2, 8, 8, 1) uint8 test images and the same in the model range."""
+    array = np.random.default_rng(0).integers(0, 256, size=(2, 8, 8, 1)).astype(np.uint8)
+    return array, torch.from_numpy(array).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+# ---------------------------------------------------------------- images: convert what is unambiguous
+def test_every_accepted_image_type_reads_as_the_same_pixels(pipe, pixels):
+    from sami_adapter.images import to_model_range
+
+    array, expected = pixels
+    readings = {
+        "float tensor [-1, 1]": expected,
+        "uint8 tensor": torch.from_numpy(array).permute(0, 3, 1, 2).contiguous(),
+        "uint8 numpy": array,
+        "uint16 numpy": array.astype(np.uint16) * 257,  # 255 * 257 = 65535
+        "float numpy [0, 1]": array.astype(np.float64) / 255,
+        "PIL L": [PIL.Image.fromarray(a[..., 0]) for a in array],
+        "PIL RGB (grey content)": [PIL.Image.fromarray(np.repeat(a, 3, axis=-1)) for a in array],
+        "PIL 16-bit": [PIL.Image.fromarray(a[..., 0].astype(np.uint16) * 257) for a in array],
+    }
+    reference = pipe.encode(expected).mean
+    for name, images in readings.items():
+        torch.testing.assert_close(to_model_range(images, channels=1), expected, atol=1e-6, rtol=0, msg=name)
+        torch.testing.assert_close(pipe.encode(images).mean, reference, atol=1e-6, rtol=0, msg=name)
+
+
+def test_a_16_bit_png_file_is_not_read_as_white(tmp_path, pixels):
+    from sami_adapter.training import ImageFolderDataset
+
+    array, expected = pixels
+    PIL.Image.fromarray(array[0, ..., 0].astype(np.uint16) * 257).save(tmp_path / "deep.png")
+    PIL.Image.fromarray(array[0, ..., 0]).save(tmp_path / "plain.png")
+    assert PIL.Image.open(tmp_path / "deep.png").mode.startswith("I")
+    for channels in (1, 3):
+        deep = ImageFolderDataset([str(tmp_path / "deep.png")], 8, channels).load(0, np.random.default_rng(0))
+        plain = ImageFolderDataset([str(tmp_path / "plain.png")], 8, channels).load(0, np.random.default_rng(0))
+        torch.testing.assert_close(deep, plain, atol=1e-5, rtol=0)
+        torch.testing.assert_close(plain[0], expected[0, 0])
+
+
+# ---------------------------------------------------------------- images: refuse what is not
+@pytest.mark.parametrize("images, error, message", [
+    (torch.full((1, 1, 8, 8), 200.0), ValueError, r"image tensors must lie in \[-1, 1\], got values in \[200, 200\].*uint8"),
+    (np.full((1, 8, 8, 1), 2.0), ValueError, r"numpy float images must lie in \[0, 1\].*torch tensor"),
+    (np.full((1, 8, 8, 1), -0.5), ValueError, r"numpy float images must lie in \[0, 1\]"),
+    (np.zeros((1, 8, 8, 1), dtype=np.int32), TypeError, "uint8 .0, 255., uint16 .0, 65535. or float .0, 1."),
+    (torch.zeros((1, 1, 8, 8), dtype=torch.int64), TypeError, r"float in \[-1, 1\] or uint8"),
+    (torch.full((1, 1, 8, 8), float("nan")), ValueError, "NaN or inf"),
+    ([PIL.Image.fromarray(np.zeros((8, 8), np.float32), mode="F")], ValueError, "mode F"),
+])
+def test_ambiguous_or_out_of_range_images_are_refused_naming_the_range(pipe, images, error, message):
+    with pytest.raises(error, match=message):
+        pipe.encode(images)
+
+
+def test_a_float_tensor_in_0_1_is_read_as_minus1_1_with_a_warning(pipe):
+    x = torch.rand(1, 1, 8, 8, generator=_gen())
+    with pytest.warns(UserWarning, match=r"lie in \[0, 1\].*x \* 2 - 1"):
+        pipe.encode(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pipe.encode(x * 2 - 1)  # ordinary [-1, 1] images: no warning
+        pipe.encode(torch.zeros(1, 1, 8, 8))  # a constant image: nothing to warn about
+
+
+# ---------------------------------------------------------------- knobs
+@pytest.mark.parametrize("kwargs, message", [
+    ({"eta": 1.5}, r"eta must be in \[0, 1\]"),
+    ({"eta": -0.1}, r"eta must be in \[0, 1\]"),
+    ({"sami_scale": float("nan")}, "sami_scale must be a finite number"),
+    ({"sami_scale": float("inf")}, "sami_scale must be a finite number"),
+    ({"num_inference_steps": 0}, "num_inference_steps must be an integer >= 1"),
+    ({"num_inference_steps": -3}, "num_inference_steps must be an integer >= 1"),
+    ({"num_inference_steps": 2.5}, "num_inference_steps must be an integer >= 1"),
+    ({"batch_size": 0}, "batch_size must be an integer >= 1"),
+    ({"batch_size": -1}, "batch_size must be an integer >= 1"),
+    ({"batch_size": 2.0}, "batch_size must be an integer >= 1"),
+    ({"latents": torch.full((1, 1, 8, 8), float("nan"))}, "latents contain NaN or inf"),
+    ({"batch_size": 3, "generator": [_gen(0), _gen(1)]}, "one per sample: got 2 for a batch of 3"),
+    ({"z": torch.zeros(2, 3), "batch_size": 3}, "batch_size=3 but z holds 2 codes"),
+])
+def test_sampling_knobs_that_would_give_nan_noise_or_another_batch_are_refused(pipe, kwargs, message):
+    kwargs = {"num_inference_steps": 2, **kwargs}
+    with pytest.raises(ValueError, match=message):
+        pipe(output_type="pt", **kwargs)
+
+
+def test_numpy_integers_and_generator_lists_that_fit_are_accepted(pipe):
+    out = pipe(batch_size=np.int64(2), num_inference_steps=np.int32(2), generator=[_gen(0), _gen(1)], output_type="pt")
+    assert out.images.shape == (2, 1, 8, 8)
+    # a generator list gives each sample its own stream: sample 1 alone with generator 1 is the same image
+    alone = pipe(batch_size=1, num_inference_steps=2, generator=[_gen(1)], output_type="pt")
+    torch.testing.assert_close(out.images[1:], alone.images)
+
+
+def test_float_and_numpy_scalar_timesteps_encode_like_integers(pipe, pixels):
+    _, x = pixels
+    reference = pipe.encode(x, timesteps=250, generator=_gen()).mean
+    for t in (250.0, np.int64(250), np.float32(250), torch.tensor(250)):
+        torch.testing.assert_close(pipe.encode(x, timesteps=t, generator=_gen()).mean, reference)
+    multi = pipe.encode(x, timesteps=np.array([0, 250]), generator=_gen())
+    assert multi.mean.shape == (2, 2, 3)
+    with pytest.raises(ValueError, match="whole numbers"):
+        pipe.encode(x, timesteps=250.5)
+    with pytest.raises(ValueError, match="whole numbers"):
+        pipe.encode(x, timesteps=[0, 10.25])
+
+
+def test_traverse_and_interpolate_refuse_a_batch(pipe, pixels):
+    _, x = pixels
+    with pytest.raises(ValueError, match="traverse takes one code or one image, got a batch of 2"):
+        pipe.traverse(torch.zeros(2, 3), dim=0, values=[0, 1], num_inference_steps=2)
+    with pytest.raises(ValueError, match="traverse takes one code or one image, got a batch of 2"):
+        pipe.traverse(x, dim=0, values=[0, 1], num_inference_steps=2)
+    with pytest.raises(ValueError, match="interpolate takes one code at each end"):
+        pipe.interpolate(torch.zeros(2, 3), torch.ones(3), steps=3, num_inference_steps=2)
+
+
+# ---------------------------------------------------------------- LatentPosterior shapes
+def test_one_image_at_several_timesteps(pipe, pixels):
+    from sami_adapter.analysis import information_profile
+
+    _, x = pixels
+    one = pipe.encode(x[:1], timesteps=[0, 250, 900], generator=_gen())
+    assert one.mean.shape == (3, 1, 3) and one.logvar.shape == (3, 1, 3) and one.sample(_gen()).shape == (3, 1, 3)
+    torch.testing.assert_close(one.mean[0], pipe.encode(x[:1]).mean)  # t = 0 is the clean posterior
+    three = torch.cat([x, x[:1]])
+    profile = information_profile(pipe, three, timesteps=[0, 500], generator=_gen(), batch_size=2)  # 3 % 2 == 1
+    full = information_profile(pipe, three, timesteps=[0, 500], generator=_gen(), batch_size=3)
+    np.testing.assert_allclose(profile["kl"][0], full["kl"][0], rtol=1e-6)  # the clean row does not depend on the noise
