@@ -238,6 +238,21 @@ def clear_earlier_run(output_dir) -> None:
             shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
 
 
+@torch.no_grad()
+def step_kl_per_dim(accelerator, encoder, cleans) -> torch.Tensor:
+    """Per-dimension KL of ``q(z | x_0)`` averaged over the whole optimiser step: every micro-batch on every process.
+
+    Free bits compare this with their threshold, so that the clamp sees the same batch mean whatever
+    the number of processes and accumulation steps.
+    """
+    with accelerator.autocast():
+        total = sum(encoder(c, torch.zeros(c.shape[0], dtype=torch.long, device=c.device)).kl_per_dim().float().sum(0) for c in cleans)
+    count = torch.tensor([float(sum(c.shape[0] for c in cleans))], device=total.device)
+    if accelerator.num_processes > 1:
+        total, count = accelerator.reduce(total, reduction="sum"), accelerator.reduce(count, reduction="sum")
+    return total / count
+
+
 class TrainingDiverged(SystemExit):
     """A non-finite loss, gradient or weight: the run stops (non-zero exit) and saves nothing."""
 
@@ -395,7 +410,9 @@ def main(argv=None):
         if dataset.num_channels != pixel_channels:
             raise SystemExit(f"--dataset {args.dataset} has {dataset.num_channels} channel(s) but the model takes {pixel_channels}.")
         held_out = DATASETS[args.dataset](num_samples=max(args.num_eval_images, 16), resolution=resolution, seed=args.seed + 10_000)
-    batches = StepBatches(dataset, args.train_batch_size * accelerator.num_processes, args.seed)
+    # One draw per optimiser step, sliced into micro-batches and then among processes: N processes with
+    # A accumulation steps at batch B see exactly what one process sees at batch N * A * B.
+    batches = StepBatches(dataset, args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps, args.seed)
     timestep_probs = timestep_distribution(args.timestep_sampling, noise_scheduler.config.num_train_timesteps)
     sample_shape = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
     cache = None
@@ -442,19 +459,23 @@ def main(argv=None):
     for step in range(global_step, args.max_train_steps):
         beta = beta_at(step, args.max_train_steps, args.beta, args.beta_final, args.kl_warmup_steps)
         noise_scale = min(1.0, step / args.latent_noise_warmup_steps) if args.latent_noise_warmup_steps else 1.0
+        step_batch = batches.batch(step, timestep_probs, noise_scheduler.config.num_train_timesteps, args.latent_dim, sample_shape)
+        micro_size = args.train_batch_size * world
+        parts = []
         for micro in range(args.gradient_accumulation_steps):
-            batch = batches.batch(step * args.gradient_accumulation_steps + micro, timestep_probs, noise_scheduler.config.num_train_timesteps,
-                                  args.latent_dim, sample_shape)
-            local = {k: v.chunk(world)[rank].to(accelerator.device) for k, v in batch.items()}
+            local = {k: v[micro * micro_size : (micro + 1) * micro_size].chunk(world)[rank].to(accelerator.device) for k, v in step_batch.items()}
             clean = local["images"]
             if vae is not None:  # VAE latents once per batch, no gradients; from disk when cached
                 clean = cache.get_or_compute(vae, local["indices"], clean) if cache is not None else images_to_latents(vae, clean)
                 clean = clean.float()
+            parts.append((local, clean))
+        kl_reference = step_kl_per_dim(accelerator, accelerator.unwrap_model(objective).encoder, [c for _, c in parts]) if args.free_bits > 0 else None
+        for local, clean in parts:
             unet_kwargs = {k: v.expand(clean.shape[0], *v.shape[1:]).to(accelerator.device) for k, v in unet_kwargs_one.items()}
             with accelerator.accumulate(objective), accelerator.autocast():
                 out = SAMILossOutput(**objective(clean, noise_scheduler, unet_kwargs=unet_kwargs, beta=beta, weighting=args.weighting, timesteps=local["timesteps"],
                                 timestep_probs=timestep_probs, noise=local["noise"], latent_noise=local["latent_noise"] * noise_scale,
-                                free_bits=args.free_bits))
+                                free_bits=args.free_bits, kl_reference=kl_reference))
                 stop_if_diverged(accelerator, step + 1, "loss", out.loss.detach(), args.output_dir)
                 accelerator.backward(out.loss)
                 if accelerator.sync_gradients:

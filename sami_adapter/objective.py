@@ -122,6 +122,7 @@ def sami_loss(
     free_bits: float = 0.0,
     sami_scale: float = 1.0,
     unet_kwargs: Optional[Dict[str, Any]] = None,
+    kl_reference: Optional[torch.Tensor] = None,
 ) -> SAMILossOutput:
     """One Monte Carlo estimate of the SAMI objective (module docstring).
 
@@ -141,9 +142,15 @@ def sami_loss(
             (importance sampling keeps the bound unbiased), the simple weighting does not.
         noise: (B, C, H, W) ``eps`` to use instead of sampling it.
         latent_noise: (B, D) standard normal draw of the reparameterisation ``z = mu + sigma * latent_noise``.
-        free_bits: minimum batch-mean KL per dimension (nats) below which the KL is not penalised.
+        free_bits: minimum batch-mean KL per dimension (nats) below which the KL is not penalised:
+            a dimension whose mean KL is at most ``free_bits`` adds the constant ``free_bits`` (no
+            gradient), the others their KL.
         sami_scale: multiplies the posterior score (1 = exact SAMI).
         unet_kwargs: extra UNet inputs (e.g. ``encoder_hidden_states`` of a text-conditioned UNet).
+        kl_reference: (D,) the per-dimension mean KL of the whole optimisation batch, when this call
+            sees only part of it (one process of several, one micro-batch of an accumulated step).
+            ``free_bits`` is compared with it instead of with this part's own mean, so the summed
+            gradients of the parts equal the gradient of the whole batch. Default: this batch's own.
     """
     if weighting not in ("elbo", "simple"):
         raise ValueError(f"weighting must be 'elbo' or 'simple', got {weighting!r}.")
@@ -196,7 +203,12 @@ def sami_loss(
 
     kl_per_sample_dim = posterior.kl_per_dim().float()
     kl_per_dim = kl_per_sample_dim.mean(dim=0)
-    kl_term = torch.clamp(kl_per_dim, min=free_bits).sum() if free_bits > 0 else kl_per_dim.sum()
+    if free_bits > 0:
+        reference = kl_per_dim.detach() if kl_reference is None else kl_reference.to(kl_per_dim)
+        penalised = reference > free_bits  # clamp(reference, min=free_bits), applied to this part's KL
+        kl_term = torch.where(penalised, kl_per_dim, torch.full_like(kl_per_dim, free_bits)).sum()
+    else:
+        kl_term = kl_per_dim.sum()
     loss = diffusion_loss + beta * kl_term
 
     negative_elbo = None

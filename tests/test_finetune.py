@@ -178,7 +178,7 @@ def test_two_process_ddp_matches_one_process_at_twice_the_batch(base_dir, tmp_pa
     keep = ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "HF_HOME", "HF_HUB_CACHE", "VIRTUAL_ENV")
     env = {k: v for k, v in os.environ.items() if k in keep}
     env.update({"ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT, "HF_HUB_OFFLINE": "1"})
-    common = ["--max_train_steps", "2", "--no_report", "--free_bits", "0"]
+    common = ["--max_train_steps", "3", "--no_report"]  # the default flags, free bits included
     ddp_out, single_out = tmp_path / "ddp", tmp_path / "single"
     import socket
 
@@ -299,3 +299,15 @@ def test_the_adapter_is_saved_before_the_report_is_made(base_dir, tmp_path, monk
     with pytest.raises(RuntimeError, match="evaluation failed"):
         finetune.main(_args(base_dir, out, "--max_train_steps", "2"))
     assert SAMIPipeline.from_pretrained(str(out)).encoder.config.latent_dim == 3
+
+
+def test_gradient_accumulation_matches_one_step_at_the_whole_batch_with_default_flags(base_dir, tmp_path):
+    """2 micro-batches of 2 see the same images, noise and free-bits threshold as one batch of 4."""
+    accumulated, whole = tmp_path / "accumulated", tmp_path / "whole"
+    finetune.main(_args(base_dir, accumulated, "--max_train_steps", "3", "--no_report", "--gradient_accumulation_steps", "2",
+                        "--train_batch_size", "2"))
+    finetune.main(_args(base_dir, whole, "--max_train_steps", "3", "--no_report"))
+    a, b = _encoder_weights(accumulated), _encoder_weights(whole)
+    assert any(not torch.equal(v, torch.zeros_like(v)) for k, v in a.items() if k.startswith("head."))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)

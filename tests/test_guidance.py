@@ -212,3 +212,41 @@ def test_noise_level_uses_the_timestep_given_outside_the_schedulers_current_step
     torch.testing.assert_close((a, s), reference(300))
     a, s = noise_level(euler, euler.timesteps[1])  # the current one: the scheduler's own sigma
     torch.testing.assert_close((s / a).float(), euler.sigmas[1].view(1))
+
+
+def test_free_bits_on_parts_of_a_batch_give_the_whole_batch_gradient():
+    """Two halves (two processes, or two accumulation steps) with the whole batch's KL as reference sum to the
+    gradient of the whole batch, also when free bits cut between the halves' own means."""
+    from tiny import tiny_encoder, tiny_unet
+
+    torch.manual_seed(0)
+    encoder, unet = tiny_encoder(latent_dim=3), tiny_unet()
+    with torch.no_grad():
+        encoder.head.weight.normal_(0, 0.5)
+    scheduler = DDPMScheduler(num_train_timesteps=1000)
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(8, 1, 8, 8, generator=g) * 2 - 1
+    with torch.no_grad():
+        kl = encoder(x, torch.zeros(8, dtype=torch.long)).kl_per_dim()[:, 0]
+    x = x[kl.argsort()]  # first half: the low-KL images of dimension 0
+    kl = kl.sort().values
+    low, whole = kl[:4].mean().item(), kl.mean().item()
+    free_bits = (low + whole) / 2  # the first half alone would be clamped on dim 0, the whole batch is not
+    draws = {"timesteps": torch.randint(0, 1000, (8,), generator=g), "noise": torch.randn(8, 1, 8, 8, generator=g),
+             "latent_noise": torch.randn(8, 3, generator=g)}
+
+    def grads(rows, reference=None):
+        encoder.zero_grad()
+        out = sami_loss(unet, encoder, scheduler, x[rows], beta=1.0, weighting="simple", free_bits=free_bits, kl_reference=reference,
+                        **{k: v[rows] for k, v in draws.items()})
+        out.loss.backward()
+        return [p.grad.clone() for p in encoder.parameters()]
+
+    full = grads(slice(0, 8))
+    with torch.no_grad():
+        reference = encoder(x, torch.zeros(8, dtype=torch.long)).kl_per_dim().mean(0)
+    halves = [grads(slice(0, 4), reference), grads(slice(4, 8), reference)]
+    for f, a, b in zip(full, *halves):
+        torch.testing.assert_close((a + b) / 2, f, atol=1e-5, rtol=1e-4)
+    own = [grads(slice(0, 4)), grads(slice(4, 8))]  # each half against its own mean: not the whole batch's gradient
+    assert max(((a + b) / 2 - f).abs().max().item() for f, a, b in zip(full, *own)) > 1e-4
