@@ -90,7 +90,9 @@ def parse_args(argv=None):
                    help="Latent diffusion: store VAE latents of folder images on disk (safetensors) and reuse them in later epochs. "
                         "Needs deterministic preprocessing (--center_crop, no --random_flip).")
     g = p.add_argument_group("objective")
-    g.add_argument("--beta", type=float, default=0.01, help="KL weight in ELBO units (1 = the bound; < 1 rewards information in z).")
+    g.add_argument("--beta", type=float, default=0.01,
+                   help="KL weight. With --weighting elbo in ELBO units (1 = the bound; < 1 rewards information in z); with simple "
+                        "(the default) only the KL's weight against the unweighted denoising error.")
     g.add_argument("--weighting", default="simple", choices=["simple", "elbo"], help="Denoising-error weights: unit (simple) or the exact ELBO weights.")
     g.add_argument("--timestep_sampling", default="low", choices=["uniform", "mid", "low"],
                    help="uniform over [0, T); mid: 75%% from [100, 900] + 25%% uniform; low: 75%% from [0, 500] + 25%% uniform. "
@@ -621,7 +623,7 @@ A SAMI (Score-based Autoencoder for Multiscale Inference) encoder for the diffus
 `{args.pretrained_model_name_or_path}` (UNet mode: `{args.unet_mode}`), trained with `sami-adapter`.
 
 - data: {args.train_data_dir or args.dataset_name or args.dataset}, {args.resolution or 'native'} px
-- latent dimensions: {args.latent_dim}; beta (ELBO units): {args.beta}; weighting: {args.weighting}; free bits: {args.free_bits}
+- latent dimensions: {args.latent_dim}; beta (KL weight{', ELBO units' if args.weighting == 'elbo' else ', against the unweighted denoising error'}): {args.beta}; weighting: {args.weighting}; free bits: {args.free_bits}
 - steps: {args.max_train_steps} x batch {args.train_batch_size}; seed {args.seed}
 
 ## Measured on held-out data

@@ -1,4 +1,4 @@
-"""The SAMI objective: guided denoising loss in ELBO units plus the KL of the code.
+"""The SAMI objective: the guided denoising loss (ELBO-weighted or simple) plus beta times the KL of the code.
 
 For one image ``x_0`` (D pixels) and a code ``z ~ q(z | x_0)`` the decoder is the reverse
 diffusion chain whose noise prediction is the guided ``eps_hat(x_t, t, z)`` of
@@ -6,15 +6,19 @@ diffusion chain whose noise prediction is the guided ``eps_hat(x_t, t, z)`` of
 
     -log p(x_0 | z) <= L_T + sum_{t=1}^{T-1} L_t + L_0,
 
-and with the reverse variance sigma_t^2 = beta_tilde_t (diffusers' ``fixed_small``) each term is a
-weighted denoising error (diffusers' 0-based index ``i``):
+and with the reverse variance sigma_i^2 = beta_tilde_i = beta_i (1 - abar_{i-1}) / (1 - abar_i)
+(diffusers' ``fixed_small``) for i >= 1, each term is a weighted denoising error (diffusers'
+0-based index ``i``):
 
     L_i = w_i || eps - eps_hat(x_i, i, z) ||^2,   w_i = beta_i / (2 alpha_i (1 - abar_{i-1}))   (i >= 1)
-        = (SNR(i-1) / SNR(i) - 1) / 2,
+        = (SNR(i-1) / SNR(i) - 1) / 2.
 
-and the decoder term ``L_0 = -log N(x_0; mu_theta(x_1), beta_0 I)`` is
+The last reverse step is not ``fixed_small``: its beta_tilde_0 is 0 (diffusers clips it to 1e-20
+and adds no noise), which has no density. The bound computed here uses Ho et al.'s Gaussian decoder
+with variance beta_0 instead, ``L_0 = -log N(x_0; mu_theta(x_0'), beta_0 I)`` with ``x_0'`` the
+index-0 noisy image (the bound of a sampler whose last step adds noise of variance beta_0):
 
-    L_0 = w_0 || eps - eps_hat(x_0, 0, z) ||^2 + (D/2) log(2 pi beta_0),   w_0 = 1 / (2 alpha_0).
+    L_0 = w_0 || eps - eps_hat(x_0', 0, z) ||^2 + (D/2) log(2 pi beta_0),   w_0 = 1 / (2 alpha_0).
 
 The prior term ``L_T = KL(q(x_T | x_0) || N(0, I))`` and ``(D/2) log(2 pi beta_0)`` do not depend
 on any parameter: :func:`elbo_constant` returns them, ``sami_loss`` omits them from ``loss`` and
@@ -23,9 +27,11 @@ adds them back in ``negative_elbo``. Monte Carlo over ``i ~ p(i)`` gives the unb
 
     -log p(x_0) <= E_{q(z|x_0)}[ sum_i L_i ] + KL(q(z | x_0) || N(0, I))  (the SAMI ELBO).
 
-``weighting="simple"`` uses ``|| eps - eps_hat ||^2`` summed over pixels with no weight and no
-importance correction (Ho et al.'s L_simple): sampling some timesteps more often then really does
-emphasise them, at the price of no longer being a bound.
+Only then is ``loss`` in ELBO units (nats) and ``beta`` a weight in those units. ``weighting="simple"``
+uses ``|| eps - eps_hat ||^2`` summed over pixels with no weight and no importance correction (Ho et
+al.'s L_simple): sampling some timesteps more often then really does emphasise them, at the price of
+no longer being a bound, and ``beta`` is then only the KL's weight relative to that unweighted error
+(``beta = 1`` is no bound).
 """
 
 from __future__ import annotations
@@ -55,7 +61,8 @@ class SAMILossOutput(BaseOutput):
         guided_error: (B,) per-sample guided error (detached, weighted like ``diffusion_loss``).
         unguided_error: (B,) per-sample unguided error (detached).
         negative_elbo: (B,) the full bound ``sum_i L_i + KL + constant`` in nats when
-            ``weighting="elbo"`` (``beta = 1`` and no free bits assumed), else None.
+            ``weighting="elbo"``, else None. It always uses ``beta = 1`` and the unclamped KL,
+            whatever ``beta`` and ``free_bits`` the loss uses.
     """
 
     loss: torch.Tensor
@@ -132,7 +139,9 @@ def sami_loss(
         encoder: ``(sample, t) -> posterior with .mean/.logvar/.sample/.kl_per_dim``.
         scheduler: a training scheduler with ``betas`` and ``alphas_cumprod`` (e.g. DDPMScheduler).
         clean_images: (B, C, H, W) ``x_0``.
-        beta: weight of the KL term, in ELBO units (1 = the bound; < 1 rewards information in z).
+        beta: weight of the KL term. With ``weighting="elbo"`` it is in ELBO units (1 = the bound;
+            < 1 rewards information in z); with ``"simple"`` it only weighs the KL against the
+            unweighted denoising error.
         weighting: ``"elbo"`` (exact weights, a bound) or ``"simple"`` (unit weights).
         generator: torch generator for ``z``, timesteps and noise.
         train_unet: run the UNet with autograd (LoRA or joint training). When False the UNet runs

@@ -70,6 +70,13 @@ def factor_vae_score(
        ``classifier(d) = k``: on the training votes (``train_accuracy``) and on ``num_eval``
        fresh votes (``eval_accuracy``).
 
+    One difference from disentanglement_lib's code, kept on purpose: it takes the ``argmin`` over
+    the active dimensions only and records that position as if it were the dimension itself, so
+    whenever a dimension before the winner was pruned, the vote names the wrong dimension. Here the
+    position is mapped back to the dimension (``active_dims[argmin]``), as the definition says. The
+    accuracies come out the same (that relabelling is one-to-one); the votes and the classifier's
+    dimension-to-factor map differ whenever a dimension is pruned.
+
     Args:
         representation_fn: maps images (N, C, H, W) in [-1, 1] to codes (N, D) (numpy or tensor).
         dataset: a :class:`FactorDataset` to draw observations from.
