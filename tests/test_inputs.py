@@ -141,7 +141,10 @@ def test_traverse_and_interpolate_refuse_a_batch(pipe, pixels):
 
 # ---------------------------------------------------------------- LatentPosterior shapes
 def test_one_image_at_several_timesteps(pipe, pixels):
-    from sami_adapter.analysis import information_profile
+    try:
+        from sami_adapter.evaluation import information_profile
+    except ImportError:
+        from sami_adapter.analysis import information_profile
 
     _, x = pixels
     one = pipe.encode(x[:1], timesteps=[0, 250, 900], generator=_gen())
