@@ -1,0 +1,553 @@
+#!/usr/bin/env python
+"""Explore the latent code of a SAMI adapter in the browser: encode, traverse, multiscale, sample.
+
+    pip install -e ".[app]"
+    python examples/explore.py sami-disks-adapter                 # http://127.0.0.1:7860, works offline
+    python examples/explore.py you/sami-cifar --port 7861 --share true
+
+The page is a thin Gradio layer over four view functions that take an :class:`Explorer` (the
+loaded pipeline, held-out examples and the per-dimension noise levels) and return images, arrays
+and matplotlib figures; use them from Python or a notebook without a browser:
+
+* :func:`encode_view`: input, reconstructions at ``sami_scale`` 1 and at a chosen scale, and the
+  posterior ``q(z | x_0)`` (mean and standard deviation per dimension, as a bar chart);
+* :func:`traverse_view`: decode a code with one coordinate moved, with the same initial noise as the
+  reconstruction, so the difference shows only that coordinate's effect;
+* :func:`multiscale_view`: ``q(z | x_t)`` of the current image at a few noise levels (what the
+  encoder still knows at each level);
+* :func:`sample_view`: ``z ~ N(0, I)`` decoded.
+
+Every decode and encode is a call to :class:`~sami_adapter.SAMIPipeline` (``reconstruct``,
+``traverse``, ``encode``, ``__call__``); the app adds no sampling or encoding of its own.
+
+Traversal sliders come one per active dimension (clean KL > 0.1 nats), ordered by the noise level
+at which the dimension loses half its information (its *characteristic noise level*, see
+:mod:`sami_adapter.analysis`): read from an evaluation report (``examples/evaluate.py``) in the
+adapter directory or given with ``--axes``, else measured once on held-out examples and cached.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence, Union
+
+import numpy as np
+import torch
+from PIL import Image
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from sami_adapter import SAMIPipeline  # noqa: E402
+from sami_adapter.adapter import read_adapter_config, resolve_adapter_dir  # noqa: E402
+from sami_adapter.analysis import characteristic_noise_levels, default_timestep_grid, information_profile, to_jsonable  # noqa: E402
+from sami_adapter.data import DATASETS  # noqa: E402
+from sami_adapter.training import ImageFolderDataset, dataset_images  # noqa: E402
+from sami_adapter.utils import image_grid  # noqa: E402
+
+KL_THRESHOLD = 0.1  # nats: a dimension below this carries (almost) nothing; the project's "active" rule
+MULTISCALE_TIMESTEPS = (0, 100, 250, 400, 550, 700, 850)
+MAX_UPLOAD_PIXELS = 25_000_000  # checked from the file header, before anything is decoded
+MAX_UPLOAD_BYTES = 20 * 1024 * 1024
+SLIDER_RANGE = 4.0  # traversal sliders span [-4, 4] prior standard deviations
+DISPLAY_SIDE = 192  # pixels of a displayed image (small images are enlarged, nearest neighbour)
+
+
+class InputError(ValueError):
+    """A problem with what the user gave the page; its message is shown there as it is."""
+
+
+# ---------------------------------------------------------------------------------------- state
+@dataclass
+class Explorer:
+    """What the views need: the pipeline, held-out examples and each dimension's noise level.
+
+    Args:
+        pipe: the loaded :class:`~sami_adapter.SAMIPipeline`.
+        examples: (N, C, H, W) held-out images in [-1, 1], or None when the adapter's data are not
+            a built-in dataset (then only uploads).
+        kl: (D,) data-mean clean ``KL(q(z_i | x_0) || N(0, 1))`` in nats.
+        noise_timestep: (D,) characteristic noise level ``t*`` of each dimension (NaN: inactive, or
+            information kept beyond the measured grid, see ``censored``).
+        noise_sigma: (D,) the noise scale ``s_t`` at ``t*``.
+        censored: (D,) True where a dimension keeps over half its information up to the last level.
+        order: active dimensions by increasing ``t*`` (censored last), the order of the sliders.
+        axes_source: where the levels came from (a report path, or the cache file written).
+        num_inference_steps: DDIM steps of every decode.
+        eta: DDIM eta of every decode (each decode uses one seeded generator, so a traversal and the
+            reconstruction it starts from share all their randomness for any eta).
+    """
+
+    pipe: SAMIPipeline
+    examples: Optional[torch.Tensor]
+    kl: np.ndarray
+    noise_timestep: np.ndarray
+    noise_sigma: np.ndarray
+    censored: np.ndarray
+    order: List[int]
+    axes_source: str = ""
+    num_inference_steps: int = 25
+    eta: float = 0.0
+    name: str = ""
+    info: Dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def latent_dim(self) -> int:
+        return self.pipe.latent_dim
+
+    @property
+    def inactive(self) -> List[int]:
+        return [i for i in range(self.latent_dim) if i not in self.order]
+
+    def dimension_label(self, dim: int) -> str:
+        """Slider label: the dimension, its KL and its characteristic noise level."""
+        head = f"z{dim}  (KL {self.kl[dim]:.2f} nats)"
+        if dim not in self.order:
+            return f"{head}: inactive"
+        if self.censored[dim]:
+            return f"{head}: keeps over half its information at every measured noise level"
+        t, s = self.noise_timestep[dim], self.noise_sigma[dim]
+        if not np.isfinite(t):
+            return f"{head}: noise level not measured"
+        return f"{head}: loses half its information at t = {t:.0f} (noise scale s_t = {s:.2f})"
+
+
+def _generator(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(int(seed))
+
+
+def display(images: torch.Tensor, nrow: Optional[int] = None) -> Image.Image:
+    """(N, C, H, W) images in [-1, 1] as one enlarged PIL grid (the project's ``image_grid``)."""
+    scale = max(1, DISPLAY_SIDE // max(images.shape[-2:]))
+    return image_grid(images.detach().cpu(), nrow or images.shape[0], scale=scale)
+
+
+# ---------------------------------------------------------------------------------------- loading
+def load_examples(adapter_config: Dict[str, Any], pipe: SAMIPipeline, num_examples: int) -> Optional[torch.Tensor]:
+    """Held-out images of the adapter's built-in training dataset (the set finetune.py reports on), or None."""
+    training = adapter_config.get("training") if isinstance(adapter_config.get("training"), dict) else {}
+    name = training.get("dataset")
+    if name not in DATASETS or training.get("train_data_dir") or training.get("dataset_name") or pipe.is_latent:
+        return None
+    resolution = int(pipe.unet.config.sample_size)
+    dataset = DATASETS[name](num_samples=num_examples, resolution=resolution, seed=int(training.get("seed", 0)) + 10_000)
+    if dataset.num_channels != pipe.unet.config.in_channels:
+        return None
+    return dataset_images(dataset, num_examples)
+
+
+def levels_from_report(path: str, latent_dim: int) -> Optional[Dict[str, Any]]:
+    """The characteristic noise levels stored in an evaluation report.json (or an explorer cache file)."""
+    try:
+        with open(path) as f:
+            report = json.load(f)
+    except (OSError, json.JSONDecodeError):
+        return None
+    axes = report.get("axis_discovery", report)
+    levels, profile = axes.get("characteristic_noise_levels"), axes.get("profile")
+    if not isinstance(levels, dict) or not isinstance(profile, dict) or "kl" not in profile:
+        return None
+    kl = np.asarray(profile["kl"][0], dtype=np.float64)
+    if kl.shape != (latent_dim,):
+        return None
+
+    def column(key: str) -> np.ndarray:
+        return np.array([np.nan if v is None else v for v in levels[key]], dtype=np.float64)
+
+    return {"kl": kl, "timestep": column("timestep"), "sigma": column("sigma"),
+            "censored": np.asarray(levels["censored"], dtype=bool), "order": [int(i) for i in levels["order"]], "source": path}
+
+
+def _cache_key(adapter_dir: str, images: torch.Tensor, grid: Sequence[int], seed: int) -> str:
+    h = hashlib.sha256()
+    for root, _, files in sorted(os.walk(os.path.join(adapter_dir, "encoder"))):
+        for name in sorted(files):
+            with open(os.path.join(root, name), "rb") as f:
+                h.update(f.read())
+    h.update(images.numpy().tobytes())
+    h.update(json.dumps([list(grid), seed]).encode())
+    return h.hexdigest()[:16]
+
+
+def measure_levels(pipe: SAMIPipeline, images: torch.Tensor, seed: int = 0, num_levels: int = 21) -> Dict[str, Any]:
+    """Clean KL and characteristic noise levels of every dimension on ``images`` (:mod:`sami_adapter.analysis`)."""
+    grid = default_timestep_grid(pipe.scheduler.config.num_train_timesteps, num_levels)
+    profile = information_profile(pipe, images, grid, generator=_generator(seed))
+    levels = characteristic_noise_levels(profile, kl_threshold=KL_THRESHOLD)
+    return {"profile": profile, "levels": levels}
+
+
+def find_levels(adapter_dir: str, pipe: SAMIPipeline, images: Optional[torch.Tensor], axes: Optional[str], cache_dir: str,
+                seed: int = 0) -> Dict[str, Any]:
+    """Per-dimension KL and noise levels: from ``axes`` or a report in the adapter, else measured and cached."""
+    d = pipe.latent_dim
+    candidates = [axes] if axes else [os.path.join(adapter_dir, sub, "report.json") for sub in ("report", "evaluation", ".")]
+    for path in candidates:
+        found = levels_from_report(path, d) if path and os.path.isfile(path) else None
+        if found is not None:
+            return found
+        if axes:
+            raise SystemExit(f"--axes {axes}: no characteristic noise levels for a {d}-dim code in it; pass the report.json "
+                             "that examples/evaluate.py wrote for this adapter, or leave --axes out to measure them.")
+    if images is None:
+        # No data to measure on: every dimension gets a slider, in index order.
+        return {"kl": np.full(d, np.nan), "timestep": np.full(d, np.nan), "sigma": np.full(d, np.nan),
+                "censored": np.zeros(d, dtype=bool), "order": list(range(d)), "source": "not measured (no held-out data)"}
+    grid = default_timestep_grid(pipe.scheduler.config.num_train_timesteps, 21)
+    cache = os.path.join(cache_dir, f"axes-{_cache_key(adapter_dir, images, grid, seed)}.json")
+    found = levels_from_report(cache, d) if os.path.isfile(cache) else None
+    if found is not None:
+        return found
+    measured = measure_levels(pipe, images, seed)
+    summary = {"profile": {"kl": to_jsonable(measured["profile"]["kl"])},
+               "characteristic_noise_levels": to_jsonable(measured["levels"])}
+    os.makedirs(cache_dir, exist_ok=True)
+    tmp = cache + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(summary, f)
+    os.replace(tmp, cache)  # never leave a half-written cache behind
+    return levels_from_report(cache, d)
+
+
+def load_explorer(adapter: str, num_examples: int = 256, axes: Optional[str] = None, cache_dir: Optional[str] = None,
+                  num_inference_steps: int = 25, eta: float = 0.0, device: str = "cpu") -> Explorer:
+    """Load an adapter (directory or Hub repo id) and everything the views need."""
+    adapter_dir = resolve_adapter_dir(adapter)
+    if adapter_dir is None:
+        raise SystemExit(f"{adapter!r} is not a SAMI adapter (no sami_adapter_config.json in that directory or Hub repo); "
+                         "train one with examples/finetune.py --output_dir DIR and pass DIR.")
+    pipe = SAMIPipeline.from_pretrained(adapter_dir).to(device)
+    config = read_adapter_config(adapter_dir)
+    examples = load_examples(config, pipe, num_examples)
+    cache_dir = cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "sami-adapter", "explore")
+    levels = find_levels(adapter_dir, pipe, examples, axes, cache_dir)
+    return Explorer(pipe=pipe, examples=examples, kl=levels["kl"], noise_timestep=levels["timestep"], noise_sigma=levels["sigma"],
+                    censored=levels["censored"], order=levels["order"], axes_source=levels["source"],
+                    num_inference_steps=num_inference_steps, eta=eta, name=os.path.basename(os.path.normpath(adapter)))
+
+
+def load_image(file: Union[str, os.PathLike, Image.Image], explorer: Explorer) -> torch.Tensor:
+    """An uploaded picture as the (1, C, H, W) tensor in [-1, 1] that ``encode`` takes.
+
+    It is converted and resized like the training images of ``finetune.py --train_data_dir`` (grey
+    or RGB to the UNet's channels, short side to the resolution, centre crop). Raises
+    :class:`InputError` with a readable message for a missing, empty, oversized or unreadable file.
+    """
+    channels, height, _ = explorer.pipe._image_shape()
+    if channels not in (1, 3):
+        raise InputError(f"This adapter's model takes {channels}-channel images; uploads can be grey or RGB only.")
+    if isinstance(file, Image.Image):
+        source: Any = file
+        label = "the image"
+    else:
+        if file is None or not os.path.isfile(file):
+            raise InputError("No file was received: choose an image file (PNG, JPEG, WebP or BMP) to upload.")
+        label = os.path.basename(str(file))
+        size = os.path.getsize(file)
+        if size == 0:
+            raise InputError(f"{label} is empty (0 bytes): upload a PNG, JPEG, WebP or BMP image.")
+        if size > MAX_UPLOAD_BYTES:
+            raise InputError(f"{label} is {size / 2**20:.0f} MB; the explorer takes files up to {MAX_UPLOAD_BYTES // 2**20} MB. "
+                             f"It shrinks every image to {height} px anyway: downscale it first.")
+        try:
+            with Image.open(file) as header:  # reads the header only
+                width_px, height_px = header.size
+        except (OSError, Image.DecompressionBombError, ValueError):
+            raise InputError(f"{label} is not a picture this app can read: upload a PNG, JPEG, WebP or BMP image.") from None
+        if width_px * height_px > MAX_UPLOAD_PIXELS:
+            raise InputError(f"{label} is {width_px}x{height_px} pixels; the explorer takes at most {MAX_UPLOAD_PIXELS / 1e6:.0f} "
+                             f"megapixels. It shrinks every image to {height} px anyway: downscale it first.")
+        source = str(file)
+    try:
+        image = ImageFolderDataset([source], height, channels, center_crop=True).load(0, np.random.default_rng(0))
+    except (ValueError, OSError) as e:
+        raise InputError(f"{label} could not be decoded as an image ({e}). Upload a PNG, JPEG, WebP or BMP picture.") from None
+    return image.unsqueeze(0)
+
+
+def example_image(explorer: Explorer, index: int) -> torch.Tensor:
+    """Held-out example ``index`` as (1, C, H, W)."""
+    if explorer.examples is None:
+        raise InputError("This adapter was not trained on a built-in dataset, so there are no held-out examples: upload an image.")
+    n = explorer.examples.shape[0]
+    if not 0 <= int(index) < n:
+        raise InputError(f"Example {index} does not exist; pick one from 0 to {n - 1}.")
+    return explorer.examples[int(index) : int(index) + 1]
+
+
+# ---------------------------------------------------------------------------------------- views
+def _figure(width: float = 6.0, height: float = 3.0):
+    # A Figure not registered with pyplot: freed with its last reference, safe in a server's threads.
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=100)
+    return fig, fig.add_subplot(111)
+
+
+def posterior_figure(mean: np.ndarray, std: np.ndarray, explorer: Explorer):
+    """Bar chart of the posterior mean per dimension with ±1 standard deviation; inactive dimensions grey."""
+    fig, ax = _figure()
+    dims = np.arange(mean.size)
+    colors = ["tab:blue" if i in explorer.order else "0.7" for i in dims]
+    ax.bar(dims, mean, yerr=std, color=colors, capsize=3, ecolor="0.3")
+    ax.axhline(0, color="k", lw=0.6)
+    ax.set_xticks(dims, [f"z{i}" for i in dims])
+    ax.set_ylabel("posterior mean ± std")
+    ax.set_title("q(z | x_0): blue = active dimensions, grey = inactive (prior N(0, 1))", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def _decode_kwargs(explorer: Explorer, seed: int, sami_scale: float) -> Dict[str, Any]:
+    return {"num_inference_steps": explorer.num_inference_steps, "eta": explorer.eta, "generator": _generator(seed),
+            "sami_scale": float(sami_scale), "output_type": "pt"}
+
+
+def encode_view(explorer: Explorer, image: torch.Tensor, sami_scale: float = 3.0, seed: int = 0) -> Dict[str, Any]:
+    """Encode one image and reconstruct it at ``sami_scale`` 1 (the exact SAMI decoder) and at ``sami_scale``.
+
+    Both reconstructions start from the same seeded noise. Returns a dict with ``z`` (D,) the
+    posterior mean, ``std`` (D,), ``kl`` (D,) this image's KL to the prior per dimension,
+    ``reconstruction`` and ``reconstruction_scaled`` (1, C, H, W) in [-1, 1], ``pictures`` (input,
+    reconstruction at 1, at ``sami_scale``, as display images) and ``figure`` (the bar chart).
+    """
+    pipe = explorer.pipe
+    posterior = pipe.encode(image)
+    exact = pipe.reconstruct(image, **_decode_kwargs(explorer, seed, 1.0)).images.cpu()
+    scaled = exact if float(sami_scale) == 1.0 else pipe.reconstruct(image, **_decode_kwargs(explorer, seed, sami_scale)).images.cpu()
+    mean, std = posterior.mean[0].double().cpu().numpy(), posterior.std[0].double().cpu().numpy()
+    return {
+        "z": mean,
+        "std": std,
+        "kl": posterior.kl_per_dim()[0].double().cpu().numpy(),
+        "image": image.cpu(),
+        "reconstruction": exact,
+        "reconstruction_scaled": scaled,
+        "pictures": [display(image), display(exact), display(scaled)],
+        "figure": posterior_figure(mean, std, explorer),
+    }
+
+
+def traverse_view(explorer: Explorer, z: Sequence[float], dim: int, value: float, sami_scale: float = 3.0, seed: int = 0,
+                  reference: Optional[torch.Tensor] = None) -> Dict[str, Any]:
+    """Decode the code ``z`` with coordinate ``dim`` set to ``value`` (``SAMIPipeline.traverse``).
+
+    With the same ``seed`` and ``sami_scale`` as a reconstruction of ``z``, the decode starts from
+    the same noise, so ``|image - reference|`` shows only what moving ``dim`` changed. Returns
+    ``image`` (1, C, H, W), ``z`` (D,) the decoded code, ``change`` the mean absolute pixel change
+    from ``reference`` (None without one) and ``pictures`` (the image and, with a reference, the
+    absolute difference on the same [-1, 1] scale: black = unchanged).
+    """
+    if not 0 <= int(dim) < explorer.latent_dim:
+        raise InputError(f"Dimension {dim} does not exist; this code has z0 to z{explorer.latent_dim - 1}.")
+    code = torch.as_tensor(np.asarray(z, dtype=np.float32)).view(1, -1)
+    out = explorer.pipe.traverse(code, int(dim), [float(value)], **_decode_kwargs(explorer, seed, sami_scale))
+    image = out.images.cpu()
+    result: Dict[str, Any] = {"image": image, "z": out.z[0].double().cpu().numpy(), "change": None, "pictures": [display(image)]}
+    if reference is not None:
+        difference = (image - reference.cpu()).abs()
+        result["change"] = float(difference.mean())
+        result["pictures"].append(display(difference - 1.0))  # |diff| in [0, 2] shown on [-1, 1]: black = 0
+    return result
+
+
+def multiscale_view(explorer: Explorer, image: torch.Tensor, timesteps: Sequence[int] = MULTISCALE_TIMESTEPS, seed: int = 0) -> Dict[str, Any]:
+    """``q(z | x_t)`` of one image at several noise levels (``SAMIPipeline.encode(image, timesteps)``).
+
+    Returns ``timesteps`` (K,), ``mean`` and ``std`` (K, D) and ``figure``: per active dimension,
+    the posterior mean ± std against the noise level. As ``t`` grows the posterior falls back to the
+    prior N(0, 1); a dimension whose mean holds on longer encodes a coarser property.
+    """
+    steps = [int(t) for t in timesteps]
+    # Two copies of the image (each with its own noise draw): the (K, N, D) multiscale posterior
+    # needs N >= 2 in this version of LatentPosterior; the first copy is the answer.
+    posterior = explorer.pipe.encode(image.repeat(2, 1, 1, 1), timesteps=steps, generator=_generator(seed))
+    mean = posterior.mean[:, 0].double().cpu().numpy()
+    std = posterior.std[:, 0].double().cpu().numpy()
+    fig, ax = _figure(6.0, 3.2)
+    dims = explorer.order or list(range(mean.shape[1]))
+    for k, i in enumerate(dims):
+        line = ax.plot(steps, mean[:, i], marker="o", ms=3, label=f"z{i}")[0]
+        ax.fill_between(steps, mean[:, i] - std[:, i], mean[:, i] + std[:, i], color=line.get_color(), alpha=0.12)
+    ax.axhline(0, color="k", lw=0.6)
+    ax.set_xlabel("noise level t of x_t")
+    ax.set_ylabel("posterior mean ± std")
+    ax.set_title("What the encoder still knows about this image at each noise level", fontsize=9)
+    ax.legend(fontsize=7, ncol=2, loc="best")
+    fig.tight_layout()
+    return {"timesteps": np.asarray(steps), "mean": mean, "std": std, "figure": fig}
+
+
+def sample_view(explorer: Explorer, seed: int = 0, num_images: int = 8, sami_scale: float = 3.0) -> Dict[str, Any]:
+    """Draw ``num_images`` codes from the prior and decode them (``SAMIPipeline.__call__``, seeded).
+
+    Returns ``images`` (N, C, H, W), ``z`` (N, D) and ``picture`` (one grid, up to 8 per row).
+    """
+    if not 1 <= int(num_images) <= 64:
+        raise InputError(f"Draw between 1 and 64 images, not {num_images}.")
+    out = explorer.pipe(batch_size=int(num_images), **_decode_kwargs(explorer, seed, sami_scale))
+    images = out.images.cpu()
+    return {"images": images, "z": out.z.double().cpu().numpy(), "picture": display(images, nrow=min(8, images.shape[0]))}
+
+
+# ---------------------------------------------------------------------------------------- page
+def build_app(explorer: Explorer):
+    """The Gradio Blocks page wired to the views (every event is queued; one runs at a time)."""
+    os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
+    import gradio as gr
+
+    def page_error(e: Exception):
+        return gr.Error(str(e), print_exception=False)
+
+    def pick_image(source: str, index: float, upload: Optional[str]) -> torch.Tensor:
+        if source == "upload":
+            return load_image(upload, explorer)
+        return example_image(explorer, int(index))
+
+    dims = explorer.order + explorer.inactive
+    has_examples = explorer.examples is not None
+
+    def on_encode(source, index, upload, scale, seed, progress=gr.Progress(track_tqdm=True)):
+        try:
+            image = pick_image(source, index, upload)
+            view = encode_view(explorer, image, scale, int(seed))
+            multi = multiscale_view(explorer, image, seed=int(seed))
+        except InputError as e:
+            raise page_error(e) from None
+        state = {"z": view["z"].tolist(), "original": view["z"].tolist(), "reference": view["reconstruction_scaled"],
+                 "scale": float(scale), "seed": int(seed)}
+        slider_values = [float(np.clip(view["z"][i], -SLIDER_RANGE, SLIDER_RANGE)) for i in dims]
+        return (*view["pictures"], view["figure"], multi["figure"], view["pictures"][2], None, state, *slider_values)
+
+    def moved(dim: int):
+        def on_move(state, value, progress=gr.Progress(track_tqdm=True)):
+            if not state:
+                raise gr.Error("Encode an image first (Encode tab), then move a slider.", print_exception=False)
+            view = traverse_view(explorer, state["z"], dim, value, state["scale"], state["seed"], reference=state["reference"])
+            state = {**state, "z": view["z"].tolist()}
+            return view["pictures"][0], view["pictures"][1], state
+
+        return on_move
+
+    def on_reset(state):
+        if not state:
+            raise gr.Error("Encode an image first.", print_exception=False)
+        state = {**state, "z": list(state["original"])}
+        return (display(state["reference"]), None, state, *[float(np.clip(state["z"][i], -SLIDER_RANGE, SLIDER_RANGE)) for i in dims])
+
+    def on_sample(seed, count, scale, progress=gr.Progress(track_tqdm=True)):
+        try:
+            return sample_view(explorer, int(seed), int(count), scale)["picture"]
+        except InputError as e:
+            raise page_error(e) from None
+
+    title = f"SAMI latent explorer: {explorer.name}"
+    with gr.Blocks(title=title) as app:
+        gr.Markdown(
+            f"## {title}\n{explorer.latent_dim}-dimensional code, {len(explorer.order)} active (KL > {KL_THRESHOLD} nats). "
+            f"Decoding: {explorer.num_inference_steps} DDIM steps, eta {explorer.eta:g}. Noise levels: {explorer.axes_source}."
+        )
+        state = gr.State(None)
+        with gr.Row():
+            with gr.Column(scale=1, min_width=260):
+                source = gr.Radio(["example", "upload"], value="example" if has_examples else "upload", label="Image",
+                                  interactive=has_examples)
+                n_examples = explorer.examples.shape[0] if has_examples else 1
+                index = gr.Slider(0, n_examples - 1, value=0, step=1, label="held-out example", visible=has_examples)
+                upload = gr.File(label="or upload an image (PNG, JPEG, WebP, BMP)", type="filepath")
+                scale = gr.Slider(0.0, 6.0, value=3.0, step=0.5, label="sami_scale (1 = exact SAMI decoder; > 1 sharpens)")
+                seed = gr.Number(0, precision=0, label="seed (initial noise)")
+                encode_button = gr.Button("Encode", variant="primary")
+            with gr.Column(scale=2):
+                with gr.Row():
+                    input_image = gr.Image(label="input", type="pil", format="png", height=200, interactive=False)
+                    exact_image = gr.Image(label="reconstruction, sami_scale 1", type="pil", format="png", height=200, interactive=False)
+                    scaled_image = gr.Image(label="reconstruction, chosen sami_scale", type="pil", format="png", height=200, interactive=False)
+                posterior_plot = gr.Plot(label="posterior q(z | x_0)")
+        with gr.Tab("Traverse"):
+            gr.Markdown("One slider per active dimension, ordered by the noise level at which it loses half its information "
+                        "(coarse properties survive more noise). Moving one re-decodes from the same noise as the reconstruction, "
+                        "so the difference image shows only that dimension's effect.")
+            with gr.Row():
+                with gr.Column(scale=2):
+                    sliders = {}
+                    for i in explorer.order:
+                        sliders[i] = gr.Slider(-SLIDER_RANGE, SLIDER_RANGE, value=0.0, step=0.05, label=explorer.dimension_label(i))
+                    if explorer.inactive:
+                        with gr.Accordion(f"inactive dimensions (KL < {KL_THRESHOLD} nats): moving them should change nothing",
+                                          open=False):
+                            for i in explorer.inactive:
+                                sliders[i] = gr.Slider(-SLIDER_RANGE, SLIDER_RANGE, value=0.0, step=0.05, label=explorer.dimension_label(i))
+                    reset = gr.Button("Reset to the encoded code")
+                with gr.Column(scale=1):
+                    traversed = gr.Image(label="decoded", type="pil", format="png", height=200, interactive=False)
+                    difference = gr.Image(label="|change| from the reconstruction", type="pil", format="png", height=200, interactive=False)
+        with gr.Tab("Multiscale"):
+            multiscale_plot = gr.Plot(label="q(z | x_t) of the current image")
+        with gr.Tab("Sample"):
+            with gr.Row():
+                sample_seed = gr.Number(0, precision=0, label="seed")
+                sample_count = gr.Slider(1, 16, value=8, step=1, label="images")
+                sample_button = gr.Button("Sample z ~ N(0, I)", variant="primary")
+            samples = gr.Image(label="samples", type="pil", format="png", interactive=False)
+
+        slider_list = [sliders[i] for i in dims]
+        encode_button.click(
+            on_encode, [source, index, upload, scale, seed],
+            [input_image, exact_image, scaled_image, posterior_plot, multiscale_plot, traversed, difference, state, *slider_list],
+            api_name="encode",
+        )
+        for i in dims:
+            sliders[i].release(moved(i), [state, sliders[i]], [traversed, difference, state], api_name=f"traverse_z{i}")
+        reset.click(on_reset, state, [traversed, difference, state, *slider_list], api_name="reset")
+        sample_button.click(on_sample, [sample_seed, sample_count, scale], samples, api_name="sample")
+        if has_examples:
+            app.load(on_encode, [source, index, upload, scale, seed],
+                     [input_image, exact_image, scaled_image, posterior_plot, multiscale_plot, traversed, difference, state, *slider_list],
+                     api_name=False)
+    app.queue(default_concurrency_limit=1)  # two decodes in parallel on a small CPU are each slower than in turn
+    return app
+
+
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("adapter", help="Adapter directory (examples/finetune.py --output_dir) or Hub repo id.")
+    parser.add_argument("--port", type=int, default=7860, help="Port to serve on (0: a free one).")
+    parser.add_argument("--host", default="127.0.0.1", help="Interface to listen on (0.0.0.0 to serve your network).")
+    parser.add_argument("--share", type=lambda s: {"true": True, "false": False}[s.lower()], default=False, metavar="{true,false}",
+                        help="Open a public gradio.live link (needs internet; default false).")
+    parser.add_argument("--num_inference_steps", type=int, default=25, help="DDIM steps of every decode.")
+    parser.add_argument("--eta", type=float, default=0.0, help="DDIM eta of every decode.")
+    parser.add_argument("--num_examples", type=int, default=256, help="Held-out examples to pick from (and to measure noise levels on).")
+    parser.add_argument("--axes", default=None, help="report.json of examples/evaluate.py with the noise levels (default: look in the adapter, else measure).")
+    parser.add_argument("--cache_dir", default=None, help="Where measured noise levels are cached (default ~/.cache/sami-adapter/explore).")
+    parser.add_argument("--num_threads", type=int, default=1,
+                        help="torch CPU threads. Small models decode fastest on one (thread hand-offs dominate, and a busy "
+                             "machine makes more threads much slower); raise it for large models.")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="Device of the pipeline.")
+    return parser.parse_args(argv)
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    args = parse_args(argv)
+    if args.num_threads:
+        torch.set_num_threads(args.num_threads)
+    explorer = load_explorer(args.adapter, args.num_examples, args.axes, args.cache_dir, args.num_inference_steps, args.eta, args.device)
+    port = args.port
+    if port == 0:
+        import socket
+
+        with socket.socket() as s:
+            s.bind((args.host, 0))
+            port = s.getsockname()[1]
+    app = build_app(explorer)
+    app.launch(server_name=args.host, server_port=port, share=args.share, max_file_size=MAX_UPLOAD_BYTES, show_error=True,
+               footer_links=["api"])
+
+
+if __name__ == "__main__":
+    main()
