@@ -76,7 +76,8 @@ class Explorer:
         noise_sigma: (D,) the noise scale ``s_t`` at ``t*``.
         censored: (D,) True where a dimension keeps over half its information up to the last level.
         order: active dimensions by increasing ``t*`` (censored last), the order of the sliders.
-        axes_source: where the levels came from (a report path, or the cache file written).
+        axes_source: where the levels came from (a report, or measured here).
+        axes_cache: the file the measured levels are cached in (None when read from a report).
         num_inference_steps: DDIM steps of every decode.
         eta: DDIM eta of every decode (each decode uses one seeded generator, so a traversal and the
             reconstruction it starts from share all their randomness for any eta).
@@ -90,6 +91,7 @@ class Explorer:
     censored: np.ndarray
     order: List[int]
     axes_source: str = ""
+    axes_cache: Optional[str] = None
     num_inference_steps: int = 25
     eta: float = 0.0
     name: str = ""
@@ -159,7 +161,7 @@ def levels_from_report(path: str, latent_dim: int) -> Optional[Dict[str, Any]]:
         return np.array([np.nan if v is None else v for v in levels[key]], dtype=np.float64)
 
     return {"kl": kl, "timestep": column("timestep"), "sigma": column("sigma"),
-            "censored": np.asarray(levels["censored"], dtype=bool), "order": [int(i) for i in levels["order"]], "source": path}
+            "censored": np.asarray(levels["censored"], dtype=bool), "order": [int(i) for i in levels["order"]], "source": f"from {path}"}
 
 
 def _cache_key(adapter_dir: str, images: torch.Tensor, grid: Sequence[int], seed: int) -> str:
@@ -199,9 +201,10 @@ def find_levels(adapter_dir: str, pipe: SAMIPipeline, images: Optional[torch.Ten
                 "censored": np.zeros(d, dtype=bool), "order": list(range(d)), "source": "not measured (no held-out data)"}
     grid = default_timestep_grid(pipe.scheduler.config.num_train_timesteps, 21)
     cache = os.path.join(cache_dir, f"axes-{_cache_key(adapter_dir, images, grid, seed)}.json")
+    measured_here = f"measured on {images.shape[0]} held-out examples"
     found = levels_from_report(cache, d) if os.path.isfile(cache) else None
     if found is not None:
-        return found
+        return {**found, "source": measured_here, "cache": cache}
     measured = measure_levels(pipe, images, seed)
     summary = {"profile": {"kl": to_jsonable(measured["profile"]["kl"])},
                "characteristic_noise_levels": to_jsonable(measured["levels"])}
@@ -210,7 +213,7 @@ def find_levels(adapter_dir: str, pipe: SAMIPipeline, images: Optional[torch.Ten
     with open(tmp, "w") as f:
         json.dump(summary, f)
     os.replace(tmp, cache)  # never leave a half-written cache behind
-    return levels_from_report(cache, d)
+    return {**levels_from_report(cache, d), "source": measured_here, "cache": cache}
 
 
 def load_explorer(adapter: str, num_examples: int = 256, axes: Optional[str] = None, cache_dir: Optional[str] = None,
@@ -226,7 +229,7 @@ def load_explorer(adapter: str, num_examples: int = 256, axes: Optional[str] = N
     cache_dir = cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "sami-adapter", "explore")
     levels = find_levels(adapter_dir, pipe, examples, axes, cache_dir)
     return Explorer(pipe=pipe, examples=examples, kl=levels["kl"], noise_timestep=levels["timestep"], noise_sigma=levels["sigma"],
-                    censored=levels["censored"], order=levels["order"], axes_source=levels["source"],
+                    censored=levels["censored"], order=levels["order"], axes_source=levels["source"], axes_cache=levels.get("cache"),
                     num_inference_steps=num_inference_steps, eta=eta, name=os.path.basename(os.path.normpath(adapter)))
 
 
@@ -408,6 +411,10 @@ def build_app(explorer: Explorer):
             return load_image(upload, explorer)
         return example_image(explorer, int(index))
 
+    def slider_value(value: float) -> float:
+        # What the slider shows; the code itself stays exact in the page state.
+        return round(float(np.clip(value, -SLIDER_RANGE, SLIDER_RANGE)), 3)
+
     dims = explorer.order + explorer.inactive
     has_examples = explorer.examples is not None
 
@@ -420,7 +427,7 @@ def build_app(explorer: Explorer):
             raise page_error(e) from None
         state = {"z": view["z"].tolist(), "original": view["z"].tolist(), "reference": view["reconstruction_scaled"],
                  "scale": float(scale), "seed": int(seed)}
-        slider_values = [float(np.clip(view["z"][i], -SLIDER_RANGE, SLIDER_RANGE)) for i in dims]
+        slider_values = [slider_value(view["z"][i]) for i in dims]
         return (*view["pictures"], view["figure"], multi["figure"], view["pictures"][2], None, state, *slider_values)
 
     def moved(dim: int):
@@ -437,7 +444,7 @@ def build_app(explorer: Explorer):
         if not state:
             raise gr.Error("Encode an image first.", print_exception=False)
         state = {**state, "z": list(state["original"])}
-        return (display(state["reference"]), None, state, *[float(np.clip(state["z"][i], -SLIDER_RANGE, SLIDER_RANGE)) for i in dims])
+        return (display(state["reference"]), None, state, *[slider_value(state["z"][i]) for i in dims])
 
     def on_sample(seed, count, scale, progress=gr.Progress(track_tqdm=True)):
         try:
@@ -449,7 +456,7 @@ def build_app(explorer: Explorer):
     with gr.Blocks(title=title) as app:
         gr.Markdown(
             f"## {title}\n{explorer.latent_dim}-dimensional code, {len(explorer.order)} active (KL > {KL_THRESHOLD} nats). "
-            f"Decoding: {explorer.num_inference_steps} DDIM steps, eta {explorer.eta:g}. Noise levels: {explorer.axes_source}."
+            f"Decoding: {explorer.num_inference_steps} DDIM steps, eta {explorer.eta:g}. Noise levels {explorer.axes_source}."
         )
         state = gr.State(None)
         with gr.Row():
@@ -505,6 +512,8 @@ def build_app(explorer: Explorer):
             sliders[i].release(moved(i), [state, sliders[i]], [traversed, difference, state], api_name=f"traverse_z{i}")
         reset.click(on_reset, state, [traversed, difference, state, *slider_list], api_name="reset")
         sample_button.click(on_sample, [sample_seed, sample_count, scale], samples, api_name="sample")
+        upload.upload(lambda: "upload", None, source, api_name=False, queue=False)
+        index.release(lambda: "example", None, source, api_name=False, queue=False)
         if has_examples:
             app.load(on_encode, [source, index, upload, scale, seed],
                      [input_image, exact_image, scaled_image, posterior_plot, multiscale_plot, traversed, difference, state, *slider_list],

@@ -86,11 +86,30 @@ def test_active_dimensions_order_and_cached_levels(explorer, adapter_dir):
     assert explorer.kl[0] > explore.KL_THRESHOLD and explorer.kl[1] > explore.KL_THRESHOLD
     assert sorted(explorer.order) == [0, 1] and explorer.inactive == [OFF]
     assert explorer.dimension_label(OFF) == "z2  (KL 0.00 nats): inactive"
-    assert explorer.axes_source.endswith(".json") and os.path.isfile(explorer.axes_source)
-    # Loaded again, the levels come from the cache file, unchanged.
-    again = explore.load_explorer(adapter_dir, num_examples=32, cache_dir=os.path.dirname(explorer.axes_source))
-    assert again.axes_source == explorer.axes_source and again.order == explorer.order
+    assert explorer.axes_source == "measured on 32 held-out examples" and os.path.isfile(explorer.axes_cache)
+    # Loaded again, the levels come from the cache file (edited here to tell a read from a re-measurement).
+    with open(explorer.axes_cache) as f:
+        cached = json.load(f)
+    assert cached["characteristic_noise_levels"]["order"] == explorer.order
+    cached["characteristic_noise_levels"]["order"] = explorer.order[::-1]
+    edited = os.path.join(os.path.dirname(explorer.axes_cache), "edited")
+    os.makedirs(edited)
+    with open(os.path.join(edited, os.path.basename(explorer.axes_cache)), "w") as f:
+        json.dump(cached, f)
+    again = explore.load_explorer(adapter_dir, num_examples=32, cache_dir=edited)
+    assert again.order == explorer.order[::-1] and again.axes_cache.startswith(edited)
     np.testing.assert_allclose(again.kl, explorer.kl)
+    # An evaluation report in the adapter directory takes precedence over measuring.
+    report = os.path.join(adapter_dir, "evaluation", "report.json")
+    os.makedirs(os.path.dirname(report))
+    with open(report, "w") as f:
+        json.dump({"axis_discovery": cached}, f)
+    try:
+        from_report = explore.load_explorer(adapter_dir, num_examples=32, cache_dir=edited)
+    finally:
+        shutil.rmtree(os.path.dirname(report))
+    assert from_report.axes_source == f"from {report}" and from_report.axes_cache is None
+    assert from_report.order == explorer.order[::-1]
 
 
 def test_encode_view_is_the_pipeline_reconstruction(explorer):
