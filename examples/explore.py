@@ -22,7 +22,7 @@ Every decode and encode is a call to :class:`~sami_adapter.SAMIPipeline` (``reco
 
 Traversal sliders come one per active dimension (clean KL > 0.1 nats), ordered by the noise level
 at which the dimension loses half its information (its *characteristic noise level*, see
-:mod:`sami_adapter.analysis`): read from an evaluation report (``examples/evaluate.py``) in the
+:mod:`sami_adapter.evaluation`): read from an evaluation report (``examples/evaluate.py``) in the
 adapter directory or given with ``--axes``, else measured once on held-out examples and cached.
 """
 
@@ -33,7 +33,7 @@ import hashlib
 import json
 import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Union
 
 import numpy as np
@@ -44,10 +44,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from sami_adapter import SAMIPipeline  # noqa: E402
 from sami_adapter.adapter import read_adapter_config, resolve_adapter_dir  # noqa: E402
-from sami_adapter.analysis import characteristic_noise_levels, default_timestep_grid, information_profile, to_jsonable  # noqa: E402
 from sami_adapter.data import DATASETS  # noqa: E402
+from sami_adapter.evaluation import characteristic_noise_levels, default_timestep_grid, information_profile  # noqa: E402
+from sami_adapter.report import image_grid, to_jsonable  # noqa: E402
 from sami_adapter.training import ImageFolderDataset, dataset_images  # noqa: E402
-from sami_adapter.utils import image_grid  # noqa: E402
 
 KL_THRESHOLD = 0.1  # nats: a dimension below this carries (almost) nothing; the project's "active" rule
 MULTISCALE_TIMESTEPS = (0, 100, 250, 400, 550, 700, 850)
@@ -81,6 +81,7 @@ class Explorer:
         num_inference_steps: DDIM steps of every decode.
         eta: DDIM eta of every decode (each decode uses one seeded generator, so a traversal and the
             reconstruction it starts from share all their randomness for any eta).
+        name: the adapter's name, shown in the page title.
     """
 
     pipe: SAMIPipeline
@@ -95,7 +96,6 @@ class Explorer:
     num_inference_steps: int = 25
     eta: float = 0.0
     name: str = ""
-    info: Dict[str, Any] = field(default_factory=dict)
 
     @property
     def latent_dim(self) -> int:
@@ -176,7 +176,7 @@ def _cache_key(adapter_dir: str, images: torch.Tensor, grid: Sequence[int], seed
 
 
 def measure_levels(pipe: SAMIPipeline, images: torch.Tensor, seed: int = 0, num_levels: int = 21) -> Dict[str, Any]:
-    """Clean KL and characteristic noise levels of every dimension on ``images`` (:mod:`sami_adapter.analysis`)."""
+    """Clean KL and characteristic noise levels of every dimension on ``images`` (:mod:`sami_adapter.evaluation`)."""
     grid = default_timestep_grid(pipe.scheduler.config.num_train_timesteps, num_levels)
     profile = information_profile(pipe, images, grid, generator=_generator(seed))
     levels = characteristic_noise_levels(profile, kl_threshold=KL_THRESHOLD)
@@ -366,9 +366,7 @@ def multiscale_view(explorer: Explorer, image: torch.Tensor, timesteps: Sequence
     prior N(0, 1); a dimension whose mean holds on longer encodes a coarser property.
     """
     steps = [int(t) for t in timesteps]
-    # Two copies of the image (each with its own noise draw): the (K, N, D) multiscale posterior
-    # needs N >= 2 in this version of LatentPosterior; the first copy is the answer.
-    posterior = explorer.pipe.encode(image.repeat(2, 1, 1, 1), timesteps=steps, generator=_generator(seed))
+    posterior = explorer.pipe.encode(image, timesteps=steps, generator=_generator(seed))
     mean = posterior.mean[:, 0].double().cpu().numpy()
     std = posterior.std[:, 0].double().cpu().numpy()
     fig, ax = _figure(6.0, 3.2)

@@ -190,13 +190,13 @@ def test_load_image_converts_like_training_and_refuses_bad_files(explorer, tmp_p
 
 # ---------------------------------------------------------------------------------------- the running app
 @contextmanager
-def serve(adapter, workdir, steps=25):
+def serve(adapter, workdir, steps=25, num_examples=256):
     """Run examples/explore.py on 127.0.0.1 and a free port; yield its URL; stop its process group."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "RANK", "WORLD_SIZE", "MASTER_", "LOCAL_"))}
     env.update({"PYTHONPATH": ROOT, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False", "GRADIO_TEMP_DIR": str(workdir / "gradio")})
     log_path = workdir / "app.log"
     with open(log_path, "w") as log:
-        proc = subprocess.Popen([sys.executable, SCRIPT, adapter, "--port", "0", "--num_examples", "32", "--cache_dir", str(workdir / "cache"),
+        proc = subprocess.Popen([sys.executable, SCRIPT, adapter, "--port", "0", "--num_examples", str(num_examples), "--cache_dir", str(workdir / "cache"),
                                  "--num_inference_steps", str(steps)],
                                 env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
@@ -219,7 +219,7 @@ def serve(adapter, workdir, steps=25):
 @pytest.fixture(scope="module")
 def app_url(adapter_dir, tmp_path_factory):
     pytest.importorskip("gradio", reason="the app needs gradio: pip install -e '.[app]'")
-    with serve(adapter_dir, tmp_path_factory.mktemp("app"), steps=6) as url:
+    with serve(adapter_dir, tmp_path_factory.mktemp("app"), steps=6, num_examples=32) as url:
         yield url
 
 
