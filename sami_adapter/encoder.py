@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple, Union
+from typing import Any, Optional, Tuple, Union
 
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
@@ -50,9 +50,6 @@ class LatentPosterior(DiagonalGaussianDistribution):
     def log_prob(self, z: torch.Tensor) -> torch.Tensor:
         """``log q(z | x)`` per sample, in nats."""
         return -0.5 * (((z - self.mean) ** 2) / self.var + self.logvar + torch.log(torch.tensor(2 * torch.pi))).sum(dim=-1)
-
-    def __getitem__(self, index) -> "LatentPosterior":
-        return LatentPosterior(torch.cat([self.mean[index], self.logvar[index]], dim=-1))
 
 
 class SAMIEncoder(ModelMixin, ConfigMixin):
@@ -135,14 +132,6 @@ class SAMIEncoder(ModelMixin, ConfigMixin):
                 raw = min_logvar + math.log(math.expm1(init_logvar - min_logvar))  # inverse of the soft floor
             self.head.bias[latent_dim:] = raw
 
-    @classmethod
-    def extract_init_dict(cls, config_dict, **kwargs):
-        # A saved config (it carries `_diffusers_version`) without `stem_stride` predates the option:
-        # those encoders had a stride-1 stem, so load them as such instead of with today's default.
-        if "_diffusers_version" in config_dict and "stem_stride" not in config_dict:
-            config_dict = {**config_dict, "stem_stride": 1}
-        return super().extract_init_dict(config_dict, **kwargs)
-
     @property
     def latent_dim(self) -> int:
         return self.config.latent_dim
@@ -180,3 +169,17 @@ class SAMIEncoder(ModelMixin, ConfigMixin):
             floor = self.config.min_logvar
             params = torch.cat([mean, floor + torch.nn.functional.softplus(logvar - floor)], dim=-1)
         return LatentPosterior(params)
+
+
+def check_encoder_fits_unet(encoder: Any, unet: Any) -> None:
+    """Raise a ValueError when the encoder was built for a UNet of another input shape."""
+    if encoder is None or unet is None:
+        return
+    enc, net = encoder.config, unet.config
+    unet_size = net.sample_size if isinstance(net.sample_size, int) else tuple(net.sample_size)[0]
+    if enc.in_channels != net.in_channels or enc.sample_size != unet_size:
+        raise ValueError(
+            f"This encoder was built for inputs with {enc.in_channels} channel(s) at {enc.sample_size}px, but the UNet takes "
+            f"{net.in_channels} channel(s) at {unet_size}px: the encoder was saved for another UNet. Load the adapter "
+            "that was trained for this base model, or train one with examples/finetune.py."
+        )

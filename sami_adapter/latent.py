@@ -45,17 +45,12 @@ def _scaling(vae: Any) -> tuple:
 
 
 @torch.no_grad()
-def images_to_latents(
-    vae: Any, images: torch.Tensor, sample: bool = False, generator: Optional[torch.Generator] = None
-) -> torch.Tensor:
+def images_to_latents(vae: Any, images: torch.Tensor) -> torch.Tensor:
     """Pixels (N, C, H, W) in [-1, 1] -> the diffusion model's ``x_0``: ``(mean - shift_factor) * scaling_factor``.
 
     Args:
-        vae: a diffusers ``AutoencoderKL`` (anything whose ``encode(x).latent_dist`` has ``.mean``/``.sample``).
+        vae: a diffusers ``AutoencoderKL`` (anything whose ``encode(x).latent_dist`` has ``.mean``).
         images: pixels in [-1, 1]; moved to the VAE's device and dtype.
-        sample: draw from the latent distribution instead of taking its mean (the mean, the default,
-            makes encoding deterministic, which is what the pipeline and a latent cache need).
-        generator: generator for ``sample=True``.
 
     Returns:
         Scaled latents (N, latent_channels, H / f, W / f) in the VAE's dtype, where ``f`` is :func:`vae_scale_factor`.
@@ -63,8 +58,8 @@ def images_to_latents(
     if images.ndim != 4:
         raise ValueError(f"images must have shape (N, C, H, W), got {tuple(images.shape)}.")
     scale, shift = _scaling(vae)
-    dist = vae.encode(images.to(device=vae.device, dtype=vae.dtype)).latent_dist
-    latents = dist.sample(generator=generator) if sample else dist.mean
+    # The mean, not a sample: encoding is deterministic, as the pipeline and a latent cache need.
+    latents = vae.encode(images.to(device=vae.device, dtype=vae.dtype)).latent_dist.mean
     return (latents - shift) * scale
 
 
@@ -127,6 +122,78 @@ def is_text_conditioned(unet: Any) -> bool:
     if forward is None:
         return False
     return "encoder_hidden_states" in inspect.signature(forward).parameters
+
+
+def prompt_conditioning(
+    unet: Any,
+    text_encoder: Any,
+    tokenizer: Any,
+    prompt: Optional[Union[str, Sequence[str]]] = None,
+    batch_size: int = 1,
+    prompt_embeds: Optional[torch.Tensor] = None,
+    negative_prompt: Optional[Union[str, Sequence[str]]] = None,
+    negative_prompt_embeds: Optional[torch.Tensor] = None,
+    do_cfg: bool = False,
+    device: Optional[Union[str, torch.device]] = None,
+) -> tuple:
+    """The UNet's ``(prompt_embeds, negative_prompt_embeds)`` for ``batch_size`` samples, each (N, L, D) or None.
+
+    * A UNet without text conditioning takes no prompt: ``(None, None)`` (a prompt raises).
+    * No ``prompt``/``prompt_embeds``: the empty-prompt embedding, i.e. the unconditional model.
+    * ``do_cfg``: the negative embeddings are ``negative_prompt_embeds``, else the embedding of
+      ``negative_prompt``, else of the empty prompt; without ``do_cfg`` they are None.
+
+    A single prompt or embedding (batch 1) is repeated for every sample. Embeddings are checked
+    against the UNet's ``cross_attention_dim`` and returned on ``device`` in the UNet's dtype.
+    ``text_encoder``/``tokenizer`` may be None when every embedding is given precomputed.
+    """
+    given = prompt is not None or prompt_embeds is not None or negative_prompt is not None or negative_prompt_embeds is not None
+    if not is_text_conditioned(unet):
+        if given:
+            raise ValueError("This UNet is not text-conditioned (it takes no encoder_hidden_states); do not pass a prompt.")
+        return None, None
+    if prompt is not None and prompt_embeds is not None:
+        raise ValueError("Pass either prompt or prompt_embeds, not both.")
+    if negative_prompt is not None and negative_prompt_embeds is not None:
+        raise ValueError("Pass either negative_prompt or negative_prompt_embeds, not both.")
+    has_text = text_encoder is not None and tokenizer is not None
+
+    def embed(text: Optional[PromptInput], embeds: Optional[torch.Tensor], what: str) -> torch.Tensor:
+        if embeds is None:
+            if not has_text:
+                raise ValueError(
+                    f"This pipeline has no text_encoder/tokenizer, so it cannot embed the {what}: pass "
+                    f"{'negative_' if what.startswith('negative') else ''}prompt_embeds (for no prompt, the empty-prompt embedding)."
+                )
+            embeds = (
+                empty_prompt_embeddings(text_encoder, tokenizer, 1, device)
+                if text is None
+                else prompt_embeddings(text_encoder, tokenizer, text, device)
+            )
+        embeds = torch.as_tensor(embeds)
+        if embeds.ndim == 2:
+            embeds = embeds.unsqueeze(0)
+        if embeds.ndim != 3 or embeds.shape[0] not in (1, batch_size):
+            raise ValueError(f"{what} embeddings must have shape (1 or {batch_size}, L, D), got {tuple(embeds.shape)}.")
+        cross = getattr(unet.config, "cross_attention_dim", None)
+        if isinstance(cross, int) and embeds.shape[-1] != cross:
+            raise ValueError(f"{what} embeddings have width {embeds.shape[-1]} but the UNet's cross_attention_dim is {cross}.")
+        if not torch.isfinite(embeds).all():
+            raise ValueError(f"{what} embeddings contain NaN or inf.")
+        return embeds.expand(batch_size, *embeds.shape[1:]).to(device=device, dtype=unet.dtype)
+
+    cond = embed(prompt, prompt_embeds, "prompt")
+    uncond = embed(negative_prompt, negative_prompt_embeds, "negative prompt") if do_cfg else None
+    return cond, uncond
+
+
+def prompt_batch_size(prompt: Optional[Union[str, Sequence[str]]], prompt_embeds: Optional[torch.Tensor]) -> int:
+    """How many samples a prompt list or an (N, L, D) embedding asks for (1 otherwise)."""
+    if isinstance(prompt, (list, tuple)):
+        return len(prompt)
+    if prompt_embeds is not None and torch.as_tensor(prompt_embeds).ndim == 3:
+        return int(prompt_embeds.shape[0])
+    return 1
 
 
 # ---------------------------------------------------------------------------- base-model components
@@ -250,9 +317,6 @@ class LatentCache:
         finally:
             if os.path.exists(tmp):
                 os.remove(tmp)
-
-    def __contains__(self, index: int) -> bool:
-        return os.path.isfile(self._path(index))
 
     def __len__(self) -> int:
         return sum(1 for name in os.listdir(self.cache_dir) if name.endswith(".safetensors") and not name.startswith("."))

@@ -15,10 +15,10 @@ from diffusers import DiffusionPipeline, ImagePipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from .adapter import HUB_KWARGS, check_load_kwargs, load_adapter_components, resolve_adapter_dir
-from .encoder import LatentPosterior, SAMIEncoder
+from .encoder import LatentPosterior, SAMIEncoder, check_encoder_fits_unet
 from .guidance import add_noise, apply_guidance, check_scheduler, check_timesteps, encoder_noise_level, posterior_score
 from .images import ImageInput, to_model_range
-from .latent import LATENT_COMPONENTS, empty_prompt_embeddings, images_to_latents, is_text_conditioned, latents_to_images, prompt_embeddings
+from .latent import LATENT_COMPONENTS, images_to_latents, is_text_conditioned, latents_to_images, prompt_batch_size, prompt_conditioning
 from .latent import vae_scale_factor as _vae_scale_factor
 
 PromptInput = Union[str, Sequence[str]]
@@ -294,62 +294,12 @@ class SAMIPipeline(DiffusionPipeline):
         negative_prompt_embeds: Optional[torch.Tensor] = None,
         do_cfg: bool = False,
     ) -> tuple:
-        """The ``(prompt_embeds, negative_prompt_embeds)`` for ``batch_size`` samples, each (N, L, D) or None.
-
-        * A UNet without text conditioning takes no prompt: ``(None, None)`` (a prompt raises).
-        * No ``prompt``/``prompt_embeds``: the empty-prompt embedding, i.e. the unconditional model.
-        * ``do_cfg``: the negative embeddings are ``negative_prompt_embeds``, else the embedding of
-          ``negative_prompt``, else of the empty prompt; without ``do_cfg`` they are None.
-
-        A single prompt or embedding (batch 1) is repeated for every sample.
-        """
-        given = prompt is not None or prompt_embeds is not None or negative_prompt is not None or negative_prompt_embeds is not None
-        if not self.is_text_conditioned:
-            if given:
-                raise ValueError("This UNet is not text-conditioned (it takes no encoder_hidden_states); do not pass a prompt.")
-            return None, None
-        if prompt is not None and prompt_embeds is not None:
-            raise ValueError("Pass either prompt or prompt_embeds, not both.")
-        if negative_prompt is not None and negative_prompt_embeds is not None:
-            raise ValueError("Pass either negative_prompt or negative_prompt_embeds, not both.")
-        has_text = getattr(self, "text_encoder", None) is not None and getattr(self, "tokenizer", None) is not None
-        device = self._execution_device
-
-        def embed(text: Optional[PromptInput], embeds: Optional[torch.Tensor], what: str) -> torch.Tensor:
-            if embeds is None:
-                if not has_text:
-                    raise ValueError(
-                        f"This pipeline has no text_encoder/tokenizer, so it cannot embed the {what}: pass "
-                        f"{'negative_' if what.startswith('negative') else ''}prompt_embeds (for no prompt, the empty-prompt embedding)."
-                    )
-                embeds = (
-                    empty_prompt_embeddings(self.text_encoder, self.tokenizer, 1, device)
-                    if text is None
-                    else prompt_embeddings(self.text_encoder, self.tokenizer, text, device)
-                )
-            embeds = torch.as_tensor(embeds)
-            if embeds.ndim == 2:
-                embeds = embeds.unsqueeze(0)
-            if embeds.ndim != 3 or embeds.shape[0] not in (1, batch_size):
-                raise ValueError(f"{what} embeddings must have shape (1 or {batch_size}, L, D), got {tuple(embeds.shape)}.")
-            cross = getattr(self.unet.config, "cross_attention_dim", None)
-            if isinstance(cross, int) and embeds.shape[-1] != cross:
-                raise ValueError(f"{what} embeddings have width {embeds.shape[-1]} but the UNet's cross_attention_dim is {cross}.")
-            if not torch.isfinite(embeds).all():
-                raise ValueError(f"{what} embeddings contain NaN or inf.")
-            return embeds.expand(batch_size, *embeds.shape[1:]).to(device=device, dtype=self.unet.dtype)
-
-        cond = embed(prompt, prompt_embeds, "prompt")
-        uncond = embed(negative_prompt, negative_prompt_embeds, "negative prompt") if do_cfg else None
-        return cond, uncond
-
-    @staticmethod
-    def _prompt_batch(prompt: Optional[PromptInput], prompt_embeds: Optional[torch.Tensor]) -> int:
-        if isinstance(prompt, (list, tuple)):
-            return len(prompt)
-        if prompt_embeds is not None and torch.as_tensor(prompt_embeds).ndim == 3:
-            return int(prompt_embeds.shape[0])
-        return 1
+        """The ``(prompt_embeds, negative_prompt_embeds)`` for ``batch_size`` samples, each (N, L, D) or None:
+        :func:`~sami_adapter.latent.prompt_conditioning` with this pipeline's UNet, text encoder and tokenizer."""
+        return prompt_conditioning(
+            self.unet, getattr(self, "text_encoder", None), getattr(self, "tokenizer", None), prompt, batch_size, prompt_embeds,
+            negative_prompt, negative_prompt_embeds, do_cfg, self._execution_device,
+        )
 
     @torch.no_grad()
     def __call__(
@@ -406,7 +356,7 @@ class SAMIPipeline(DiffusionPipeline):
         check_scheduler(self.scheduler)
         device = self._execution_device
         if z is None:
-            n = batch_size if batch_size is not None else self._prompt_batch(prompt, prompt_embeds)
+            n = batch_size if batch_size is not None else prompt_batch_size(prompt, prompt_embeds)
             z = randn_tensor((n, self.latent_dim), generator=generator, device=device, dtype=self.encoder.dtype)
         z = self.check_z(z)
         do_cfg = guidance_scale != 1
@@ -542,16 +492,3 @@ class SAMIPipeline(DiffusionPipeline):
         codes = (1 - w) * z_a + w * z_b
         return self(z=codes, latents=self._shared_noise(steps, generator, latents), generator=generator, **kwargs)
 
-
-def check_encoder_fits_unet(encoder: Any, unet: Any) -> None:
-    """Raise a ValueError when the encoder was built for a UNet of another input shape."""
-    if encoder is None or unet is None:
-        return
-    enc, net = encoder.config, unet.config
-    unet_size = net.sample_size if isinstance(net.sample_size, int) else tuple(net.sample_size)[0]
-    if enc.in_channels != net.in_channels or enc.sample_size != unet_size:
-        raise ValueError(
-            f"This encoder was built for inputs with {enc.in_channels} channel(s) at {enc.sample_size}px, but the UNet takes "
-            f"{net.in_channels} channel(s) at {unet_size}px: the encoder was saved for another UNet. Load the adapter "
-            "that was trained for this base model, or train one with examples/finetune.py."
-        )

@@ -59,22 +59,18 @@ def test_encoder_rejects_bad_stem_stride():
         SAMIEncoder(stem_stride=3)
 
 
-def test_encoder_saved_before_the_stem_option_loads_with_a_stride_1_stem(tmp_path):
-    import json
-
-    torch.manual_seed(0)
-    old = SAMIEncoder(in_channels=1, sample_size=8, latent_dim=3, block_out_channels=(8, 16), hidden_dim=16, norm_num_groups=4,
-                      stem_stride=1)
+def test_encoder_min_logvar_is_a_soft_floor_that_starts_at_init_logvar():
+    """``min_logvar`` (finetune's ``--encoder_min_logvar``): ``logvar = min + softplus(raw - min)``, and the
+    zero-initialised head starts every posterior exactly at ``init_logvar``."""
+    enc = SAMIEncoder(in_channels=1, sample_size=8, latent_dim=3, block_out_channels=(8, 16), hidden_dim=16, norm_num_groups=4,
+                      init_logvar=-1.0, min_logvar=-4.0)
+    x = torch.randn(4, 1, 8, 8)
+    torch.testing.assert_close(enc(x, 10).logvar, torch.full((4, 3), -1.0))
     with torch.no_grad():
-        old.head.weight.normal_(0, 0.1)
-    old.save_pretrained(tmp_path)
-    config_path = tmp_path / "config.json"
-    config = json.loads(config_path.read_text())
-    del config["stem_stride"]  # what an encoder saved before the option looks like
-    config_path.write_text(json.dumps(config))
-    loaded = SAMIEncoder.from_pretrained(tmp_path)
-    assert loaded.config.stem_stride == 1
-    x = torch.randn(2, 1, 8, 8)
-    assert torch.equal(loaded(x, 10).mean, old(x, 10).mean)
-    # a config built in code without the key still gets today's default
-    assert SAMIEncoder.from_config({"latent_dim": 3}).config.stem_stride == 2
+        enc.head.bias[3:] = -50.0  # a raw log-variance far below the floor
+    torch.testing.assert_close(enc(x, 10).logvar, torch.full((4, 3), -4.0))
+    with torch.no_grad():
+        enc.head.bias[3:] = 2.0
+    torch.testing.assert_close(enc(x, 10).logvar, -4.0 + torch.nn.functional.softplus(torch.full((4, 3), 6.0)))
+    with pytest.raises(ValueError, match="must be above min_logvar"):
+        SAMIEncoder(init_logvar=-1.0, min_logvar=0.0)
