@@ -48,7 +48,7 @@ load average, torch/diffusers versions, device) is printed and saved with the re
 1 MB = 2^20 bytes. Results go to ``--output_dir`` as ``benchmark.json`` and ``benchmark.md`` (written
 after each size, so a long run keeps what it has measured).
 
-Floors (issues 2 and 3): guided sampling <= 1.25x unguided (demo) and <= 1.10x (cifar); encoding one
+Floors: guided sampling <= 1.25x unguided (demo) and <= 1.10x (cifar); encoding one
 image >= 50x faster than a 50-step sample; the frozen adapter's training step <= 0.8x plain fine-tuning
 (demo) and <= 0.5x (cifar). ``--check`` makes the exit status 1 when one is missed.
 

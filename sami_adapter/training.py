@@ -175,9 +175,8 @@ def beta_at(step: int, max_steps: int, beta: float, beta_final: Optional[float] 
     * ``warmup_steps > 0``: a linear ramp from 0 to ``beta`` over the first ``warmup_steps`` steps
       (lets the code become informative before the KL prices it);
     * ``beta_final``: after the warm-up, beta moves geometrically from ``beta`` to ``beta_final`` by the
-      last step. The idea: raise the KL price only once the code is informative, to push it into
-      fewer, axis-aligned dimensions. On the frozen disks adapter, 0.003 -> 0.1 emptied the code
-      instead (docs/recipe-study.md).
+      last step (linearly when either end is 0). Raising the KL price only once the code is
+      informative is meant to push the information into fewer dimensions.
     """
     if beta < 0 or (beta_final is not None and beta_final < 0):
         raise ValueError(f"beta must be >= 0, got beta={beta}, beta_final={beta_final}")
