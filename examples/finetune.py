@@ -47,7 +47,6 @@ from sami_adapter.training import (  # noqa: E402
     ImageFolderDataset,
     StepBatches,
     beta_at,
-    collapse_warning,
     timestep_distribution,
 )
 from sami_adapter.report import reconstructions, save_image_grid, traversal_rows, write_report  # noqa: E402
@@ -269,6 +268,20 @@ def stop_if_diverged(accelerator, step: int, what: str, value: torch.Tensor, out
             f"Training diverged at step {step}: the {what} is not finite (NaN or inf). Nothing from this run was saved; "
             f"{output_dir} keeps its earlier adapter, if any. Lower --learning_rate or --max_grad_norm, or check the data."
         )
+
+
+def collapse_warning(kl_per_dim: list[float], gain: float, step: int, max_steps: int, threshold: float = 0.1) -> str | None:
+    """A message when the code carries (almost) nothing: every dimension's KL below ``threshold``
+    nats, or guidance that does not lower the denoising error. None when all is well."""
+    if step < max(50, 0.05 * max_steps):
+        return None
+    if max(kl_per_dim) < threshold:
+        return (f"Posterior collapse at step {step}: every latent dimension has KL < {threshold} nats, so z carries no "
+                "information. Lower --beta, raise --free_bits, or emphasise mid noise levels (--timestep_sampling mid).")
+    if gain <= 0:
+        return (f"No guidance gain at step {step} (unguided - guided = {gain:.4g} <= 0): the encoder's guidance does not "
+                "help the denoiser. Lower --learning_rate or --beta, or check the base model.")
+    return None
 
 
 def build_unet(args):

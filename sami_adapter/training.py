@@ -1,10 +1,10 @@
-"""Training plumbing shared by the example scripts: deterministic batches, image folders, timestep
-emphasis, KL schedules and collapse detection."""
+"""Training plumbing for examples/finetune.py: deterministic step batches, image folders, timestep
+emphasis and the KL-weight schedule."""
 
 from __future__ import annotations
 
 import os
-from typing import Dict, List, Optional
+from typing import Dict, Optional
 
 import numpy as np
 import torch
@@ -189,17 +189,3 @@ def beta_at(step: int, max_steps: int, beta: float, beta_final: Optional[float] 
     if beta > 0 and beta_final > 0:
         return float(beta * (beta_final / beta) ** frac)
     return float(beta + (beta_final - beta) * frac)
-
-
-def collapse_warning(kl_per_dim: List[float], gain: float, step: int, max_steps: int, threshold: float = 0.1) -> Optional[str]:
-    """A message when the code carries (almost) nothing: every dimension's KL below ``threshold``
-    nats, or guidance that does not lower the denoising error. None when all is well."""
-    if step < max(50, 0.05 * max_steps):
-        return None
-    if max(kl_per_dim) < threshold:
-        return (f"Posterior collapse at step {step}: every latent dimension has KL < {threshold} nats, so z carries no "
-                "information. Lower --beta, raise --free_bits, or emphasise mid noise levels (--timestep_sampling mid).")
-    if gain <= 0:
-        return (f"No guidance gain at step {step} (unguided - guided = {gain:.4g} <= 0): the encoder's guidance does not "
-                "help the denoiser. Lower --learning_rate or --beta, or check the base model.")
-    return None
