@@ -1,6 +1,7 @@
 """Command-line flags that examples/evaluate.py and examples/compare.py share.
 
-The library takes explicit parameters; this file turns the shared metric-size flags into them.
+The library takes explicit parameters; this file defines the flags both scripts take (metric sizes,
+axis discovery, device) and turns them into those parameters.
 """
 
 from __future__ import annotations
@@ -8,7 +9,32 @@ from __future__ import annotations
 import argparse
 from typing import Any, Dict
 
+import torch
+
 from sami_adapter.data import MovingDisks
+
+
+def add_axis_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of the axis-discovery pass (information profile, characteristic noise levels)."""
+    g = parser.add_argument_group("axis discovery")
+    g.add_argument("--num_images", type=int, default=512, help="Held-out images of the information profile (evaluate.py: also of the ELBO).")
+    g.add_argument("--num_noise_levels", type=int, default=21, help="Timesteps of the information profile (evenly spaced, 0 included).")
+    g.add_argument("--fraction", type=float, default=0.5,
+                   help="Characteristic noise level: where a dimension's information falls below this share of its clean value.")
+    g.add_argument("--kl_threshold", type=float, default=0.1, help="Active dimension: data-mean KL to the prior above this many nats.")
+
+
+def add_device_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--device`` and ``--num_threads``; :func:`select_device` applies them."""
+    parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu).")
+    parser.add_argument("--num_threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice).")
+
+
+def select_device(args: argparse.Namespace) -> str:
+    """Apply ``--num_threads`` and return the device of ``--device`` (cuda when available, else cpu)."""
+    if args.num_threads:
+        torch.set_num_threads(args.num_threads)
+    return args.device or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def add_metric_arguments(parser: argparse.ArgumentParser) -> None:

@@ -30,7 +30,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _args import add_metric_arguments, metric_kwargs, moving_disks_for  # noqa: E402
+from _args import add_axis_arguments, add_device_arguments, add_metric_arguments, metric_kwargs, moving_disks_for, select_device  # noqa: E402
 from sami_adapter import SAMIEncoder, SAMIPipeline  # noqa: E402
 from sami_adapter.adapter import read_adapter_config  # noqa: E402
 from sami_adapter.baselines import train_beta_vae, train_diffae  # noqa: E402
@@ -77,15 +77,11 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--output_dir", default="compare", help="Where compare.md, compare.json and the figures go.")
     p.add_argument("--save_models", action="store_true", help="Also save every trained baseline (save_pretrained) under OUTPUT_DIR/models/.")
     p.add_argument("--seed", type=int, default=0, help="Seed of the evaluation draws (the same for every model).")
-    p.add_argument("--num_images", type=int, default=512, help="Held-out images of SAMI's information profile.")
-    p.add_argument("--num_noise_levels", type=int, default=21, help="Timesteps of SAMI's information profile.")
-    p.add_argument("--fraction", type=float, default=0.5, help="Characteristic noise level threshold (share of clean information).")
-    p.add_argument("--kl_threshold", type=float, default=0.1, help="Active dimension: clean KL above this many nats.")
     p.add_argument("--num_reconstructions", type=int, default=8, help="Inputs in reconstructions.png.")
     p.add_argument("--num_inference_steps", type=int, default=50, help="DDIM steps of SAMI and DiffAE reconstructions.")
     p.add_argument("--no_progress", action="store_true", help="Hide training progress bars.")
-    p.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu).")
-    p.add_argument("--num_threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice).")
+    add_device_arguments(p)
+    add_axis_arguments(p)
     add_metric_arguments(p)
     args = p.parse_args(argv)
     if args.no_beta_vae and args.no_diffae and not args.sami_adapter:
@@ -130,10 +126,8 @@ def evaluate_model(encode_fn: EncodeFn, dataset: FactorDataset, args: argparse.N
 def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     """Train the baselines, evaluate everything, write compare.md/compare.json and the figures; returns the summary."""
     args = parse_args(argv)
-    if args.num_threads:
-        torch.set_num_threads(args.num_threads)
+    device = select_device(args)
     start = time.perf_counter()
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     pipes = []
     for adapter_dir in args.sami_adapter:
         pipe = SAMIPipeline.from_pretrained(adapter_dir)

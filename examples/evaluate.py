@@ -30,7 +30,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _args import add_metric_arguments, metric_kwargs, moving_disks_for  # noqa: E402
+from _args import add_axis_arguments, add_device_arguments, add_metric_arguments, metric_kwargs, moving_disks_for, select_device  # noqa: E402
 from sami_adapter import SAMIPipeline  # noqa: E402
 from sami_adapter.adapter import read_adapter_config  # noqa: E402
 from sami_adapter.data import DATASETS  # noqa: E402
@@ -58,7 +58,6 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("adapter_dir", help="SAMI adapter directory (what examples/finetune.py writes) or a saved SAMIPipeline.")
     p.add_argument("--dataset", default=None, choices=sorted(DATASETS), help="Evaluation data (default: the adapter's training dataset, else disks).")
     p.add_argument("--output_dir", default="report", help="Report folder.")
-    p.add_argument("--num_images", type=int, default=512, help="Held-out images for the information profile and the ELBO.")
     p.add_argument("--seed", type=int, default=0, help="Seed of every draw (data, noise, samples).")
     p.add_argument("--num_inference_steps", type=int, default=50, help="DDIM steps of reconstructions, traversals and samples.")
     p.add_argument("--eta", type=float, default=1.0, help="DDIM eta of reconstructions and samples (1: stochastic); traversals always use 0 so a row shares its randomness.")
@@ -70,13 +69,10 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--traversal_steps", type=int, default=9, help="Values per traversal row.")
     p.add_argument("--traversal_quantile", type=float, default=0.02,
                    help="Each row spans the [q, 1-q] quantiles of that dimension's posterior mean over the held-out images.")
-    p.add_argument("--num_noise_levels", type=int, default=21, help="Timesteps of the information profile (evenly spaced, 0 included).")
-    p.add_argument("--fraction", type=float, default=0.5, help="Characteristic noise level: where information falls below this share of its clean value.")
-    p.add_argument("--kl_threshold", type=float, default=0.1, help="Active dimension: data-mean KL to the prior above this many nats.")
     p.add_argument("--elbo_images", type=int, default=256, help="Held-out images of the ELBO estimate (at most --num_images).")
     p.add_argument("--elbo_timesteps", type=int, default=8, help="Stratified timesteps per image of the ELBO estimate.")
-    p.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu).")
-    p.add_argument("--num_threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice).")
+    add_device_arguments(p)
+    add_axis_arguments(p)
     add_metric_arguments(p)
     args = p.parse_args(argv)
     if args.num_images < 2:
@@ -103,11 +99,9 @@ def traversal_values(codes: np.ndarray, dims: List[int], quantile: float, steps:
 def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     """Run the evaluation and write the report; returns the report dict (as saved in report.json)."""
     args = parse_args(argv)
-    if args.num_threads:
-        torch.set_num_threads(args.num_threads)
+    device = select_device(args)
     start = time.perf_counter()
     timings: Dict[str, float] = {}
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     pipe = SAMIPipeline.from_pretrained(args.adapter_dir)
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
