@@ -520,12 +520,18 @@ def build_app(explorer: Explorer):
     return app
 
 
+def _true_or_false(text: str) -> bool:
+    if text.lower() not in ("true", "false"):
+        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+    return text.lower() == "true"
+
+
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("adapter", help="Adapter directory (examples/finetune.py --output_dir) or Hub repo id.")
     parser.add_argument("--port", type=int, default=7860, help="Port to serve on (0: a free one).")
     parser.add_argument("--host", default="127.0.0.1", help="Interface to listen on (0.0.0.0 to serve your network).")
-    parser.add_argument("--share", type=lambda s: {"true": True, "false": False}[s.lower()], default=False, metavar="{true,false}",
+    parser.add_argument("--share", type=_true_or_false, default=False, metavar="{true,false}",
                         help="Open a public gradio.live link (needs internet; default false).")
     parser.add_argument("--num_inference_steps", type=int, default=25, help="DDIM steps of every decode.")
     parser.add_argument("--eta", type=float, default=0.0, help="DDIM eta of every decode.")

@@ -99,17 +99,18 @@ def test_active_dimensions_order_and_cached_levels(explorer, adapter_dir):
     again = explore.load_explorer(adapter_dir, num_examples=32, cache_dir=edited)
     assert again.order == explorer.order[::-1] and again.axes_cache.startswith(edited)
     np.testing.assert_allclose(again.kl, explorer.kl)
-    # An evaluation report in the adapter directory takes precedence over measuring.
-    report = os.path.join(adapter_dir, "evaluation", "report.json")
-    os.makedirs(os.path.dirname(report))
-    with open(report, "w") as f:
-        json.dump({"axis_discovery": cached}, f)
+    # An evaluation report in the adapter directory (what examples/evaluate.py writes) takes precedence over measuring.
+    from sami_adapter.report import axes_to_json, discover_axes, write_json
+
+    axes = discover_axes(explorer.pipe, explorer.examples[:16], timesteps=[0, 200, 400, 600, 800, 999], seed=1)
+    report = write_json(os.path.join(adapter_dir, "evaluation", "report.json"), {"axis_discovery": axes_to_json(axes)})
     try:
         from_report = explore.load_explorer(adapter_dir, num_examples=32, cache_dir=edited)
     finally:
         shutil.rmtree(os.path.dirname(report))
     assert from_report.axes_source == f"from {report}" and from_report.axes_cache is None
-    assert from_report.order == explorer.order[::-1]
+    assert from_report.order == list(axes["levels"]["order"])
+    np.testing.assert_allclose(from_report.kl, axes["profile"]["kl"][0])
 
 
 def test_encode_view_is_the_pipeline_reconstruction(explorer):
@@ -188,6 +189,14 @@ def test_load_image_converts_like_training_and_refuses_bad_files(explorer, tmp_p
         explore.load_image(None, explorer)
 
 
+def test_command_line_flags():
+    args = explore.parse_args(["sami-disks-adapter"])
+    assert args.share is False and args.host == "127.0.0.1" and args.num_inference_steps == 25 and args.num_threads == 1
+    assert explore.parse_args(["a", "--share", "True", "--port", "0"]).share is True
+    with pytest.raises(SystemExit):
+        explore.parse_args(["a", "--share", "maybe"])
+
+
 # ---------------------------------------------------------------------------------------- the running app
 @contextmanager
 def serve(adapter, workdir, steps=25, num_examples=256):
@@ -255,8 +264,9 @@ def test_app_end_to_end_with_gradio_client(app_url, explorer, tmp_path):
     (tmp_path / "empty.png").write_bytes(b"")
     (tmp_path / "notes.txt").write_text("not a picture")
     Image.new("L", (6000, 5000)).save(tmp_path / "huge.png")
+    (tmp_path / "big.png").write_bytes(os.urandom(explore.MAX_UPLOAD_BYTES + 1))  # refused by Gradio itself
     for name, message in [("empty.png", "is empty (0 bytes)"), ("notes.txt", "is not a picture this app can read"),
-                          ("huge.png", "6000x5000 pixels")]:
+                          ("huge.png", "6000x5000 pixels"), ("big.png", "exceeds the maximum file size")]:
         with pytest.raises(Exception, match=re.escape(message)):
             client.predict("upload", 0, client_module.handle_file(str(tmp_path / name)), 3.0, 0, api_name="/encode")
     again = client.predict("example", 0, None, 3.0, 0, api_name="/encode")
