@@ -19,6 +19,7 @@ batch B see exactly what one process sees at batch N*B.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import math
@@ -576,7 +577,17 @@ def main(argv=None):
     # Both ranks leave together: a rank that tears the process group down while rank 0 is still
     # saving makes rank 0 hang at exit.
     accelerator.wait_for_everyone()
+    # Free the DDP model before the process group. DDP's reducer holds the group, and if the
+    # reducer's deallocation drops the last reference, gloo's destructor joins its worker threads
+    # while this thread holds the GIL; a worker still freeing a finished collective's tensors needs
+    # the GIL to do so, and both wait forever. The Python process-group object releases the GIL in
+    # its destructor, so it is kept until the model is gone and dropped last.
+    group = torch.distributed.group.WORLD if torch.distributed.is_initialized() else None
     accelerator.end_training()
+    accelerator.free_memory()
+    del objective, optimizer, lr_scheduler
+    gc.collect()
+    del group
 
 
 def held_out_images(dataset, n, device):

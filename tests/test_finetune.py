@@ -194,23 +194,15 @@ def test_two_process_ddp_matches_one_process_at_twice_the_batch(base_dir, tmp_pa
     log_path = tmp_path / "ddp.log"
     with open(log_path, "w") as log:  # a file, not a pipe: a stuck rank cannot block the reader
         proc = subprocess.Popen(launch + ddp_args, env=env, stdout=log, stderr=subprocess.STDOUT)
-        # Known issue: now and then a gloo rank hangs in process-group teardown *after* the adapter
-        # is written (not reproducible outside pytest). Training and saving are what this test checks,
-        # so once the adapter is complete the run gets a grace period and is then ended.
-        finished_at, deadline = None, time.time() + 240
-        while proc.poll() is None and time.time() < deadline:
-            if finished_at is None and (ddp_out / "sami_adapter_config.json").exists():
-                finished_at = time.time()
-            if finished_at is not None and time.time() - finished_at > 30:
-                break
-            time.sleep(0.2)
-        hung = proc.poll() is None
-        if hung:
+        try:
+            proc.wait(timeout=300)
+        except subprocess.TimeoutExpired:
             for child in psutil.Process(proc.pid).children(recursive=True) + [psutil.Process(proc.pid)]:
                 child.kill()  # the launcher and both ranks, so no worker outlives the test
             proc.wait()
-    assert (ddp_out / "sami_adapter_config.json").exists(), f"2-process DDP run failed: {log_path.read_text()[-3000:]}"
-    assert hung or proc.returncode == 0, log_path.read_text()[-3000:]
+            pytest.fail(f"2-process DDP run did not exit within 300 s: {log_path.read_text()[-3000:]}")
+    assert proc.returncode == 0, f"2-process DDP run failed: {log_path.read_text()[-3000:]}"
+    assert (ddp_out / "sami_adapter_config.json").exists()
     finetune.main(_args(base_dir, single_out, *common))
     config = json.loads((ddp_out / "sami_adapter_config.json").read_text())
     checksums = config["metrics"]["rank_weight_checksums"]
