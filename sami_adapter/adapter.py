@@ -67,14 +67,33 @@ def read_adapter_config(adapter_dir: str) -> Dict[str, Any]:
         raise ValueError(f"{path} is not valid JSON ({e}); the adapter directory is corrupt, re-save or re-download it.") from e
 
 
+UNET_MODES = ("frozen", "lora", "full")
+
+
 def resolve_base_path(config: Dict[str, Any], adapter_dir: str) -> str:
-    """The base model as a local path when it is one (absolute, or relative to the adapter), else the repo id."""
+    """The base model as a local path when it is one, else the Hub repo id.
+
+    A local base is looked for relative to the adapter (how ``finetune.py`` records it), then at the
+    absolute path recorded when the adapter was saved (``base_model_abspath``: found again after the
+    adapter folder was moved), then as given (relative to the working directory, as diffusers does).
+
+    Raises:
+        ValueError: the config names no base, or names a local base that is in none of those places.
+    """
     base = config.get("base_model_name_or_path")
     if not base:
         raise ValueError(f"{ADAPTER_CONFIG_NAME} in {adapter_dir} names no base_model_name_or_path.")
-    for candidate in (base, os.path.join(adapter_dir, base)):
+    recorded = config.get("base_model_abspath")
+    candidates = [os.path.normpath(os.path.join(adapter_dir, base))] + ([recorded] if recorded else []) + [base]
+    for candidate in candidates:
         if os.path.isdir(candidate):
             return candidate
+    if recorded or os.path.isabs(base) or base.startswith((".", os.sep)):
+        raise ValueError(
+            f"The base model of the adapter in {adapter_dir} is a local folder that is not there any more "
+            f"(looked in {', '.join(dict.fromkeys(candidates))}). Put it back, pass unet=... (and scheduler=...), "
+            f"or set base_model_name_or_path in {ADAPTER_CONFIG_NAME}."
+        )
     return base
 
 
@@ -118,6 +137,15 @@ def load_lora(unet: torch.nn.Module, lora_dir: str) -> None:
             f"LoRA weights in {lora_dir} do not fit this UNet (unexpected keys, e.g. {unexpected[:3]}): "
             "the adapter was trained for another base model."
         )
+
+
+def has_lora_layers(module: Any) -> bool:
+    """Whether ``module`` holds injected (unmerged) peft LoRA layers."""
+    if not isinstance(module, torch.nn.Module):
+        return False
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return any(isinstance(m, BaseTunerLayer) for m in module.modules())
 
 
 def merge_lora(unet: torch.nn.Module) -> torch.nn.Module:
@@ -237,6 +265,11 @@ def save_adapter(
             "latent_dim": encoder.config.latent_dim,
             **(extra or {}),
         }
+        if base_model_name_or_path:  # a local base is also recorded absolutely, to be found after the adapter moves
+            for candidate in (os.path.normpath(os.path.join(output_dir, base_model_name_or_path)), base_model_name_or_path):
+                if os.path.isdir(candidate):
+                    config["base_model_abspath"] = os.path.abspath(candidate)
+                    break
         with open(os.path.join(tmp, ADAPTER_CONFIG_NAME), "w") as f:
             json.dump(config, f, indent=2, default=str)
         if model_card:
@@ -320,7 +353,7 @@ def load_base_unet_and_scheduler(base: str, revision: Optional[str] = None, **kw
     return unet, scheduler_config
 
 
-def load_saved_unet(path: str) -> Any:
+def load_saved_unet(path: str, **kwargs) -> Any:
     """A UNet saved with ``save_pretrained``, as the diffusers class recorded in its ``config.json``."""
     import diffusers
 
@@ -328,11 +361,27 @@ def load_saved_unet(path: str) -> Any:
         class_name = json.load(f).get("_class_name", "UNet2DModel")
     if class_name not in ("UNet2DModel", "UNet2DConditionModel"):
         raise ValueError(f"{path} holds a {class_name}; SAMIPipeline supports UNet2DModel and UNet2DConditionModel.")
-    return getattr(diffusers, class_name).from_pretrained(path)
+    return getattr(diffusers, class_name).from_pretrained(path, **kwargs)
 
 
 HUB_KWARGS = ("cache_dir", "local_files_only", "token")
-LOAD_KWARGS = HUB_KWARGS + ("revision", "torch_dtype", "unet", "scheduler", "merge_lora", "vae", "text_encoder", "tokenizer")
+LOAD_KWARGS = HUB_KWARGS + ("revision", "torch_dtype", "unet", "scheduler", "merge_lora", "vae", "text_encoder", "tokenizer", "use_safetensors")
+WEIGHTS_NAME, PICKLED_WEIGHTS_NAME = "diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"
+
+
+def check_no_pickle(folder: str, use_safetensors: Optional[bool]) -> None:
+    """Refuse a local model folder whose weights exist only as a pickle, unless ``use_safetensors=False``.
+
+    Loading a ``.bin`` file unpickles it, which can run arbitrary code from the file.
+    """
+    if use_safetensors is False or not os.path.isdir(folder):
+        return
+    if not os.path.isfile(os.path.join(folder, WEIGHTS_NAME)) and os.path.isfile(os.path.join(folder, PICKLED_WEIGHTS_NAME)):
+        raise ValueError(
+            f"{folder} holds its weights only as a pickle ({PICKLED_WEIGHTS_NAME}); sami-adapter loads safetensors only, "
+            "because unpickling can run code from the file. Convert it (load and save_pretrained), or pass "
+            "use_safetensors=False if you trust the file."
+        )
 
 
 def check_load_kwargs(kwargs: Dict[str, Any]) -> None:
@@ -356,6 +405,7 @@ def load_adapter_components(
     cache_dir: Optional[str] = None,
     local_files_only: Optional[bool] = None,
     token: Optional[Union[str, bool]] = None,
+    use_safetensors: Optional[bool] = None,
 ) -> Dict[str, Any]:
     """The components of a SAMI pipeline (``unet``, ``scheduler``, ``encoder``, ``vae``, ``text_encoder``,
     ``tokenizer``) for a local adapter directory.
@@ -366,12 +416,20 @@ def load_adapter_components(
 
     Args:
         adapter_dir: directory with ``sami_adapter_config.json`` and ``encoder/``.
-        unet: use this base UNet instead of loading the referenced one.
+        unet: use this base UNet instead of loading the referenced one. A LoRA adapter's weights are
+            applied to it (in place; merged with ``merge_lora``). A full-UNet adapter refuses it: its
+            own trained UNet would be dropped.
         scheduler: use this scheduler instead of DDIM built from the base model's scheduler config.
         merge_lora: fold LoRA weights into the UNet after loading them.
         torch_dtype: load the encoder, UNet, VAE and text encoder in this dtype.
         vae, text_encoder, tokenizer: use these instead of the base model's.
         cache_dir, local_files_only, token: passed to every Hub download of the base model.
+        use_safetensors: None or True (the default) loads safetensors weights only and refuses
+            pickled ``.bin`` weights; False allows them (unpickling runs code from the file).
+
+    Raises:
+        ValueError: an unknown ``unet_mode`` in the config, ``unet=`` with a full-UNet adapter, a
+            missing local base, or pickled weights without ``use_safetensors=False``.
     """
     from diffusers import DDIMScheduler, DDPMScheduler
 
@@ -379,24 +437,40 @@ def load_adapter_components(
     from .latent import is_text_conditioned, load_latent_components
 
     hub = {k: v for k, v in (("cache_dir", cache_dir), ("local_files_only", local_files_only), ("token", token)) if v is not None}
+    safe = {} if use_safetensors is False else {"use_safetensors": True}  # opted in: diffusers' default, safetensors first
     config = read_adapter_config(adapter_dir)
-    encoder = SAMIEncoder.from_pretrained(os.path.join(adapter_dir, "encoder"))
+    mode = config.get("unet_mode", "frozen")
+    if mode not in UNET_MODES:
+        raise ValueError(
+            f"{ADAPTER_CONFIG_NAME} in {adapter_dir} has unet_mode {mode!r}; expected one of {', '.join(UNET_MODES)}. "
+            "The adapter was written by another tool or version, or the file was edited."
+        )
+    if mode == "full" and unet is not None:
+        raise ValueError(
+            f"The adapter in {adapter_dir} carries its own trained UNet (unet_mode 'full'); unet= would replace it and drop "
+            "what was trained. Leave unet out."
+        )
+    check_no_pickle(os.path.join(adapter_dir, "encoder"), use_safetensors)
+    encoder = SAMIEncoder.from_pretrained(os.path.join(adapter_dir, "encoder"), **safe)
     base = resolve_base_path(config, adapter_dir) if config.get("base_model_name_or_path") else None
     revision = config.get("revision")
     scheduler_config = None
     unet_from_base = unet is None
     if unet is None:
-        if config.get("unet_mode") == "full":
-            unet = load_saved_unet(os.path.join(adapter_dir, "unet"))
-            scheduler_config = load_base_unet_and_scheduler(base, revision, **hub)[1] if base else None
+        if mode == "full":
+            check_no_pickle(os.path.join(adapter_dir, "unet"), use_safetensors)
+            unet = load_saved_unet(os.path.join(adapter_dir, "unet"), **safe)
+            scheduler_config = load_base_unet_and_scheduler(base, revision, **hub, **safe)[1] if base else None
         else:
             if base is None:
                 resolve_base_path(config, adapter_dir)  # raises the "names no base" error
-            unet, scheduler_config = load_base_unet_and_scheduler(base, revision, **hub)
-        if config.get("unet_mode") == "lora":
-            load_lora(unet, os.path.join(adapter_dir, LORA_DIR))
-            if merge_lora:
-                _merge_lora_layers(unet)
+            check_no_pickle(os.path.join(base, "unet"), use_safetensors)
+            check_no_pickle(base, use_safetensors)
+            unet, scheduler_config = load_base_unet_and_scheduler(base, revision, **hub, **safe)
+    if mode == "lora":  # also onto a UNet passed in: it is the base the LoRA weights belong to
+        load_lora(unet, os.path.join(adapter_dir, LORA_DIR))
+        if merge_lora:
+            _merge_lora_layers(unet)
     if scheduler is None:
         scheduler = DDIMScheduler.from_config(scheduler_config or DDPMScheduler().config, clip_sample=False)
 

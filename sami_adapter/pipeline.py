@@ -14,7 +14,7 @@ import torch
 from diffusers import DiffusionPipeline, ImagePipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-from .adapter import HUB_KWARGS, check_load_kwargs, load_adapter_components, resolve_adapter_dir
+from .adapter import HUB_KWARGS, check_load_kwargs, has_lora_layers, load_adapter_components, merge_lora, resolve_adapter_dir
 from .encoder import LatentPosterior, SAMIEncoder, check_encoder_fits_unet
 from .guidance import add_noise, apply_guidance, check_scheduler, check_timesteps, encoder_noise_level, posterior_score
 from .images import ImageInput, to_model_range
@@ -101,15 +101,37 @@ class SAMIPipeline(DiffusionPipeline):
         plus ``revision`` (of the adapter repo; the base model is loaded at the revision the adapter
         records). ``cache_dir``, ``local_files_only`` and ``token`` apply to the adapter repo and to the
         base model; ``torch_dtype`` to every model. Any other keyword raises a TypeError.
+
+        Weights are read from safetensors only; pickled ``.bin`` weights are refused unless
+        ``use_safetensors=False`` is passed (unpickling can run code from the file).
         """
         path = str(pretrained_model_name_or_path)
         hub = {k: kwargs[k] for k in HUB_KWARGS if kwargs.get(k) is not None}
         adapter_dir = resolve_adapter_dir(path, revision=kwargs.get("revision"), **hub)
         if adapter_dir is None:
+            if kwargs.get("use_safetensors") is not False:
+                kwargs["use_safetensors"] = True
+            else:
+                kwargs.pop("use_safetensors")  # opted in: diffusers' default, safetensors first, pickles allowed
             return super().from_pretrained(path, **kwargs)
         check_load_kwargs(kwargs)
         kwargs.pop("revision", None)
         return cls(**load_adapter_components(adapter_dir, **kwargs))
+
+    def save_pretrained(self, save_directory: Union[str, os.PathLike], **kwargs) -> None:
+        """``DiffusionPipeline.save_pretrained``; a UNet that still carries unmerged LoRA layers
+        (``from_pretrained(adapter, merge_lora=False)``) is saved with the LoRA folded into a copy,
+        so that the saved folder loads back as a plain UNet with the same outputs."""
+        if not has_lora_layers(self.unet):
+            return super().save_pretrained(save_directory, **kwargs)
+        import copy
+
+        unet = self.unet
+        self.register_modules(unet=merge_lora(copy.deepcopy(unet)))
+        try:
+            return super().save_pretrained(save_directory, **kwargs)
+        finally:
+            self.register_modules(unet=unet)
 
     # ------------------------------------------------------------------ input checks
     @property
