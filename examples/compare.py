@@ -11,6 +11,20 @@ the posterior mean is the representation). Several ``--sami_adapter`` directorie
 training seeds) make SAMI's column a mean ± std and are compared on the order in which their
 characteristic noise levels put the factors.
 
+Rate study. ``--baselines`` picks the baseline variants (``beta-vae:beta=4``,
+``capacity-vae:capacity=5``, ``beta-tcvae:tc_weight=5``, ``factor-vae:tc_weight=10``, ``diffae``) and
+``--rate_study`` adds, for every model, the information its code carries on held-out data (the
+mixture lower bound and the moment-matched upper bound on ``I(x; z)``, in nats), the share of clean
+prior samples (``z ~ N(0, I)``; disks), the exact-decoder reconstruction R² (disks) and, for SAMI, the
+guidance gain. ``--method`` / ``--setting`` name what a SAMI adapter is an instance of. Runs made in
+separate processes (one per model, e.g. on a GPU sweep) are merged with ``--collect DIR ...``: one
+plot per dataset of each metric against the rate, one line per method, and one table.
+
+    python examples/compare.py --dataset disks --sami_adapter out/a --method "SAMI capacity" --setting C=4 --rate_study \
+        --no_baselines --output_dir runs/sami-c4-s0
+    python examples/compare.py --dataset disks --baselines beta-vae:beta=1 --seeds 0 --rate_study --output_dir runs/bvae1-s0
+    python examples/compare.py --collect runs/* --output_dir docs/rate-study
+
 Output (``--output_dir``, default ``compare/``): compare.md and compare.json (the table and every
 number), reconstructions.png (inputs, then one row per model), metrics.png (bar chart) and one
 information-profile plot per SAMI adapter. The SAMI adapter's budget covers the adapter only, not
@@ -36,6 +50,7 @@ from sami_adapter.adapter import read_adapter_config  # noqa: E402
 from sami_adapter.baselines import train_beta_vae, train_diffae  # noqa: E402
 from sami_adapter.data import DATASETS, FactorDataset  # noqa: E402
 from sami_adapter.evaluation import default_timestep_grid, noise_order_agreement  # noqa: E402
+from sami_adapter.rate import RateControl  # noqa: E402
 from sami_adapter.report import (  # noqa: E402
     EncodeFn,
     aggregate,
@@ -46,6 +61,8 @@ from sami_adapter.report import (  # noqa: E402
     metrics_table_markdown,
     plot_axes,
     plot_metric_bars,
+    plot_rate_study,
+    rate_study_measurements,
     reconstructions,
     representation_metrics,
     save_image_grid,
@@ -54,6 +71,51 @@ from sami_adapter.report import (  # noqa: E402
 )
 
 DEFAULT_BUDGET = 300.0
+# Baseline kinds of --baselines: display name, and how a spec's parameters become train_beta_vae's arguments.
+BASELINE_KINDS = {
+    "beta-vae": "β-VAE",
+    "capacity-vae": "capacity β-VAE",
+    "beta-tcvae": "β-TCVAE",
+    "factor-vae": "FactorVAE",
+    "diffae": "DiffAE",
+}
+
+
+def parse_baseline(spec: str) -> Dict[str, Any]:
+    """``kind[:key=value,...]`` -> {"kind", "method", "setting", "params"} (see the module docstring).
+
+    Keys: ``beta`` (KL weight, default 1), ``capacity`` (nats, capacity-vae; ``gamma`` its weight,
+    default 100, ``ramp`` its ramp in steps), ``tc_weight`` (beta-tcvae, factor-vae).
+    """
+    kind, _, rest = spec.partition(":")
+    if kind not in BASELINE_KINDS:
+        raise ValueError(f"unknown baseline {kind!r} in {spec!r}; choose from {sorted(BASELINE_KINDS)}.")
+    params: Dict[str, float] = {}
+    for item in filter(None, rest.split(",")):
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise ValueError(f"baseline parameter {item!r} in {spec!r} is not key=value.")
+        params[key.strip()] = float(value)
+    allowed = {"beta-vae": {"beta"}, "capacity-vae": {"beta", "capacity", "gamma", "ramp"}, "beta-tcvae": {"beta", "tc_weight"},
+               "factor-vae": {"beta", "tc_weight"}, "diffae": set()}[kind]
+    unknown = set(params) - allowed
+    if unknown:
+        raise ValueError(f"baseline {kind} takes {sorted(allowed) or 'no parameters'}, got {sorted(unknown)} in {spec!r}.")
+    if kind == "capacity-vae" and "capacity" not in params:
+        raise ValueError(f"capacity-vae needs capacity=<nats> in {spec!r}.")
+    setting = ",".join(f"{k}={v:g}" for k, v in params.items()) or "default"
+    return {"kind": kind, "method": BASELINE_KINDS[kind], "setting": setting, "params": params, "spec": spec}
+
+
+def baseline_rate_control(kind: str, params: Dict[str, float]) -> Optional[RateControl]:
+    """The rate terms a baseline kind adds to ``beta * KL``."""
+    if kind == "capacity-vae":
+        return RateControl(capacity=params["capacity"], capacity_on="kl", capacity_weight=params.get("gamma", 100.0))
+    if kind == "beta-tcvae":
+        return RateControl(tc_weight=params.get("tc_weight", 5.0), tc_estimator="minibatch")
+    if kind == "factor-vae":
+        return RateControl(tc_weight=params.get("tc_weight", 10.0), tc_estimator="discriminator")
+    return None
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
@@ -68,6 +130,17 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--betas", type=float, nargs="+", default=[1.0, 4.0], help="β values of the β-VAE.")
     p.add_argument("--no_beta_vae", action="store_true", help="Skip the β-VAE.")
     p.add_argument("--no_diffae", action="store_true", help="Skip the DiffAE baseline.")
+    p.add_argument("--baselines", nargs="*", default=None,
+                   help="Baseline variants instead of --betas/--no_beta_vae/--no_diffae, e.g. beta-vae:beta=4 capacity-vae:capacity=5 "
+                        "beta-tcvae:tc_weight=5 factor-vae:tc_weight=10 diffae. An empty list trains none.")
+    p.add_argument("--method", default="SAMI", help="Method name of the --sami_adapter runs (a line in the rate plot).")
+    p.add_argument("--setting", default=None, help="Setting name of the --sami_adapter runs (a point on that line; default: the folder name).")
+    p.add_argument("--rate_study", action="store_true",
+                   help="Also measure the rate I(x; z), prior-sample cleanliness, exact-decoder reconstruction R² and guidance gain.")
+    p.add_argument("--rate_images", type=int, default=4096, help="Held-out images of the I(x; z) estimate (its lower bound is at most log N).")
+    p.add_argument("--num_prior_samples", type=int, default=512, help="Prior samples of the clean-disk check (DDIM steps: --num_inference_steps, eta 1).")
+    p.add_argument("--collect", nargs="+", default=None, metavar="DIR",
+                   help="Merge the compare.json of earlier runs into one rate-study table and plots (trains and evaluates nothing).")
     p.add_argument("--latent_dim", type=int, default=None, help="Code size (default: the SAMI adapter's, else 8).")
     p.add_argument("--resolution", type=int, default=None, help="Image side (default: the SAMI adapter's, else 16).")
     p.add_argument("--batch_size", type=int, default=64, help="Baseline training batch size.")
@@ -84,7 +157,16 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     add_axis_arguments(p)
     add_metric_arguments(p)
     args = p.parse_args(argv)
-    if args.no_beta_vae and args.no_diffae and not args.sami_adapter:
+    if args.collect:
+        return args
+    try:
+        args.baseline_specs = [parse_baseline(s) for s in args.baselines] if args.baselines is not None else None
+    except ValueError as e:
+        p.error(str(e))
+    if args.baseline_specs is None:
+        args.baseline_specs = ([parse_baseline(f"beta-vae:beta={b:g}") for b in args.betas] if not args.no_beta_vae else []) + (
+            [] if args.no_diffae else [parse_baseline("diffae")])
+    if not args.baseline_specs and not args.sami_adapter:
         p.error("nothing to compare: give --sami_adapter or leave a baseline on")
     return args
 
@@ -106,6 +188,13 @@ def _encoder_architecture(pipes: List[SAMIPipeline], args: argparse.Namespace) -
     return arch
 
 
+def _adapter_training(adapter_dir: str) -> Dict[str, Any]:
+    try:
+        return read_adapter_config(adapter_dir).get("training") or {}
+    except OSError:
+        return {}
+
+
 def _adapter_seconds(adapter_dir: str) -> Optional[float]:
     try:
         config = read_adapter_config(adapter_dir)
@@ -123,9 +212,94 @@ def evaluate_model(encode_fn: EncodeFn, dataset: FactorDataset, args: argparse.N
     return result
 
 
+def study_kwargs(args: argparse.Namespace) -> Dict[str, Any]:
+    """The rate-study flags as :func:`~sami_adapter.report.rate_study_measurements` arguments."""
+    return {"num_images": args.rate_images, "num_prior_samples": args.num_prior_samples, "num_inference_steps": args.num_inference_steps,
+            "batch_size": args.encode_batch_size, "kl_threshold": args.kl_threshold, "seed": args.seed}
+
+
+def study_rows(summaries: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """One flat row per evaluated model that has rate-study measurements."""
+    rows = []
+    for summary in summaries:
+        for name, runs in summary["runs"].items():
+            for run in runs:
+                if "study" not in run:
+                    continue
+                st = run["study"]
+                rec = st.get("reconstruction_r2") or {}
+                rows.append({
+                    "dataset": summary["dataset"], "method": run.get("method", name), "setting": run.get("setting", name),
+                    "seed": run.get("seed"), "MIG": run["mig"], "DCI disentanglement": run["dci"]["disentanglement"],
+                    "information_lower": st["information_lower"], "information_upper": st["information_upper"], "kl": st["kl"],
+                    "active_dims": st["active_dims"], "prior clean fraction": st.get("prior_clean_fraction"),
+                    "reconstruction R² (x, y, radius mean)": float(np.mean([rec[k] for k in ("x", "y", "radius")])) if rec else None,
+                    "reconstruction_r2": rec, "guidance gain": st.get("guidance_gain"),
+                })
+    return rows
+
+
+def _mean_std(values: List[Optional[float]]) -> Optional[Dict[str, float]]:
+    values = [v for v in values if v is not None]
+    if not values:
+        return None
+    return {"mean": float(np.mean(values)), "std": float(np.std(values)), "n": len(values)}
+
+
+def collect(args: argparse.Namespace) -> Dict[str, Any]:
+    """Merge rate-study runs: rate_study.json, rate_study.md and one metric-vs-rate figure per dataset."""
+    import json
+
+    summaries = []
+    for folder in args.collect:
+        path = os.path.join(folder, "compare.json")
+        if not os.path.isfile(path):
+            raise SystemExit(f"--collect: {path} does not exist; give folders written by compare.py --rate_study.")
+        with open(path) as f:
+            summaries.append(json.load(f))
+    rows = study_rows(summaries)
+    if not rows:
+        raise SystemExit("--collect: none of these runs has rate-study measurements (run compare.py with --rate_study).")
+    keys = ["MIG", "DCI disentanglement", "information_lower", "information_upper", "kl", "active_dims", "prior clean fraction",
+            "reconstruction R² (x, y, radius mean)", "guidance gain"]
+    groups: Dict[tuple, List[Dict[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault((row["dataset"], row["method"], row["setting"]), []).append(row)
+    table = [{"dataset": d, "method": m, "setting": st, "seeds": [r["seed"] for r in rs],
+              **{k: _mean_std([r[k] for r in rs]) for k in keys},
+              "collapsed_seeds": sum(r["information_lower"] < 0.1 for r in rs)} for (d, m, st), rs in sorted(groups.items())]
+    os.makedirs(args.output_dir, exist_ok=True)
+    write_json(os.path.join(args.output_dir, "rate_study.json"), {"rows": rows, "table": table})
+
+    def cell(stat, fmt=".3f"):
+        return "–" if stat is None else (f"{stat['mean']:{fmt}} ± {stat['std']:{fmt}}" if stat["n"] > 1 else f"{stat['mean']:{fmt}}")
+
+    lines = ["# Rate study: disentanglement against the information in the code", "",
+             "Each row: mean ± std over seeds. `I(x; z)` is bracketed by the mixture lower bound (at most log N) and the "
+             "moment-matched upper bound, in nats, measured the same way for every method on the same held-out images. "
+             "A disentanglement score on a code with almost no information does not count: read it next to the rate.", ""]
+    for dataset in sorted({r["dataset"] for r in rows}):
+        lines += [f"## {dataset}", "", f"![metrics against rate](rate_{dataset}.png)", "",
+                  "| method | setting | seeds | I(x;z) lower | I(x;z) upper | KL | active dims | MIG | DCI-D | prior clean | rec R² x/y/r | gain | collapsed |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for t in (t for t in table if t["dataset"] == dataset):
+            lines.append(f"| {t['method']} | {t['setting']} | {len(t['seeds'])} | {cell(t['information_lower'], '.2f')} | "
+                         f"{cell(t['information_upper'], '.2f')} | {cell(t['kl'], '.2f')} | {cell(t['active_dims'], '.1f')} | {cell(t['MIG'])} | "
+                         f"{cell(t['DCI disentanglement'])} | {cell(t['prior clean fraction'])} | {cell(t['reconstruction R² (x, y, radius mean)'])} | "
+                         f"{cell(t['guidance gain'])} | {t['collapsed_seeds']} |")
+        lines.append("")
+        plot_rate_study([t for t in table if t["dataset"] == dataset], os.path.join(args.output_dir, f"rate_{dataset}.png"), dataset)
+    with open(os.path.join(args.output_dir, "rate_study.md"), "w") as f:
+        f.write("\n".join(lines))
+    print("\n".join(lines))
+    return {"rows": rows, "table": table}
+
+
 def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     """Train the baselines, evaluate everything, write compare.md/compare.json and the figures; returns the summary."""
     args = parse_args(argv)
+    if args.collect:
+        return collect(args)
     device = select_device(args)
     start = time.perf_counter()
     pipes = []
@@ -156,6 +330,10 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     images, _, values = dataset.sample(args.num_images, np.random.default_rng([args.seed, 100]))
     for adapter_dir, pipe in zip(args.sami_adapter, pipes):
         result = evaluate_model(mean_code_fn(pipe), dataset, args, resolution, use_trajectories)
+        result.update({"method": args.method, "setting": args.setting or os.path.basename(os.path.normpath(adapter_dir)),
+                       "seed": _adapter_training(adapter_dir).get("seed")})
+        if args.rate_study:
+            result["study"] = rate_study_measurements(pipe, dataset, **study_kwargs(args))
         seconds = _adapter_seconds(adapter_dir)
         result["training"] = {"seconds": seconds if seconds is not None else float("nan"), "steps": float("nan")}
         columns.setdefault("SAMI", []).append(result)
@@ -172,17 +350,23 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     for seed in args.seeds:
         train_data = DATASETS[args.dataset](num_samples=1, resolution=resolution, seed=seed)
         runs = []
-        if not args.no_beta_vae:
-            for beta in args.betas:
-                runs.append((f"β-VAE (β={beta:g})", lambda b=beta: train_beta_vae(
-                    train_data, beta=b, max_seconds=budget, max_steps=args.max_steps, lr=args.lr, seed=seed, **shared)))
-        if not args.no_diffae:
-            runs.append(("DiffAE", lambda: train_diffae(
-                train_data, max_seconds=budget, max_steps=args.max_steps, lr=args.diffae_lr, seed=seed, unet_channels=channels,
-                unet_norm_num_groups=arch["norm_num_groups"], **shared)))
-        for name, train in runs:
+        for spec in args.baseline_specs:
+            if spec["kind"] == "diffae":
+                runs.append((spec, lambda: train_diffae(
+                    train_data, max_seconds=budget, max_steps=args.max_steps, lr=args.diffae_lr, seed=seed, unet_channels=channels,
+                    unet_norm_num_groups=arch["norm_num_groups"], **shared)))
+            else:
+                params = spec["params"]
+                runs.append((spec, lambda sp=spec, pa=params: train_beta_vae(
+                    train_data, beta=pa.get("beta", 1.0), max_seconds=budget, max_steps=args.max_steps, lr=args.lr, seed=seed,
+                    rate=baseline_rate_control(sp["kind"], pa), capacity_ramp_steps=int(pa.get("ramp", 0)), **shared)))
+        for spec, train in runs:
+            name = spec["method"] if spec["kind"] == "diffae" else f"{spec['method']} ({spec['setting']})"
             model = train()
             result = evaluate_model(mean_code_fn(model), dataset, args, resolution, use_trajectories)
+            result.update({"method": spec["method"], "setting": spec["setting"]})
+            if args.rate_study and spec["kind"] != "diffae":  # DiffAE's code is deterministic: no rate to measure
+                result["study"] = rate_study_measurements(model, dataset, **study_kwargs(args))
             result["training"] = {"steps": model.training_log["steps"], "seconds": model.training_log["seconds"]}
             result["training_log"] = model.training_log
             result["seed"] = seed

@@ -39,7 +39,8 @@ from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from sami_adapter import SAMIEncoder, SAMILossOutput, SAMIPipeline, sami_loss  # noqa: E402
+from sami_adapter import SAMIEncoder, SAMILossOutput, SAMIPipeline, nested_guidance_bands, sami_loss  # noqa: E402
+from sami_adapter.rate import RateControl, TCDiscriminator, discriminator_loss  # noqa: E402
 from sami_adapter import adapter as adapter_lib  # noqa: E402
 from sami_adapter.data import DATASETS  # noqa: E402
 from sami_adapter.evaluation import NOISE_BANDS, active_dimensions, band_gains  # noqa: E402
@@ -78,6 +79,9 @@ def parse_args(argv=None):
     g.add_argument("--encoder_min_logvar", type=float, default=None,
                    help="Soft floor on the posterior log-variance; bounds the guidance strength (less stiff sampling).")
     g.add_argument("--time_blind_encoder", action="store_true", help="Ablation: the encoder does not see the noise level.")
+    g.add_argument("--noise_bands", default=None,
+                   help="Noise bands of the guidance: 'nested' (dimension i guides only below T (D - i) / D) or one upper timestep per "
+                        "dimension, comma-separated. Default: every dimension guides at every noise level.")
     g = p.add_argument_group("data")
     g.add_argument("--dataset", default="disks", choices=sorted(DATASETS), help="Built-in procedural dataset (fresh samples every step).")
     g.add_argument("--train_data_dir", default=None, help="A folder of images (png/jpg/webp/bmp, searched recursively) instead of --dataset.")
@@ -106,6 +110,28 @@ def parse_args(argv=None):
                         "guidance pays off from the first step.")
     g.add_argument("--beta_final", type=float, default=None,
                    help="Beta schedule: after the warm-up, move beta geometrically from --beta to this value by the last step (default: constant).")
+    g = p.add_argument_group("rate control (price the information in z, not the prior mismatch)")
+    g.add_argument("--capacity", type=float, default=None,
+                   help="Capacity target C in nats: adds --capacity_weight * |R - C|, R chosen by --capacity_on (Burgess et al. 2018).")
+    g.add_argument("--capacity_on", default="information", choices=["information", "kl"],
+                   help="information: an upper bound on I(x; z) (total KL minus the moment-matched aggregate mismatch), which an "
+                        "input-independent posterior cannot meet; kl: the total KL, as Burgess et al.")
+    g.add_argument("--capacity_weight", type=float, default=1.0, help="Weight of the capacity term.")
+    g.add_argument("--capacity_ramp_steps", type=int, default=0, help="Ramp C linearly from 0 to --capacity over this many steps.")
+    g.add_argument("--mismatch_weight", type=float, default=0.0,
+                   help="Weight of KL(N(m, S) || N(0, I)) of the batch's moment-matched aggregate posterior (mean, scale, correlations).")
+    g.add_argument("--tc_weight", type=float, default=0.0, help="Weight of the total correlation of the code (added to --beta on TC).")
+    g.add_argument("--tc_estimator", default="discriminator", choices=["discriminator", "minibatch"],
+                   help="discriminator: FactorVAE's density-ratio estimate (a classifier trained alongside); minibatch: β-TCVAE's "
+                        "minibatch-weighted sampling.")
+    g.add_argument("--tc_on", default="sample", choices=["sample", "mean"],
+                   help="TC of z ~ q(z|x) (sample) or of the posterior means (mean, discriminator only).")
+    g.add_argument("--mi_weight", type=float, default=0.0, help="β-TCVAE: extra weight on the index-code mutual information.")
+    g.add_argument("--dwkl_weight", type=float, default=0.0, help="β-TCVAE: extra weight on the dimension-wise KL.")
+    g.add_argument("--discriminator_learning_rate", type=float, default=1e-4, help="Adam learning rate of the TC discriminator.")
+    g.add_argument("--intervention_weight", type=float, default=0.0,
+                   help="Weight of the per-dimension intervention loss: moving the denoised estimate along one dimension's guidance "
+                        "field should change the re-encoded code in that dimension only.")
     g = p.add_argument_group("optimisation")
     g.add_argument("--train_batch_size", type=int, default=64, help="Batch size per process.")
     g.add_argument("--max_train_steps", type=int, default=4000, help="Optimiser steps.")
@@ -152,6 +178,8 @@ def parse_args(argv=None):
     problem = check_args(args)
     if problem:
         p.error(problem)
+    args.rate = rate_control_from_args(args)
+    args.guidance_bands = parse_noise_bands(args.noise_bands, args.latent_dim)
     return args
 
 
@@ -193,6 +221,18 @@ def check_args(args) -> str | None:
     for name in ("kl_warmup_steps", "latent_noise_warmup_steps", "lr_warmup_steps", "validation_steps"):
         if getattr(args, name) < 0:
             return bad(name, getattr(args, name), "an integer >= 0")
+    if args.capacity_ramp_steps < 0:
+        return bad("capacity_ramp_steps", args.capacity_ramp_steps, "an integer >= 0")
+    for name in ("intervention_weight",):
+        if not (math.isfinite(getattr(args, name)) and getattr(args, name) >= 0):
+            return bad(name, getattr(args, name), "a finite number >= 0")
+    if not (math.isfinite(args.discriminator_learning_rate) and args.discriminator_learning_rate > 0):
+        return bad("discriminator_learning_rate", args.discriminator_learning_rate, "a finite number > 0")
+    try:
+        rate_control_from_args(args)
+        parse_noise_bands(args.noise_bands, args.latent_dim)
+    except ValueError as e:
+        return str(e)
     if args.resolution is not None and args.resolution < 1:
         return bad("resolution", args.resolution, "an integer >= 1 (or left out: the UNet's sample_size)")
     if args.num_threads is not None and args.num_threads < 1:
@@ -283,6 +323,30 @@ def collapse_warning(kl_per_dim: list[float], gain: float, step: int, max_steps:
         return (f"No guidance gain at step {step} (unguided - guided = {gain:.4g} <= 0): the encoder's guidance does not "
                 "help the denoiser. Lower --learning_rate or --beta, or check the base model.")
     return None
+
+
+def rate_control_from_args(args):
+    """The RateControl of the flags, or None when no rate flag is set."""
+    control = RateControl(capacity=args.capacity, capacity_on=args.capacity_on, capacity_weight=args.capacity_weight,
+                          mismatch_weight=args.mismatch_weight, tc_weight=args.tc_weight, tc_estimator=args.tc_estimator, tc_on=args.tc_on,
+                          mi_weight=args.mi_weight, dwkl_weight=args.dwkl_weight)
+    active = control.capacity is not None or any(v > 0 for v in (control.mismatch_weight, control.tc_weight, control.mi_weight, control.dwkl_weight))
+    return control if active else None
+
+
+def parse_noise_bands(value, latent_dim, num_train_timesteps=1000):
+    """--noise_bands: None, 'nested' or a comma-separated list of upper timesteps."""
+    if value is None:
+        return None
+    if value == "nested":
+        return nested_guidance_bands(latent_dim, num_train_timesteps)
+    try:
+        bands = tuple(float(v) for v in value.split(","))
+    except ValueError:
+        raise ValueError(f"--noise_bands must be 'nested' or comma-separated timesteps, got {value!r}") from None
+    if len(bands) != latent_dim:
+        raise ValueError(f"--noise_bands needs one upper timestep per latent dimension ({latent_dim}), got {len(bands)}")
+    return bands
 
 
 def build_unet(args):
@@ -390,6 +454,7 @@ def main(argv=None):
         block_out_channels=tuple(int(c) for c in args.encoder_channels.split(",")),
         stem_stride=args.encoder_stem_stride,
         time_conditioning=not args.time_blind_encoder, init_logvar=args.encoder_init_logvar, min_logvar=args.encoder_min_logvar,
+        guidance_bands=args.guidance_bands,
     )
     lora_config = None
     if args.unet_mode == "frozen":
@@ -437,6 +502,11 @@ def main(argv=None):
                             fingerprint=LatentCache.fingerprint_of(base=args.pretrained_model_name_or_path, resolution=resolution,
                                                                    data=args.train_data_dir or args.dataset_name))
 
+    discriminator = disc_optimizer = None
+    if args.rate is not None and args.rate.needs_discriminator:
+        discriminator = TCDiscriminator(latent_dim=args.latent_dim)
+        disc_optimizer = torch.optim.Adam(discriminator.parameters(), lr=args.discriminator_learning_rate, betas=(0.5, 0.9))
+        discriminator, disc_optimizer = accelerator.prepare(discriminator, disc_optimizer)
     objective, optimizer, lr_scheduler = accelerator.prepare(objective, optimizer, lr_scheduler)
     if not train_unet:
         unet.to(accelerator.device)
@@ -449,7 +519,8 @@ def main(argv=None):
     # ---------------------------------------------------------------- resume
     run_config = {"base_model_name_or_path": args.pretrained_model_name_or_path, "revision": args.revision, "unet_mode": args.unet_mode,
                   "latent_dim": args.latent_dim, "resolution": resolution, "encoder_channels": args.encoder_channels,
-                  "encoder_stem_stride": args.encoder_stem_stride}
+                  "encoder_stem_stride": args.encoder_stem_stride, "guidance_bands": list(args.guidance_bands) if args.guidance_bands else None,
+                  "tc_discriminator": discriminator is not None}
     global_step = 0
     if args.resume_from_checkpoint:
         path = args.resume_from_checkpoint
@@ -465,7 +536,7 @@ def main(argv=None):
         accelerator.init_trackers("sami", config={k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))})
         os.makedirs(os.path.join(args.output_dir, "logs"), exist_ok=True)
     log_path = os.path.join(args.output_dir, "logs", "train_log.jsonl")
-    window = {"loss": [], "diffusion": [], "unguided": [], "kl_per_dim": [], "t": [], "guided_err": [], "unguided_err": []}
+    window = {"loss": [], "diffusion": [], "unguided": [], "kl_per_dim": [], "t": [], "guided_err": [], "unguided_err": [], "terms": []}
 
     # ---------------------------------------------------------------- train
     progress = tqdm(range(global_step, args.max_train_steps), initial=global_step, total=args.max_train_steps,
@@ -478,6 +549,9 @@ def main(argv=None):
         step_batch = batches.batch(step, timestep_probs, noise_scheduler.config.num_train_timesteps, args.latent_dim, sample_shape)
         micro_size = args.train_batch_size * world
         parts = []
+        capacity = None
+        if args.capacity is not None:
+            capacity = args.capacity * min(1.0, (step + 1) / args.capacity_ramp_steps) if args.capacity_ramp_steps else args.capacity
         for micro in range(args.gradient_accumulation_steps):
             local = {k: v[micro * micro_size : (micro + 1) * micro_size].chunk(world)[rank].to(accelerator.device) for k, v in step_batch.items()}
             clean = local["images"]
@@ -486,12 +560,14 @@ def main(argv=None):
                 clean = clean.float()
             parts.append((local, clean))
         kl_reference = step_kl_per_dim(accelerator, accelerator.unwrap_model(objective).encoder, [c for _, c in parts]) if args.free_bits > 0 else None
-        for local, clean in parts:
+        for micro, (local, clean) in enumerate(parts):
             unet_kwargs = {k: v.expand(clean.shape[0], *v.shape[1:]).to(accelerator.device) for k, v in unet_kwargs_one.items()}
             with accelerator.accumulate(objective), accelerator.autocast():
                 out = SAMILossOutput(**objective(clean, noise_scheduler, unet_kwargs=unet_kwargs, beta=beta, weighting=args.weighting, timesteps=local["timesteps"],
                                 timestep_probs=timestep_probs, noise=local["noise"], latent_noise=local["latent_noise"] * noise_scale,
-                                free_bits=args.free_bits, kl_reference=kl_reference))
+                                free_bits=args.free_bits, kl_reference=kl_reference, rate=args.rate, capacity=capacity,
+                                tc_discriminator=accelerator.unwrap_model(discriminator) if discriminator is not None else None,
+                                intervention_weight=args.intervention_weight, intervention_dims=local["intervention_dims"]))
                 stop_if_diverged(accelerator, step + 1, "loss", out.loss.detach(), args.output_dir)
                 accelerator.backward(out.loss)
                 if accelerator.sync_gradients:
@@ -501,6 +577,25 @@ def main(argv=None):
                 optimizer.step()
                 lr_scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
+            if discriminator is not None:  # after the encoder step; the encoder's TC term also left gradients here
+                with accelerator.accumulate(discriminator):
+                    disc_optimizer.zero_grad(set_to_none=True)
+                    codes = out.posterior_mean if args.tc_on == "mean" else out.latents
+                    g = torch.Generator().manual_seed(int(np.random.default_rng([args.seed, step, micro, 3]).integers(0, 2**62)))
+                    disc_loss = discriminator_loss(discriminator, codes, g)
+                    accelerator.backward(disc_loss)
+                    disc_optimizer.step()
+                    disc_optimizer.zero_grad(set_to_none=True)
+            scalars = {k: v for k, v in (out.rate or {}).items() if v.ndim == 0}
+            if out.rate is not None:
+                scalars.update({f"mismatch_dim_{i}": v for i, v in enumerate(out.rate["mismatch_per_dim"])})
+            if out.intervention_loss is not None:
+                scalars["intervention"] = out.intervention_loss
+            if discriminator is not None:
+                scalars["discriminator_loss"] = disc_loss.detach()
+            if scalars:  # one device sync for all of them
+                values = torch.stack([v.float().to(accelerator.device) for v in scalars.values()]).tolist()
+                window["terms"].append(dict(zip(scalars, values)))
             window["loss"].append(out.loss.item()); window["diffusion"].append(out.diffusion_loss.item())
             window["unguided"].append(out.unguided_diffusion_loss.item()); window["kl_per_dim"].append(out.kl_per_dim.detach().cpu())
             window["t"].append(out.timesteps.cpu()); window["guided_err"].append(out.guided_error.cpu()); window["unguided_err"].append(out.unguided_error.cpu())
@@ -516,6 +611,8 @@ def main(argv=None):
                     "guidance_gain": unguided - diffusion, "relative_gain": 1 - diffusion / max(unguided, 1e-12), "kl": float(kl.sum()),
                     "beta": beta, "lr": lr_scheduler.get_last_lr()[0]}
             logs.update({f"kl_dim_{i}": float(v) for i, v in enumerate(kl)})
+            if window["terms"]:
+                logs.update({k: float(np.mean([t[k] for t in window["terms"]])) for k in window["terms"][0]})
             bands = band_gains(torch.cat(window["t"]), torch.cat(window["guided_err"]), torch.cat(window["unguided_err"]), NOISE_BANDS)
             logs.update({f"gain_t{k}": v for k, v in bands.items()})
             progress.set_postfix(loss=f"{logs['loss']:.2f}", gain=f"{logs['relative_gain']:.1%}", active=len(active_dimensions(kl.tolist())))

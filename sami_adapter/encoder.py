@@ -80,6 +80,10 @@ class SAMIEncoder(ModelMixin, ConfigMixin):
             resolution: guided sampling pays the encoder's forward and backward at every step, and at
             small UNets the full-resolution block was most of that cost. A 3x3 stride-2 stem still sees
             every pixel, so no input information is lost.
+        guidance_bands: optional noise bands, one upper timestep per dimension: dimension ``i`` guides
+            (enters ``grad_x log q``) only where ``t < guidance_bands[i]``, in training and sampling
+            alike. Nested bands (:func:`nested_guidance_bands`) give each dimension its own range of
+            noise levels, so it can only carry what the image still holds there.
     """
 
     @register_to_config
@@ -96,10 +100,16 @@ class SAMIEncoder(ModelMixin, ConfigMixin):
         norm_num_groups: int = 8,
         min_logvar: Optional[float] = None,
         stem_stride: int = 2,
+        guidance_bands: Optional[Tuple[float, ...]] = None,
     ):
         super().__init__()
         if latent_dim < 1:
             raise ValueError(f"latent_dim must be >= 1, got {latent_dim}.")
+        if guidance_bands is not None:
+            if len(guidance_bands) != latent_dim or any(not (float(b) > 0) for b in guidance_bands):
+                raise ValueError(f"guidance_bands needs one positive upper timestep per latent dimension ({latent_dim}), "
+                                 f"got {list(guidance_bands)}.")
+            self.register_buffer("_bands", torch.tensor([float(b) for b in guidance_bands]), persistent=False)
         if stem_stride not in (1, 2):
             raise ValueError(f"stem_stride must be 1 or 2, got {stem_stride}.")
         temb_dim = block_out_channels[0] * 4 if time_conditioning else None
@@ -135,6 +145,14 @@ class SAMIEncoder(ModelMixin, ConfigMixin):
     @property
     def latent_dim(self) -> int:
         return self.config.latent_dim
+
+    def guidance_weights(self, timestep: Union[torch.Tensor, float, int], batch_size: int) -> Optional[torch.Tensor]:
+        """(B, D) 0/1 weights of each dimension in the guidance at ``timestep`` (``guidance_bands``), or
+        None when every dimension guides at every noise level."""
+        if self.config.guidance_bands is None:
+            return None
+        t = torch.as_tensor(timestep, device=self._bands.device, dtype=torch.float32).reshape(-1, 1)
+        return (t < self._bands).float().expand(batch_size, -1)
 
     def forward(self, sample: torch.Tensor, timestep: Union[torch.Tensor, float, int] = 0) -> LatentPosterior:
         """Posterior ``q(z | sample, timestep)``.
@@ -183,3 +201,10 @@ def check_encoder_fits_unet(encoder: Any, unet: Any) -> None:
             f"{net.in_channels} channel(s) at {unet_size}px: the encoder was saved for another UNet. Load the adapter "
             "that was trained for this base model, or train one with examples/finetune.py."
         )
+
+
+def nested_guidance_bands(latent_dim: int, num_train_timesteps: int = 1000):
+    """Nested noise bands for :class:`SAMIEncoder`'s ``guidance_bands``: dimension ``i`` guides below
+    ``T (D - i) / D``, so dimension 0 acts at every noise level and the last one only in the lowest
+    ``T / D`` timesteps."""
+    return tuple(float(num_train_timesteps * (latent_dim - i) / latent_dim) for i in range(latent_dim))

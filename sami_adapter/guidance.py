@@ -33,7 +33,7 @@ This module is the only place where these formulas live.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Tuple, Union
+from typing import Any, Callable, Optional, Tuple, Union
 
 import torch
 
@@ -94,6 +94,11 @@ def encoder_noise_level(alphas_cumprod: torch.Tensor, timestep: torch.Tensor) ->
 def add_noise(clean: torch.Tensor, noise: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     """Equation (1), ``x_t = a_t x_0 + s_t eps``, with per-sample ``alpha``, ``sigma`` of shape (B,)."""
     return _per_sample(alpha, clean) * clean + _per_sample(sigma, clean) * noise
+
+
+def predicted_clean(sample: torch.Tensor, eps: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """Equation (1) solved for the clean image: ``x0_hat = (x_t - s_t eps) / a_t`` (per-sample ``alpha``, ``sigma``)."""
+    return (sample - _per_sample(sigma, sample) * eps) / _per_sample(alpha, sample)
 
 
 def check_scheduler(scheduler: Any) -> None:
@@ -199,6 +204,7 @@ def posterior_score(
     sample: torch.Tensor,
     timestep: TimestepLike,
     create_graph: bool = False,
+    dim_weights: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """``g = grad_{x_t} log q(z | x_t, t)`` for a diagonal-Gaussian ``q`` (equation (2)).
 
@@ -213,6 +219,11 @@ def posterior_score(
         sample: the UNet input ``x_t``, shape (B, C, H, W).
         timestep: scalar or (B,) timesteps.
         create_graph: build the graph of the score itself, for the training loss (double backward).
+        dim_weights: optional (B, D) or (D,) weights ``w_i`` giving ``grad sum_i w_i log q(z_i | x_t)``: a
+            one-hot row is the guidance field of one dimension alone. An encoder with noise bands
+            (``encoder.guidance_weights(timestep)``, e.g. :class:`~sami_adapter.SAMIEncoder` with
+            ``guidance_bands``) multiplies in its own 0/1 weights, so each dimension guides only at
+            the noise levels it is assigned.
 
     Returns:
         A tensor shaped like ``sample``.
@@ -224,7 +235,12 @@ def posterior_score(
         if z.shape != mean.shape:
             raise ValueError(f"z has shape {tuple(z.shape)} but the encoder's posterior has shape {tuple(mean.shape)}.")
         z = z.to(mean.dtype)
-        log_q = -0.5 * (((z - mean) ** 2) * torch.exp(-logvar) + logvar).sum()
+        log_q = -0.5 * (((z - mean) ** 2) * torch.exp(-logvar) + logvar)
+        band = encoder.guidance_weights(timestep, mean.shape[0]) if hasattr(encoder, "guidance_weights") else None
+        for weights in (band, dim_weights):
+            if weights is not None:
+                log_q = log_q * weights.to(log_q)
+        log_q = log_q.sum()
         if not log_q.requires_grad:  # a posterior that ignores its input has zero score
             return torch.zeros_like(sample)
         (score,) = torch.autograd.grad(log_q, x, create_graph=create_graph, allow_unused=True)

@@ -32,6 +32,18 @@ uses ``|| eps - eps_hat ||^2`` summed over pixels with no weight and no importan
 al.'s L_simple): sampling some timesteps more often then really does emphasise them, at the price of
 no longer being a bound, and ``beta`` is then only the KL's weight relative to that unweighted error
 (``beta = 1`` is no bound).
+
+Rate control (:mod:`sami_adapter.rate`) adds terms that price the information in ``z`` separately
+from the mismatch between the aggregate posterior and the prior, and ``intervention_weight`` adds a
+per-dimension intervention loss: the diagonal posterior splits the guidance into one field per
+dimension, ``grad_x log q(z | x_t) = sum_i grad_x log q(z_i | x_t)``; moving the denoised estimate
+``x0_hat = (x_t - s_t eps_theta) / a_t`` along field ``i`` alone, by ``(s_t^2 / a_t) grad_x log q(z_i | x_t)``
+(the change that field makes to ``x0_hat``), should change the re-encoded code in dimension ``i``
+only. The loss is the share of that change that lands in the other dimensions,
+
+    L_int = sum_{j != i} (Delta mu_j)^2 / sum_j (Delta mu_j)^2,   Delta mu = mu(x0_hat + shift_i) - mu(x0_hat),
+
+averaged over samples with ``t < T/2`` (where ``a_t`` is not small) and a random ``i`` per sample.
 """
 
 from __future__ import annotations
@@ -43,7 +55,8 @@ import torch
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-from .guidance import add_noise, alpha_sigma_from_alphas_cumprod, guided_output, posterior_score, to_epsilon
+from .guidance import add_noise, alpha_sigma_from_alphas_cumprod, guided_output, posterior_score, predicted_clean, to_epsilon
+from .rate import RateControl, rate_terms
 
 
 @dataclass
@@ -63,6 +76,11 @@ class SAMILossOutput(BaseOutput):
         negative_elbo: (B,) the full bound ``sum_i L_i + KL + constant`` in nats when
             ``weighting="elbo"``, else None. It always uses ``beta = 1`` and the unclamped KL,
             whatever ``beta`` and ``free_bits`` the loss uses.
+        rate: the measurements of :func:`sami_adapter.rate.rate_terms` (detached) when ``rate`` was
+            given: information upper bound, mismatch (per dimension too), TC, MI, dimension-wise KL.
+        intervention_loss: the per-dimension intervention loss (detached) when it was used.
+        latents: (B, D) the codes ``z`` drawn (detached), e.g. to train a TC discriminator.
+        posterior_mean: (B, D) the means of ``q(z | x_0)`` (detached).
     """
 
     loss: torch.Tensor
@@ -74,6 +92,10 @@ class SAMILossOutput(BaseOutput):
     guided_error: torch.Tensor
     unguided_error: torch.Tensor
     negative_elbo: Optional[torch.Tensor] = None
+    rate: Optional[Dict[str, torch.Tensor]] = None
+    intervention_loss: Optional[torch.Tensor] = None
+    latents: Optional[torch.Tensor] = None
+    posterior_mean: Optional[torch.Tensor] = None
 
 
 def elbo_weights(scheduler: Any) -> torch.Tensor:
@@ -130,6 +152,11 @@ def sami_loss(
     sami_scale: float = 1.0,
     unet_kwargs: Optional[Dict[str, Any]] = None,
     kl_reference: Optional[torch.Tensor] = None,
+    rate: Optional[RateControl] = None,
+    capacity: Optional[float] = None,
+    tc_discriminator: Optional[torch.nn.Module] = None,
+    intervention_weight: float = 0.0,
+    intervention_dims: Optional[torch.Tensor] = None,
 ) -> SAMILossOutput:
     """One Monte Carlo estimate of the SAMI objective (module docstring).
 
@@ -160,6 +187,13 @@ def sami_loss(
             sees only part of it (one process of several, one micro-batch of an accumulated step).
             ``free_bits`` is compared with it instead of with this part's own mean, so the summed
             gradients of the parts equal the gradient of the whole batch. Default: this batch's own.
+        rate: :class:`~sami_adapter.rate.RateControl` terms added to the loss (capacity on the
+            information, aggregate-posterior mismatch, TC, the β-TCVAE split).
+        capacity: this step's capacity target (a ramp of ``rate.capacity``); default ``rate.capacity``.
+        tc_discriminator: the :class:`~sami_adapter.rate.TCDiscriminator` when ``rate`` uses it (train
+            it separately with its ``loss``).
+        intervention_weight: weight of the per-dimension intervention loss (module docstring).
+        intervention_dims: (B,) the dimension moved for each sample (default: drawn with ``generator``).
     """
     if weighting not in ("elbo", "simple"):
         raise ValueError(f"weighting must be 'elbo' or 'simple', got {weighting!r}.")
@@ -219,6 +253,15 @@ def sami_loss(
     else:
         kl_term = kl_per_dim.sum()
     loss = diffusion_loss + beta * kl_term
+    rate_out = None
+    if rate is not None:
+        rate_out = rate_terms(rate, posterior.mean, posterior.logvar, z, kl_per_dim.sum(), capacity=capacity, discriminator=tc_discriminator)
+        loss = loss + rate_out.pop("loss")
+    intervention = None
+    if intervention_weight > 0:
+        intervention = _intervention_loss(encoder, z, noisy, timesteps, eps_theta.detach(), alpha, sigma, num_train_timesteps,
+                                          intervention_dims, generator)
+        loss = loss + intervention_weight * intervention
 
     negative_elbo = None
     if weighting == "elbo":
@@ -233,4 +276,27 @@ def sami_loss(
         guided_error=guided_error.detach(),
         unguided_error=unguided_error.detach(),
         negative_elbo=negative_elbo,
+        rate=rate_out,
+        intervention_loss=None if intervention is None else intervention.detach(),
+        latents=z.detach(),
+        posterior_mean=posterior.mean.detach(),
     )
+
+
+def _intervention_loss(encoder, z, noisy, timesteps, eps_theta, alpha, sigma, num_train_timesteps, dims, generator):
+    """``L_int`` of the module docstring: the share of the code change outside the moved dimension."""
+    batch, latent_dim = z.shape
+    if dims is None:
+        dims = torch.randint(0, latent_dim, (batch,), generator=generator, device=generator.device if generator else "cpu")
+    dims = dims.to(z.device).long()
+    one_hot = torch.nn.functional.one_hot(dims, latent_dim).float()
+    field = posterior_score(encoder, z, noisy, timesteps, create_graph=torch.is_grad_enabled(), dim_weights=one_hot).float()
+    alpha, sigma = alpha.float(), sigma.float()
+    x0_hat = predicted_clean(noisy.float(), eps_theta, alpha, sigma).detach()
+    zeros = torch.zeros(batch, device=z.device, dtype=torch.long)
+    step = (sigma**2 / alpha).view((-1,) + (1,) * (field.ndim - 1))  # what field i changes in x0_hat: (s_t^2 / a_t) grad log q(z_i | x_t)
+    moved = encoder(x0_hat + step * field, zeros).mean
+    delta_sq = (moved - encoder(x0_hat, zeros).mean) ** 2
+    off = (delta_sq * (1 - one_hot)).sum(1) / (delta_sq.sum(1) + 1e-12)
+    keep = (timesteps < num_train_timesteps // 2).float()
+    return (off * keep).sum() / keep.sum().clamp(min=1.0)

@@ -46,6 +46,7 @@ from .evaluation import (
     information_profile,
 )
 from .metrics import dci, explicitness, factor_alignment, factor_vae_score, linear_r2, mig, modularity, sap, trajectory_curvature
+from .metrics.linear_r2 import r2_score
 
 
 COUNT_ROWS = ("training steps", "training seconds")  # table rows shown as whole numbers
@@ -471,6 +472,114 @@ def plot_metric_bars(columns: Dict[str, List[Dict[str, float]]], path: str, rows
     ax.legend(fontsize=8)
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+@torch.no_grad()
+def rate_study_measurements(
+    model: Any,
+    dataset: FactorDataset,
+    num_images: int = 4096,
+    num_prior_samples: int = 512,
+    num_inference_steps: int = 50,
+    batch_size: int = 256,
+    kl_threshold: float = 0.1,
+    seed: int = 0,
+) -> Dict[str, Any]:
+    """Rate and generative measurements of one model (a :class:`~sami_adapter.SAMIPipeline` or a
+    baseline with ``encode``/``decode``/``reconstruct``), the same way for every method.
+
+    * ``information_lower`` / ``information_upper``: :func:`~sami_adapter.rate.mixture_information`
+      (at most ``log N``) and :func:`~sami_adapter.rate.information_upper_bound` on ``N = num_images``
+      held-out images, in nats; ``kl``: the data-mean KL of ``q(z | x)``, also per dimension;
+    * ``prior_clean_fraction`` (disks): share of one-clean-disk images among decodes of ``z ~ N(0, I)``
+      (SAMI: DDIM with ``num_inference_steps`` steps, eta 1);
+    * ``reconstruction_r2`` (disks): x / y / radius / brightness R² of image moments, input vs decode of
+      the posterior mean (SAMI: the exact decoder, ``sami_scale`` 1, eta 1), on at most 512 images;
+    * ``guidance_gain`` (SAMI): relative guided-vs-unguided denoising gain on the same images.
+    """
+    from .data.disks import Disks, clean_disk_fraction, disk_moments
+    from .pipeline import SAMIPipeline
+    from .rate import information_upper_bound, mixture_information
+
+    is_sami = isinstance(model, SAMIPipeline)
+    images, _, _ = dataset.sample(num_images, np.random.default_rng([seed, 5]))
+    means, logvars = [], []
+    for start in range(0, images.shape[0], batch_size):
+        post = model.encode(images[start:start + batch_size].to(model.device))
+        means.append(post.mean.float().cpu())
+        logvars.append(post.logvar.float().cpu())
+    mean, logvar = torch.cat(means).double(), torch.cat(logvars).double()
+    kl_per_dim = (0.5 * (mean**2 + logvar.exp() - 1 - logvar)).mean(0)
+    out: Dict[str, Any] = {
+        "rate_images": int(images.shape[0]),
+        "information_lower": mixture_information(mean, logvar, torch.Generator().manual_seed(seed)),
+        "information_upper": float(information_upper_bound(mean, logvar)),
+        "kl": float(kl_per_dim.sum()),
+        "kl_per_dim": [float(v) for v in kl_per_dim],
+        "active_dims": int((kl_per_dim > kl_threshold).sum()),
+    }
+    held_out = images[: min(512, images.shape[0])]
+    if isinstance(dataset, Disks):
+        g = torch.Generator().manual_seed(seed)
+        if is_sami:
+            samples = torch.cat([
+                model(batch_size=min(256, num_prior_samples - start), num_inference_steps=num_inference_steps, eta=1.0, generator=g,
+                      output_type="pt").images.cpu()
+                for start in range(0, num_prior_samples, 256)
+            ])
+            rec = disk_reconstruction_r2(model, held_out.to(model.device), num_inference_steps=num_inference_steps, seed=seed, eta=1.0,
+                                         sami_scale=1.0)["r2"]
+        else:
+            samples = model.decode(torch.randn(num_prior_samples, mean.shape[1], generator=g).to(model.device)).cpu()
+            true_m, rec_m = disk_moments(held_out), disk_moments(model.reconstruct(held_out.to(model.device)).cpu())
+            rec = {k: r2_score(true_m[k].numpy(), rec_m[k].numpy()) for k in ("x", "y", "radius", "brightness")}
+        out["prior_clean_fraction"] = clean_disk_fraction(samples)[0]
+        out["reconstruction_r2"] = {k: float(v) for k, v in rec.items()}
+    if is_sami:
+        gains = guidance_gain(model.unet, model.encoder, model.scheduler, held_out.to(model.device), seed=seed)
+        out["guidance_gain"] = gains["relative_gain"]
+    return out
+
+
+RATE_STUDY_PANELS = [("MIG", "MIG"), ("DCI disentanglement", "DCI disentanglement"), ("prior clean fraction", "prior samples: clean disks"),
+                     ("reconstruction R² (x, y, radius mean)", "reconstruction R² x/y/radius"), ("guidance gain", "SAMI guidance gain")]
+
+
+def plot_rate_study(table: List[Dict[str, Any]], path: str, title: str, panels: Sequence[tuple] = RATE_STUDY_PANELS) -> str:
+    """Each metric against the rate (mixture lower bound on I(x; z), nats), one line per method, seeds as error bars.
+
+    Args:
+        table: rows with ``method``, ``information_lower`` and each panel's key, each a ``{"mean", "std"}``
+            dict or None (``examples/compare.py --collect`` builds them).
+        path: PNG to write.
+        title: figure title.
+        panels: ``(key, label)`` pairs, one panel each; panels with no values are left out.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [(k, label) for k, label in panels if any(t[k] is not None for t in table)]
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.3 * len(panels), 3.3), squeeze=False)
+    methods = sorted({t["method"] for t in table})
+    for ax, (key, label) in zip(axes[0], panels):
+        for method in methods:
+            pts = sorted((t for t in table if t["method"] == method and t[key] is not None), key=lambda t: t["information_lower"]["mean"])
+            if not pts:
+                continue
+            ax.errorbar([t["information_lower"]["mean"] for t in pts], [t[key]["mean"] for t in pts],
+                        xerr=[t["information_lower"]["std"] for t in pts], yerr=[t[key]["std"] for t in pts],
+                        marker="o", ms=4, capsize=2, label=method)
+        ax.set_xlabel("I(x; z) lower bound (nats)")
+        ax.set_title(label, fontsize=9)
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path

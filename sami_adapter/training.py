@@ -146,7 +146,8 @@ class StepBatches:
     def batch(
         self, k: int, timestep_probs: Optional[torch.Tensor], num_train_timesteps: int, latent_dim: int, sample_shape: Optional[tuple] = None
     ) -> Dict[str, torch.Tensor]:
-        """Images, indices, timesteps, noise (of ``sample_shape``, default the images') and reparameterisation noise."""
+        """Images, indices, timesteps, noise (of ``sample_shape``, default the images'), reparameterisation noise and
+        the dimension each sample's intervention loss moves."""
         images = self.images(k)
         g = torch.Generator().manual_seed(int(self._rng(k).integers(0, 2**62)))
         if timestep_probs is None:
@@ -154,13 +155,15 @@ class StepBatches:
         else:
             timesteps = torch.multinomial(timestep_probs.float(), self.batch_size, replacement=True, generator=g)
         noise_shape = (self.batch_size, *sample_shape) if sample_shape is not None else images.shape
-        return {
+        batch = {
             "images": images,
             "indices": self.indices(k),
             "timesteps": timesteps,
             "noise": torch.randn(noise_shape, generator=g),
             "latent_noise": torch.randn(self.batch_size, latent_dim, generator=g),
         }
+        batch["intervention_dims"] = torch.randint(0, latent_dim, (self.batch_size,), generator=g)  # drawn last: earlier draws unchanged
+        return batch
 
 
 def dataset_images(dataset, n: int) -> torch.Tensor:

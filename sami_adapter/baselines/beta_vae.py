@@ -12,7 +12,11 @@ Likelihood (``likelihood``):
   Bernoulli-cross-entropy surrogate, not a normalised density.
 * ``"gaussian"``: ``-log N(x; mu(z), gaussian_std^2 I)`` on pixels in [-1, 1], in nats.
 
-The loss per image is ``-log p(x | z) + beta * KL(q(z | x) || N(0, I))`` (one reparameterised sample of z).
+The loss per image is ``-log p(x | z) + beta * KL(q(z | x) || N(0, I))`` (one reparameterised sample of z),
+plus the terms of a :class:`~sami_adapter.rate.RateControl` when one is given: with a capacity target on
+the KL it is the capacity-controlled β-VAE (Burgess et al. 2018), with a TC weight the β-TCVAE
+(Chen et al. 2018, minibatch estimator) or FactorVAE (Kim & Mnih 2018, discriminator). These are the
+same terms SAMI's ``sami_loss`` takes, so every model can be trained at a matched rate.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from torch import nn
 
 from ..data.base import FactorDataset
 from ..encoder import LatentPosterior, SAMIEncoder
+from ..rate import RateControl, TCDiscriminator, discriminator_loss, rate_terms
 from .common import TrainingBudget, resolve_dataset, train_loop
 
 
@@ -164,13 +169,22 @@ class BetaVAE(ModelMixin, ConfigMixin):
         sq = ((images - decoder_output) ** 2).flatten(1)
         return (sq / (2 * std**2) + 0.5 * math.log(2 * math.pi * std**2)).sum(1)
 
-    def loss(self, images: torch.Tensor, beta: float = 1.0, generator: Optional[torch.Generator] = None) -> Dict[str, torch.Tensor]:
-        """Batch means of ``loss = -log p(x | z) + beta KL``, ``reconstruction`` and ``kl`` (nats per image)."""
+    def loss(self, images: torch.Tensor, beta: float = 1.0, generator: Optional[torch.Generator] = None,
+             rate: Optional[RateControl] = None, capacity: Optional[float] = None,
+             discriminator: Optional[TCDiscriminator] = None) -> Dict[str, torch.Tensor]:
+        """Batch means of ``loss = -log p(x | z) + beta KL (+ rate terms)``, ``reconstruction``, ``kl`` (nats
+        per image), ``z`` (the codes drawn, detached) and the rate measurements when ``rate`` is given."""
         post = self.posterior(images)
         z = post.sample(generator=generator)
         nll = self.negative_log_likelihood(images, self.decoder_output(z)).mean()
         kl = post.kl().mean()
-        return {"loss": nll + beta * kl, "reconstruction": nll, "kl": kl}
+        out = {"loss": nll + beta * kl, "reconstruction": nll, "kl": kl}
+        if rate is not None:
+            terms = rate_terms(rate, post.mean, post.logvar, z, kl, capacity=capacity, discriminator=discriminator)
+            out["loss"] = out["loss"] + terms.pop("loss")
+            out.update({k: v for k, v in terms.items() if v.ndim == 0})
+        out["z"], out["mean"] = z.detach(), post.mean.detach()
+        return out
 
 
 def train_beta_vae(
@@ -191,6 +205,8 @@ def train_beta_vae(
     encoder_stem_stride: int = 2,
     device: Optional[Union[str, torch.device]] = None,
     log_every: int = 50,
+    rate: Optional[RateControl] = None,
+    capacity_ramp_steps: int = 0,
 ) -> BetaVAE:
     """Train a :class:`BetaVAE` on fresh samples of ``dataset`` until the step or wall-clock budget is spent.
 
@@ -211,6 +227,9 @@ def train_beta_vae(
         likelihood: ``"bernoulli"`` or ``"gaussian"`` (module docstring).
         device: where to train (default: CPU).
         log_every: steps between entries of ``model.training_log["history"]``.
+        rate: optional :class:`~sami_adapter.rate.RateControl` (capacity-controlled β-VAE, β-TCVAE,
+            FactorVAE); a discriminator, when it needs one, is trained alongside on the previous step's codes.
+        capacity_ramp_steps: ramp the capacity target linearly from 0 over this many steps.
 
     Returns:
         The trained model in eval mode; ``model.training_log`` holds steps, seconds and loss history.
@@ -223,9 +242,34 @@ def train_beta_vae(
             hidden_dim=hidden_dim, norm_num_groups=norm_num_groups, likelihood=likelihood, encoder_stem_stride=encoder_stem_stride,
         )
     model.to(device or "cpu")
+    discriminator = disc_optimizer = None
+    if rate is not None and rate.needs_discriminator:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed + 1)
+            discriminator = TCDiscriminator(latent_dim=latent_dim).to(device or "cpu")
+        disc_optimizer = torch.optim.Adam(discriminator.parameters(), lr=1e-4, betas=(0.5, 0.9))
+    state = {"step": 0, "codes": None}
+
+    def step_loss(images, g):
+        # The discriminator learns from the previous step's codes first: stepping it after this
+        # step's loss is built would change weights that loss still needs for its backward pass.
+        if discriminator is not None and state["codes"] is not None:
+            disc_optimizer.zero_grad(set_to_none=True)
+            discriminator_loss(discriminator, state["codes"], g).backward()
+            disc_optimizer.step()
+        target = None
+        if rate is not None and rate.capacity is not None:
+            target = rate.capacity * min(1.0, (state["step"] + 1) / capacity_ramp_steps) if capacity_ramp_steps else rate.capacity
+        terms = model.loss(images, beta=beta, generator=g, rate=rate, capacity=target, discriminator=discriminator)
+        state["step"] += 1
+        state["codes"] = terms.pop("mean") if rate is not None and rate.tc_on == "mean" else terms["z"]
+        terms.pop("z", None), terms.pop("mean", None)
+        return terms
+
     log = train_loop(
-        model, lambda x, g: model.loss(x, beta=beta, generator=g), data, TrainingBudget(max_steps, max_seconds),
+        model, step_loss, data, TrainingBudget(max_steps, max_seconds),
         batch_size, lr, seed, progress=progress, desc=f"beta-VAE (beta={beta:g})", log_every=log_every,
     )
-    model.training_log = {**log.as_dict(), "beta": beta, "likelihood": likelihood}
+    model.training_log = {**log.as_dict(), "beta": beta, "likelihood": likelihood,
+                          "rate": None if rate is None else dict(vars(rate)), "capacity_ramp_steps": capacity_ramp_steps}
     return model

@@ -1,0 +1,192 @@
+#!/usr/bin/env python
+"""The rate-disentanglement sweep: many SAMI settings and baselines, several at once, then one table.
+
+    python examples/rate_sweep.py --output_dir sweep --workers 14 --deadline_seconds 480
+    python examples/compare.py --collect sweep/runs/* --output_dir docs/rate-study
+
+Every job is one model and one seed: a SAMI job runs ``examples/finetune.py`` with the job's flags
+and then ``examples/compare.py --rate_study`` on the adapter; a baseline job runs
+``examples/compare.py --baselines SPEC --rate_study``. Jobs run ``--workers`` at a time (one CPU
+thread each; on a GPU machine start CUDA MPS first so they share the GPU), in the order of
+:data:`JOBS` (most informative first), and a job is not started once ``--deadline_seconds`` has
+passed, so whatever has finished is usable. ``--only`` filters jobs by name.
+
+Each finished job leaves ``runs/<name>/compare.json``; logs go to ``logs/<name>.log``; ``progress.txt``
+says what is done. Rerun with the same output folder to skip finished jobs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import threading
+import time
+from typing import Dict, List
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DSPRITES_BASE = "bases/ddpm-dsprites-16"
+
+# SAMI settings (finetune.py flags on top of the defaults). Capacity runs replace beta and free bits
+# by a target on the information in z plus a penalty on the aggregate posterior's mismatch.
+CAP = "--beta 0 --free_bits 0 --capacity_ramp_steps 1500 --mismatch_weight 1"
+SAMI = {
+    "sami-default": "",
+    "sami-cap3": f"{CAP} --capacity 3",
+    "sami-cap6": f"{CAP} --capacity 6",
+    "sami-cap10": f"{CAP} --capacity 10",
+    "sami-cap6-tc": f"{CAP} --capacity 6 --tc_weight 5 --tc_on mean",
+    "sami-cap6-bands": f"{CAP} --capacity 6 --noise_bands nested",
+    "sami-cap6-int": f"{CAP} --capacity 6 --intervention_weight 1",
+    "sami-cap6-int-tc": f"{CAP} --capacity 6 --intervention_weight 1 --tc_weight 5 --tc_on mean",
+    "sami-cap6-blind": f"{CAP} --capacity 6 --time_blind_encoder",
+    "sami-cap6-joint": f"{CAP} --capacity 6 --unet_mode full --pretrained_model_name_or_path models/ddpm-disks-16 --unet_learning_rate 2e-5",
+    "sami-cap6-lora": f"{CAP} --capacity 6 --unet_mode lora",
+}
+METHOD = {
+    "sami-default": ("SAMI (β=0.01, free bits)", "default"),
+    "sami-cap3": ("SAMI capacity", "C=3"), "sami-cap6": ("SAMI capacity", "C=6"), "sami-cap10": ("SAMI capacity", "C=10"),
+    "sami-cap6-tc": ("SAMI capacity + TC(mean)", "C=6"), "sami-cap6-bands": ("SAMI capacity + noise bands", "C=6"),
+    "sami-cap6-int": ("SAMI capacity + intervention", "C=6"), "sami-cap6-int-tc": ("SAMI capacity + intervention + TC", "C=6"),
+    "sami-cap6-blind": ("SAMI capacity, time-blind encoder", "C=6"), "sami-cap6-joint": ("SAMI capacity, joint UNet", "C=6"),
+    "sami-cap6-lora": ("SAMI capacity, LoRA UNet", "C=6"),
+}
+BASELINES = {
+    "bvae1": "beta-vae:beta=1", "bvae4": "beta-vae:beta=4", "bvae16": "beta-vae:beta=16",
+    "capvae3": "capacity-vae:capacity=3,ramp=5000", "capvae6": "capacity-vae:capacity=6,ramp=5000",
+    "btcvae": "beta-tcvae:tc_weight=5",
+}
+
+
+def build_jobs() -> List[Dict[str, object]]:
+    """Every job, most informative first: seed 0 of every setting on disks, then dsprites, then the
+    other seeds of the main settings, then the other seeds of the exploratory ones."""
+    main_sami = ["sami-default", "sami-cap3", "sami-cap6", "sami-cap10", "sami-cap6-tc", "sami-cap6-bands", "sami-cap6-int", "sami-cap6-joint"]
+    extra_sami = [k for k in SAMI if k not in main_sami]
+    dsprites_sami, dsprites_base = ["sami-default", "sami-cap6", "sami-cap6-int"], ["bvae1", "bvae4", "capvae6", "btcvae"]
+
+    def job(dataset, kind, key, seed):
+        return {"name": f"{dataset}-{key}-s{seed}", "kind": kind, "dataset": dataset, "key": key, "seed": seed}
+
+    jobs: List[Dict[str, object]] = [{"name": "pretrain-dsprites", "kind": "pretrain", "dataset": "dsprites"}]
+    for seed in (0, 1, 2):
+        keys = main_sami + extra_sami if seed == 0 else main_sami
+        jobs += [job("disks", "sami", k, seed) for k in keys] + [job("disks", "baseline", k, seed) for k in BASELINES]
+        jobs += [job("dsprites", "sami", k, seed) for k in dsprites_sami] + [job("dsprites", "baseline", k, seed) for k in dsprites_base]
+    jobs += [job("disks", "sami", k, seed) for seed in (1, 2) for k in extra_sami]
+    return jobs
+
+
+def commands(job: Dict[str, object], out: str, args: argparse.Namespace) -> List[List[str]]:
+    """The shell commands of one job."""
+    py = sys.executable
+    run_dir = os.path.join(out, "runs", str(job["name"]))
+    evaluation = ["--rate_study", "--output_dir", run_dir, "--num_threads", "1", "--no_progress", "--dci_estimators", str(args.dci_estimators),
+                  "--dataset", str(job["dataset"])] + args.compare_args.split()
+    if job["kind"] == "pretrain":
+        return [[py, "examples/pretrain_unet.py", "--dataset", "dsprites", "--output_dir", os.path.join(out, DSPRITES_BASE),
+                 "--max_train_steps", str(args.pretrain_steps)]]
+    if job["kind"] == "baseline":
+        return [[py, "examples/compare.py", "--baselines", BASELINES[str(job["key"])], "--seeds", str(job["seed"]),
+                 "--max_steps", str(args.baseline_steps), "--budget_seconds", "1e9"] + evaluation]
+    flags = SAMI[str(job["key"])].split()
+    if job["dataset"] == "dsprites":
+        base = os.path.join(out, DSPRITES_BASE)
+        if "--pretrained_model_name_or_path" in flags:
+            flags[flags.index("--pretrained_model_name_or_path") + 1] = base
+        else:
+            flags += ["--pretrained_model_name_or_path", base]
+        flags += ["--dataset", "dsprites"]
+    adapter = os.path.join(out, "adapters", str(job["name"]))
+    method, setting = METHOD[str(job["key"])]
+    return [
+        [py, "examples/finetune.py", *flags, "--seed", str(job["seed"]), "--output_dir", adapter, "--max_train_steps", str(args.sami_steps),
+         "--num_threads", "1", "--report_to", "none", "--no_report", "--validation_steps", "0", "--checkpointing_steps", "100000"],
+        [py, "examples/compare.py", "--sami_adapter", adapter, "--method", method, "--setting", setting, "--baselines"] + evaluation,
+    ]
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--output_dir", default="sweep", help="Adapters, runs, logs and progress.txt go here.")
+    p.add_argument("--workers", type=int, default=2, help="Jobs at once.")
+    p.add_argument("--deadline_seconds", type=float, default=None, help="Start no job after this many seconds.")
+    p.add_argument("--sami_steps", type=int, default=3000, help="finetune.py --max_train_steps of every SAMI job.")
+    p.add_argument("--baseline_steps", type=int, default=10000, help="Training steps of every baseline job.")
+    p.add_argument("--pretrain_steps", type=int, default=8000, help="Steps of the dsprites base UNet.")
+    p.add_argument("--compare_args", default="", help="Extra flags of every compare.py call (e.g. smaller metric sizes for a quick look).")
+    p.add_argument("--dci_estimators", type=int, default=50, help="DCI gradient-boosting estimators (speed).")
+    p.add_argument("--only", nargs="*", default=None, help="Run only jobs whose name contains one of these strings.")
+    p.add_argument("--dry_run", action="store_true", help="Print the commands and exit.")
+    args = p.parse_args(argv)
+    if args.workers < 1:
+        p.error(f"--workers must be >= 1, got {args.workers}")
+    out = os.path.abspath(args.output_dir)
+    jobs = [j for j in build_jobs() if not args.only or any(s in str(j["name"]) for s in args.only)]
+    if args.dry_run:
+        for job in jobs:
+            for cmd in commands(job, out, args):
+                print(" ".join(cmd))
+        return
+    os.makedirs(os.path.join(out, "logs"), exist_ok=True)
+    start = time.time()
+    lock = threading.Lock()
+    state = {"done": [], "failed": [], "queue": list(jobs)}
+    base_ready = threading.Event()
+    if os.path.isfile(os.path.join(out, DSPRITES_BASE, "unet", "config.json")):
+        base_ready.set()
+        state["queue"] = [j for j in state["queue"] if j["kind"] != "pretrain"]
+
+    def finished(job) -> bool:
+        return job["kind"] != "pretrain" and os.path.isfile(os.path.join(out, "runs", str(job["name"]), "compare.json"))
+
+    def next_job():
+        with lock:
+            for i, job in enumerate(state["queue"]):
+                if job["dataset"] == "dsprites" and job["kind"] == "sami" and not base_ready.is_set():
+                    continue  # waits for the pretrain job
+                return state["queue"].pop(i)
+            return None
+
+    def worker():
+        while True:
+            if args.deadline_seconds and time.time() - start > args.deadline_seconds:
+                return
+            job = next_job()
+            if job is None:
+                with lock:
+                    if not state["queue"]:
+                        return
+                time.sleep(2)
+                continue
+            if finished(job):
+                continue
+            ok = True
+            t0 = time.time()
+            with open(os.path.join(out, "logs", f"{job['name']}.log"), "w") as log:
+                for cmd in commands(job, out, args):
+                    rc = subprocess.call(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                    if rc != 0:
+                        ok = False
+                        break
+            if job["kind"] == "pretrain" and ok:
+                base_ready.set()
+            with lock:
+                state["done" if ok else "failed"].append(f"{job['name']} ({time.time() - t0:.0f} s)")
+                with open(os.path.join(out, "progress.txt"), "w") as f:
+                    f.write(f"elapsed {time.time() - start:.0f} s; done {len(state['done'])}, failed {len(state['failed'])}, "
+                            f"queued {len(state['queue'])}\n")
+                    f.write("done: " + ", ".join(state["done"]) + "\nfailed: " + ", ".join(state["failed"]) + "\n")
+                print(f"[{time.time() - start:5.0f} s] {'done' if ok else 'FAILED'} {job['name']} ({time.time() - t0:.0f} s)", flush=True)
+
+    threads = [threading.Thread(target=worker, daemon=True) for _ in range(args.workers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    print(f"{len(state['done'])} done, {len(state['failed'])} failed, {len(state['queue'])} not started in {time.time() - start:.0f} s.")
+
+
+if __name__ == "__main__":
+    main()
