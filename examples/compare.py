@@ -104,7 +104,8 @@ def parse_baseline(spec: str) -> Dict[str, Any]:
     if kind == "capacity-vae" and "capacity" not in params:
         raise ValueError(f"capacity-vae needs capacity=<nats> in {spec!r}.")
     setting = ",".join(f"{k}={v:g}" for k, v in params.items()) or "default"
-    return {"kind": kind, "method": BASELINE_KINDS[kind], "setting": setting, "params": params, "spec": spec}
+    label = BASELINE_KINDS[kind] if kind == "diffae" else f"{BASELINE_KINDS[kind]} ({setting.replace('beta=', 'β=')})"
+    return {"kind": kind, "method": BASELINE_KINDS[kind], "setting": setting, "params": params, "spec": spec, "label": label}
 
 
 def baseline_rate_control(kind: str, params: Dict[str, float]) -> Optional[RateControl]:
@@ -361,7 +362,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
                     train_data, beta=pa.get("beta", 1.0), max_seconds=budget, max_steps=args.max_steps, lr=args.lr, seed=seed,
                     rate=baseline_rate_control(sp["kind"], pa), capacity_ramp_steps=int(pa.get("ramp", 0)), **shared)))
         for spec, train in runs:
-            name = spec["method"] if spec["kind"] == "diffae" else f"{spec['method']} ({spec['setting']})"
+            name = spec["label"]
             model = train()
             result = evaluate_model(mean_code_fn(model), dataset, args, resolution, use_trajectories)
             result.update({"method": spec["method"], "setting": spec["setting"]})

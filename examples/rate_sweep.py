@@ -12,7 +12,9 @@ thread each; on a GPU machine start CUDA MPS first so they share the GPU), in th
 passed, so whatever has finished is usable. ``--only`` filters jobs by name.
 
 Each finished job leaves ``runs/<name>/compare.json``; logs go to ``logs/<name>.log``; ``progress.txt``
-says what is done. Rerun with the same output folder to skip finished jobs.
+says what is done. Rerun with the same output folder to skip finished jobs. ``--archive FILE`` packs
+every run's compare.json and training log and every job log into one .tar.gz as the sweep goes (after
+each finished job), for machines that hand back only a few files.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from __future__ import annotations
 import argparse
 import os
 import subprocess
+import tarfile
 import sys
 import threading
 import time
@@ -30,7 +33,7 @@ DSPRITES_BASE = "bases/ddpm-dsprites-16"
 
 # SAMI settings (finetune.py flags on top of the defaults). Capacity runs replace beta and free bits
 # by a target on the information in z plus a penalty on the aggregate posterior's mismatch.
-CAP = "--beta 0 --free_bits 0 --capacity_ramp_steps 1500 --mismatch_weight 1"
+CAP = "--beta 0 --free_bits 0 --capacity_ramp_steps 1250 --mismatch_weight 1"
 SAMI = {
     "sami-default": "",
     "sami-cap3": f"{CAP} --capacity 3",
@@ -107,17 +110,34 @@ def commands(job: Dict[str, object], out: str, args: argparse.Namespace) -> List
     ]
 
 
+def write_archive(out: str, path: str) -> None:
+    """Pack runs/*/compare.json, adapters/*/logs/train_log.jsonl, logs/*.log and progress.txt (atomically)."""
+    tmp = f"{path}.tmp"
+    with tarfile.open(tmp, "w:gz") as tar:
+        for sub, pattern in (("runs", "compare.json"), ("adapters", os.path.join("logs", "train_log.jsonl"))):
+            folder = os.path.join(out, sub)
+            for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
+                f = os.path.join(folder, name, pattern)
+                if os.path.isfile(f):
+                    tar.add(f, arcname=os.path.relpath(f, out))
+        for name in ("logs", "progress.txt"):
+            if os.path.exists(os.path.join(out, name)):
+                tar.add(os.path.join(out, name), arcname=name)
+    os.replace(tmp, path)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--output_dir", default="sweep", help="Adapters, runs, logs and progress.txt go here.")
     p.add_argument("--workers", type=int, default=2, help="Jobs at once.")
     p.add_argument("--deadline_seconds", type=float, default=None, help="Start no job after this many seconds.")
-    p.add_argument("--sami_steps", type=int, default=3000, help="finetune.py --max_train_steps of every SAMI job.")
+    p.add_argument("--sami_steps", type=int, default=2500, help="finetune.py --max_train_steps of every SAMI job.")
     p.add_argument("--baseline_steps", type=int, default=10000, help="Training steps of every baseline job.")
     p.add_argument("--pretrain_steps", type=int, default=8000, help="Steps of the dsprites base UNet.")
     p.add_argument("--compare_args", default="", help="Extra flags of every compare.py call (e.g. smaller metric sizes for a quick look).")
     p.add_argument("--dci_estimators", type=int, default=50, help="DCI gradient-boosting estimators (speed).")
     p.add_argument("--only", nargs="*", default=None, help="Run only jobs whose name contains one of these strings.")
+    p.add_argument("--archive", default=None, help="Keep a .tar.gz of every result and log, rewritten after each finished job.")
     p.add_argument("--dry_run", action="store_true", help="Print the commands and exit.")
     args = p.parse_args(argv)
     if args.workers < 1:
@@ -179,6 +199,8 @@ def main(argv=None):
                             f"queued {len(state['queue'])}\n")
                     f.write("done: " + ", ".join(state["done"]) + "\nfailed: " + ", ".join(state["failed"]) + "\n")
                 print(f"[{time.time() - start:5.0f} s] {'done' if ok else 'FAILED'} {job['name']} ({time.time() - t0:.0f} s)", flush=True)
+                if args.archive:
+                    write_archive(out, args.archive)
 
     threads = [threading.Thread(target=worker, daemon=True) for _ in range(args.workers)]
     for t in threads:

@@ -59,7 +59,8 @@ def moment_matched_kl(mean: torch.Tensor, logvar: torch.Tensor, per_dim: bool = 
     ``1/2 [S_dd + m_d^2 - 1 - log S_dd]`` (a lower bound on each ``KL(q(z_d) || p(z_d))``); their sum
     leaves out the correlations, which the full form includes.
     """
-    m, cov = _aggregate_moments(mean.float(), logvar.float())
+    dtype = torch.promote_types(mean.dtype, torch.float32)
+    m, cov = _aggregate_moments(mean.to(dtype), logvar.to(dtype))
     if per_dim:
         var = torch.diagonal(cov)
         return 0.5 * (var + m**2 - 1.0 - torch.log(var))
@@ -73,7 +74,9 @@ def information_upper_bound(mean: torch.Tensor, logvar: torch.Tensor) -> torch.T
     The bound is tight when the aggregate posterior is Gaussian; it is 0 when every input gets the
     same posterior.
     """
-    kl = 0.5 * (mean.float() ** 2 + logvar.float().exp() - 1.0 - logvar.float()).sum(1).mean()
+    dtype = torch.promote_types(mean.dtype, torch.float32)
+    mean, logvar = mean.to(dtype), logvar.to(dtype)
+    kl = 0.5 * (mean**2 + logvar.exp() - 1.0 - logvar).sum(1).mean()
     return kl - moment_matched_kl(mean, logvar)
 
 

@@ -4,6 +4,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 
 import numpy as np
 import pytest
@@ -239,3 +240,38 @@ def test_compare_script_end_to_end(tiny_adapters, tmp_path):
     assert "| metric | SAMI | β-VAE (β=4) | DiffAE |" in text and "stem stride 2" in text
     json.loads((out / "compare.json").read_text())
     assert (out / "reconstructions.png").exists() and (out / "metrics.png").exists()
+
+
+def test_parse_baseline_specs():
+    compare = _script("compare")
+    spec = compare.parse_baseline("capacity-vae:capacity=5,gamma=50")
+    assert spec["label"] == "capacity β-VAE (capacity=5,gamma=50)" and spec["params"] == {"capacity": 5.0, "gamma": 50.0}
+    assert compare.parse_baseline("beta-vae:beta=4")["label"] == "β-VAE (β=4)"
+    control = compare.baseline_rate_control("beta-tcvae", {"tc_weight": 5.0})
+    assert control.tc_estimator == "minibatch" and control.tc_weight == 5.0
+    for bad, message in [("vae:beta=1", "unknown baseline 'vae'"), ("beta-vae:capacity=3", "beta-vae takes ['beta'], got ['capacity']"),
+                         ("capacity-vae:beta=1", "capacity-vae needs capacity=<nats>"), ("beta-vae:beta", "is not key=value")]:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            compare.parse_baseline(bad)
+
+
+def test_rate_study_runs_and_collects(tiny_adapters, tmp_path):
+    compare = _script("compare")
+    study = ["--rate_study", "--rate_images", "24", "--num_prior_samples", "4", "--num_images", "12", "--num_noise_levels", "3",
+             "--num_inference_steps", "2", "--no_trajectories", "--no_progress", "--num_threads", "1", "--batch_size", "8", *TINY_METRICS]
+    compare.main(["--sami_adapter", tiny_adapters[0], "--method", "SAMI tiny", "--setting", "C=1", "--baselines",
+                  "--output_dir", str(tmp_path / "sami"), *study])
+    compare.main(["--baselines", "beta-vae:beta=1", "capacity-vae:capacity=2,ramp=2", "beta-tcvae:tc_weight=2", "factor-vae:tc_weight=2",
+                  "--seeds", "0", "--max_steps", "3", "--output_dir", str(tmp_path / "base"), *study])
+    summary = compare.main(["--collect", str(tmp_path / "sami"), str(tmp_path / "base"), "--output_dir", str(tmp_path / "all")])
+    methods = {row["method"] for row in summary["table"]}
+    assert methods == {"SAMI tiny", "β-VAE", "capacity β-VAE", "β-TCVAE", "FactorVAE"}
+    sami = next(row for row in summary["table"] if row["method"] == "SAMI tiny")
+    assert sami["guidance gain"] is not None and 0 <= sami["prior clean fraction"]["mean"] <= 1
+    for row in summary["rows"]:
+        assert row["information_lower"] <= math.log(24) + 1e-9 and row["information_upper"] >= -1e-6
+    text = (tmp_path / "all" / "rate_study.md").read_text()
+    assert "| SAMI tiny | C=1 | 1 |" in text and "![metrics against rate](rate_disks.png)" in text
+    assert (tmp_path / "all" / "rate_disks.png").stat().st_size > 0
+    with pytest.raises(SystemExit, match="does not exist"):
+        compare.main(["--collect", str(tmp_path / "nowhere")])

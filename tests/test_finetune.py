@@ -303,3 +303,44 @@ def test_gradient_accumulation_matches_one_step_at_the_whole_batch_with_default_
     assert any(not torch.equal(v, torch.zeros_like(v)) for k, v in a.items() if k.startswith("head."))
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)
+
+
+RATE_FLAGS = ("--beta", "0", "--free_bits", "0", "--capacity", "2", "--capacity_ramp_steps", "2", "--mismatch_weight", "1",
+              "--tc_weight", "1", "--tc_on", "mean", "--intervention_weight", "1", "--noise_bands", "nested")
+
+
+def test_rate_flags_log_every_term_and_resume_bit_identically(base_dir, tmp_path):
+    """Capacity on the information, mismatch, a TC discriminator (its state is part of the checkpoint),
+    the intervention loss and nested noise bands, together."""
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    finetune.main(_args(base_dir, straight, "--max_train_steps", "4", "--checkpointing_steps", "2", "--no_report", *RATE_FLAGS))
+    logs = [json.loads(line) for line in open(straight / "logs" / "train_log.jsonl")]
+    for key in ("information_upper", "mismatch", "mismatch_dim_0", "mismatch_dim_2", "tc", "capacity", "intervention", "discriminator_loss"):
+        assert all(key in entry for entry in logs), key
+    assert [entry["capacity"] for entry in logs[:2]] == [1.0, 2.0]  # the ramp
+    os.makedirs(resumed)
+    shutil.copytree(straight / "checkpoint-2", resumed / "checkpoint-2")
+    finetune.main(_args(base_dir, resumed, "--max_train_steps", "4", "--checkpointing_steps", "2", "--no_report", *RATE_FLAGS,
+                        "--resume_from_checkpoint", "latest"))
+    a, b = _encoder_weights(straight), _encoder_weights(resumed)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    pipe = SAMIPipeline.from_pretrained(str(straight))
+    assert pipe.encoder.config.guidance_bands == [1000.0, 2000 / 3, 1000 / 3]
+    assert pipe(batch_size=2, num_inference_steps=2, output_type="pt").images.shape == (2, 1, 8, 8)
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (("--noise_bands", "500,250"), "--noise_bands needs one upper timestep per latent dimension (3), got 2"),
+        (("--noise_bands", "wide"), "--noise_bands must be 'nested' or comma-separated timesteps, got 'wide'"),
+        (("--tc_weight", "1", "--tc_on", "mean", "--tc_estimator", "minibatch"), "tc_on='mean' needs tc_estimator='discriminator'"),
+        (("--capacity", "-1"), "capacity must be a finite number of nats >= 0, got -1.0."),
+        (("--intervention_weight", "-1"), "--intervention_weight must be a finite number >= 0, got -1.0"),
+    ],
+)
+def test_rate_flag_errors(base_dir, tmp_path, capsys, flags, message):
+    with pytest.raises(SystemExit):
+        finetune.parse_args(_args(base_dir, tmp_path / "x", *flags))
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
