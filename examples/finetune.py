@@ -13,7 +13,8 @@ adapter plus a report (reconstructions, traversals, per-dimension KL, guidance g
 
 Every batch, noise draw and timestep is a function of (seed, step), so a run resumed with
 `--resume_from_checkpoint latest` ends bit-identical to an uninterrupted one, and N processes at
-batch B see exactly what one process sees at batch N*B.
+batch B with A accumulation steps see exactly what one process sees at batch N*A*B (free bits
+included: they compare the KL of the whole step with their threshold).
 """
 
 from __future__ import annotations
@@ -102,7 +103,8 @@ def parse_args(argv=None):
                    help="uniform over [0, T); mid: 75%% from [100, 900] + 25%% uniform; low: 75%% from [0, 500] + 25%% uniform. "
                         "With --weighting elbo the sampling is importance-corrected and the loss stays a bound (only its variance changes); "
                         "with simple the emphasised noise levels really weigh more.")
-    g.add_argument("--free_bits", type=float, default=0.5, help="Per-dimension batch-mean KL (nats) below which KL is not penalised; 0 disables.")
+    g.add_argument("--free_bits", type=float, default=0.5, help="Per-dimension mean KL (nats) below which KL is not penalised; 0 disables. The mean is over the whole "
+                        "optimiser step (every process and accumulation step), so it does not depend on how the batch is split.")
     g.add_argument("--kl_warmup_steps", type=int, default=0, help="Ramp beta linearly from 0 over this many steps.")
     g.add_argument("--latent_noise_warmup_steps", type=int, default=500,
                    help="Scale the reparameterisation noise of z ~ q(z|x_0) from 0 (z = posterior mean) to 1 over this many steps. "
