@@ -1,6 +1,5 @@
 """Information profiles, axis discovery, baselines, the shared metric harness and the evaluate/compare scripts on tiny models."""
 
-import importlib.util
 import json
 import math
 import os
@@ -10,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import DDPMScheduler
+from scripts import load_example
 from tiny import tiny_pipeline
 
 from sami_adapter.adapter import save_adapter
@@ -21,10 +21,10 @@ from sami_adapter.evaluation import (
     information_profile,
     noise_order_agreement,
 )
-from sami_adapter.metrics import factor_alignment
 from sami_adapter.baselines import BetaVAE, DiffAE, train_beta_vae, train_diffae
 from sami_adapter.data import Disks, MovingDisks
 from sami_adapter.guidance import alpha_sigma_from_alphas_cumprod
+from sami_adapter.metrics import factor_alignment
 from sami_adapter.report import (
     flat_metrics,
     metrics_table_markdown,
@@ -34,19 +34,11 @@ from sami_adapter.report import (
     trajectory_curvatures,
 )
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_ARCH = {"encoder_channels": (8, 16), "hidden_dim": 32, "norm_num_groups": 4}
 TINY_METRICS = [
     "--num_train", "48", "--num_test", "24", "--dci_estimators", "3", "--factor_vae_train", "4", "--factor_vae_eval", "4",
     "--factor_vae_batch", "8", "--num_variance_estimate", "24", "--num_sequences", "3", "--num_frames", "4",
 ]
-
-
-def _script(name):
-    spec = importlib.util.spec_from_file_location(f"_example_{name}", os.path.join(ROOT, "examples", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _disks(n, seed=0):
@@ -211,7 +203,7 @@ def tiny_adapters(tmp_path):
 
 def test_evaluate_script_end_to_end(tiny_adapters, tmp_path):
     out = tmp_path / "report"
-    report = _script("evaluate").main([
+    report = load_example("evaluate").main([
         tiny_adapters[0], "--output_dir", str(out), "--num_images", "12", "--num_inference_steps", "2", "--num_reconstructions", "3",
         "--num_samples", "2", "--traversal_steps", "3", "--num_noise_levels", "4", "--elbo_images", "3", "--elbo_timesteps", "2",
         "--num_threads", "1", "--sami_scale", "2", *TINY_METRICS,
@@ -228,7 +220,7 @@ def test_evaluate_script_end_to_end(tiny_adapters, tmp_path):
 
 def test_compare_script_end_to_end(tiny_adapters, tmp_path):
     out = tmp_path / "compare"
-    summary = _script("compare").main([
+    summary = load_example("compare").main([
         "--sami_adapter", *tiny_adapters, "--output_dir", str(out), "--seeds", "0", "--betas", "4", "--max_steps", "2", "--batch_size", "8",
         "--diffae_unet_channels", "8,16", "--num_images", "12", "--num_noise_levels", "4", "--num_inference_steps", "2",
         "--num_reconstructions", "3", "--no_trajectories", "--no_progress", "--num_threads", "1", *TINY_METRICS,

@@ -1,22 +1,12 @@
 """examples/benchmark.py runs end to end with tiny flags and writes complete results."""
 
-import importlib.util
 import json
-import os
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPT = os.path.join(ROOT, "examples", "benchmark.py")
-
-
-def _load_script():
-    spec = importlib.util.spec_from_file_location("benchmark_script", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from scripts import load_example
 
 
 def test_benchmark_tiny_run_writes_all_variants(tmp_path):
-    benchmark = _load_script()
+    benchmark = load_example("benchmark")
     out = tmp_path / "bench"
     results = benchmark.main([
         "--sizes", "demo", "--num_inference_steps", "2", "--sample_batch_size", "2", "--train_batch_size", "4",

@@ -1,7 +1,6 @@
 """examples/finetune.py end to end on tiny models: modes, resume, errors, DDP."""
 
 import hashlib
-import importlib.util
 import json
 import os
 import shutil
@@ -13,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
+from scripts import load_example
 from tiny import tiny_unet
 
 from sami_adapter import SAMIPipeline
@@ -21,14 +21,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "examples", "finetune.py")
 
 
-def _load_script():
-    spec = importlib.util.spec_from_file_location("finetune_script", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-finetune = _load_script()
+finetune = load_example("finetune")
 
 
 @pytest.fixture(autouse=True)

@@ -5,6 +5,7 @@ import os
 import pytest
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from scripts import load_example
 from tiny import tiny_encoder, tiny_pipeline
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 from transformers.convert_slow_tokenizer import bytes_to_unicode
@@ -393,15 +394,10 @@ def test_latent_cache_encodes_each_item_once(tmp_path):
 def test_finetune_script_trains_a_latent_adapter(base_dir, tmp_path, unet_mode):
     """examples/finetune.py on a Stable-Diffusion-layout base: VAE latents, empty-prompt conditioning,
     LoRA on the attention projections, latent cache; the adapter loads back without base weights."""
-    import importlib.util
-
     from accelerate.state import AcceleratorState
     from PIL import Image
 
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    spec = importlib.util.spec_from_file_location("finetune_script_ld", os.path.join(root, "examples", "finetune.py"))
-    finetune = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(finetune)
+    finetune = load_example("finetune")
     folder = tmp_path / "imgs"
     folder.mkdir()
     for i in range(3):
