@@ -235,7 +235,7 @@ def test_compare_script_end_to_end(tiny_adapters, tmp_path):
 
 
 def test_parse_baseline_specs():
-    compare = _script("compare")
+    compare = load_example("compare")
     spec = compare.parse_baseline("capacity-vae:capacity=5,gamma=50")
     assert spec["label"] == "capacity β-VAE (capacity=5,gamma=50)" and spec["params"] == {"capacity": 5.0, "gamma": 50.0}
     assert compare.parse_baseline("beta-vae:beta=4")["label"] == "β-VAE (β=4)"
@@ -248,7 +248,7 @@ def test_parse_baseline_specs():
 
 
 def test_rate_study_runs_and_collects(tiny_adapters, tmp_path):
-    compare = _script("compare")
+    compare = load_example("compare")
     study = ["--rate_study", "--rate_images", "24", "--num_prior_samples", "4", "--num_images", "12", "--num_noise_levels", "3",
              "--num_inference_steps", "2", "--no_trajectories", "--no_progress", "--num_threads", "1", "--batch_size", "8", *TINY_METRICS]
     compare.main(["--sami_adapter", tiny_adapters[0], "--method", "SAMI tiny", "--setting", "C=1", "--baselines",
