@@ -193,6 +193,9 @@ class RateControl:
 
     Every weight is in nats of loss per nat of the term, and each adds to ``beta`` on its part of
     eq. (1)-(2) (``tc_weight = 5`` with ``beta = 1`` weighs TC six times, as a β-TCVAE with β = 6).
+    The aggregate-posterior terms are statistics of the batch a call sees: under several processes
+    or gradient accumulation each part's batch is its own aggregate, so keep that batch large enough
+    (64 and up) for the moments to mean something.
 
     Args:
         capacity: target ``C`` in nats for the quantity named by ``capacity_on``; the loss adds
