@@ -521,8 +521,12 @@ def main(argv=None):
     # ---------------------------------------------------------------- resume
     run_config = {"base_model_name_or_path": args.pretrained_model_name_or_path, "revision": args.revision, "unet_mode": args.unet_mode,
                   "latent_dim": args.latent_dim, "resolution": resolution, "encoder_channels": args.encoder_channels,
-                  "encoder_stem_stride": args.encoder_stem_stride, "guidance_bands": list(args.guidance_bands) if args.guidance_bands else None,
-                  "tc_discriminator": discriminator is not None}
+                  "encoder_stem_stride": args.encoder_stem_stride}
+    # Recorded only when used, so checkpoints written before these options existed still resume.
+    if args.guidance_bands:
+        run_config["guidance_bands"] = list(args.guidance_bands)
+    if discriminator is not None:
+        run_config["tc_discriminator"] = True
     global_step = 0
     if args.resume_from_checkpoint:
         path = args.resume_from_checkpoint
@@ -721,7 +725,8 @@ def load_checkpoint(accelerator, path, run_config) -> int:
         raise SystemExit(f"{path} is not a complete SAMI checkpoint (no sami_run.json). Pass another one or --resume_from_checkpoint latest.")
     with open(meta_path) as f:
         meta = json.load(f)
-    mismatched = {k: (meta.get(k), v) for k, v in run_config.items() if meta.get(k) != v}
+    keys = set(run_config) | (set(meta) & {"guidance_bands", "tc_discriminator"})  # options recorded only when used
+    mismatched = {k: (meta.get(k), run_config.get(k)) for k in sorted(keys) if meta.get(k) != run_config.get(k)}
     if mismatched:
         detail = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in mismatched.items())
         raise SystemExit(f"Checkpoint {path} was made for another setup ({detail}); resume with the same base model and flags.")

@@ -337,3 +337,12 @@ def test_rate_flag_errors(base_dir, tmp_path, capsys, flags, message):
         finetune.parse_args(_args(base_dir, tmp_path / "x", *flags))
     assert message in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_a_checkpoint_with_a_discriminator_is_refused_by_a_run_without_one(base_dir, tmp_path):
+    out = tmp_path / "run"
+    finetune.main(_args(base_dir, out, "--max_train_steps", "2", "--checkpointing_steps", "1", "--no_report", "--tc_weight", "1"))
+    before = _tree_digest(out)
+    with pytest.raises(SystemExit, match="tc_discriminator: checkpoint True vs now None"):
+        finetune.main(_args(base_dir, out, "--max_train_steps", "3", "--no_report", "--resume_from_checkpoint", str(out / "checkpoint-1")))
+    assert _tree_digest(out) == before
