@@ -82,7 +82,8 @@ def information_upper_bound(mean: torch.Tensor, logvar: torch.Tensor) -> torch.T
 
 def _log_density_matrix(z: torch.Tensor, mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     """(B, B, D): ``log N(z_i,d; mu_j,d, sigma_j,d^2)`` for every pair of codes i and posteriors j."""
-    z, mean, logvar = z.float()[:, None, :], mean.float()[None], logvar.float()[None]
+    dtype = torch.promote_types(mean.dtype, torch.float32)
+    z, mean, logvar = z.to(dtype)[:, None, :], mean.to(dtype)[None], logvar.to(dtype)[None]
     return -0.5 * ((z - mean) ** 2 * torch.exp(-logvar) + logvar + LOG_2PI)
 
 
@@ -108,7 +109,7 @@ def mixture_information(mean: torch.Tensor, logvar: torch.Tensor, generator: Opt
         z = mean + std * eps
         for start in range(0, n, block):
             zi = z[start:start + block]
-            log_all = (-0.5 * ((zi[:, None] - mean[None]) ** 2 * torch.exp(-logvar[None]) + logvar[None] + LOG_2PI)).sum(-1)
+            log_all = _log_density_matrix(zi, mean, logvar).sum(-1)
             own = log_all[torch.arange(zi.shape[0]), torch.arange(start, start + zi.shape[0])]
             total += float((own - (torch.logsumexp(log_all, dim=1) - math.log(n))).sum())
     return total / (n * num_draws)
@@ -130,7 +131,7 @@ def minibatch_decomposition(z: torch.Tensor, mean: torch.Tensor, logvar: torch.T
     log_qz_given_x = torch.diagonal(log_pair.sum(-1))
     log_qz = torch.logsumexp(log_pair.sum(-1), dim=1) - math.log(b)
     log_qzd = torch.logsumexp(log_pair, dim=1) - math.log(b)  # (B, D)
-    log_pz_d = -0.5 * (z.float() ** 2 + LOG_2PI)
+    log_pz_d = -0.5 * (z.to(log_pair.dtype) ** 2 + LOG_2PI)
     return {
         "mi": (log_qz_given_x - log_qz).mean(),
         "tc": (log_qz - log_qzd.sum(1)).mean(),
