@@ -41,6 +41,8 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
+from .encoder import LatentPosterior
+
 LOG_2PI = math.log(2 * math.pi)
 
 
@@ -76,7 +78,7 @@ def information_upper_bound(mean: torch.Tensor, logvar: torch.Tensor) -> torch.T
     """
     dtype = torch.promote_types(mean.dtype, torch.float32)
     mean, logvar = mean.to(dtype), logvar.to(dtype)
-    kl = 0.5 * (mean**2 + logvar.exp() - 1.0 - logvar).sum(1).mean()
+    kl = LatentPosterior(torch.cat([mean, logvar], dim=-1)).kl().mean()
     return kl - moment_matched_kl(mean, logvar)
 
 

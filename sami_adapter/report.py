@@ -501,6 +501,7 @@ def rate_study_measurements(
     * ``guidance_gain`` (SAMI): relative guided-vs-unguided denoising gain on the same images.
     """
     from .data.disks import Disks, clean_disk_fraction, disk_moments
+    from .encoder import LatentPosterior
     from .pipeline import SAMIPipeline
     from .rate import information_upper_bound, mixture_information
 
@@ -512,7 +513,7 @@ def rate_study_measurements(
         means.append(post.mean.float().cpu())
         logvars.append(post.logvar.float().cpu())
     mean, logvar = torch.cat(means).double(), torch.cat(logvars).double()
-    kl_per_dim = (0.5 * (mean**2 + logvar.exp() - 1 - logvar)).mean(0)
+    kl_per_dim = LatentPosterior(torch.cat([mean, logvar], dim=-1)).kl_per_dim().mean(0)
     out: Dict[str, Any] = {
         "rate_images": int(images.shape[0]),
         "information_lower": mixture_information(mean, logvar, torch.Generator().manual_seed(seed)),
