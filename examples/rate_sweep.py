@@ -37,9 +37,11 @@ DSPRITES_BASE = "bases/ddpm-dsprites-16"
 CAP = "--beta 0 --free_bits 0 --capacity_ramp_steps 1250 --mismatch_weight 1"
 SAMI = {
     "sami-default": "",
+    "sami-default-mm": "--mismatch_weight 1",
     "sami-cap3": f"{CAP} --capacity 3",
     "sami-cap6": f"{CAP} --capacity 6",
     "sami-cap10": f"{CAP} --capacity 10",
+    "sami-cap12": f"{CAP} --capacity 12",
     "sami-cap6-tc": f"{CAP} --capacity 6 --tc_weight 5 --tc_on mean",
     "sami-cap6-bands": f"{CAP} --capacity 6 --noise_bands nested",
     "sami-cap6-int": f"{CAP} --capacity 6 --intervention_weight 1",
@@ -50,7 +52,8 @@ SAMI = {
 }
 METHOD = {
     "sami-default": ("SAMI (β=0.01, free bits)", "default"),
-    "sami-cap3": ("SAMI capacity", "C=3"), "sami-cap6": ("SAMI capacity", "C=6"), "sami-cap10": ("SAMI capacity", "C=10"),
+    "sami-default-mm": ("SAMI (β=0.01, free bits) + mismatch", "weight 1"),
+    "sami-cap3": ("SAMI capacity", "C=3"), "sami-cap6": ("SAMI capacity", "C=6"), "sami-cap10": ("SAMI capacity", "C=10"), "sami-cap12": ("SAMI capacity", "C=12"),
     "sami-cap6-tc": ("SAMI capacity + TC(mean)", "C=6"), "sami-cap6-bands": ("SAMI capacity + noise bands", "C=6"),
     "sami-cap6-int": ("SAMI capacity + intervention", "C=6"), "sami-cap6-int-tc": ("SAMI capacity + intervention + TC", "C=6"),
     "sami-cap6-blind": ("SAMI capacity, time-blind encoder", "C=6"), "sami-cap6-joint": ("SAMI capacity, joint UNet", "C=6"),
@@ -91,11 +94,13 @@ def build_cpu_jobs() -> List[Dict[str, object]]:
         return {"name": f"{dataset}-{key}-s{seed}", "kind": kind, "dataset": dataset, "key": key, "seed": seed}
 
     jobs: List[Dict[str, object]] = [{"name": "pretrain-dsprites", "kind": "pretrain", "dataset": "dsprites"}]
-    jobs += [job("disks", "sami", "sami-default", 0), job("disks", "baseline", "bvae1", 0), job("disks", "sami", "sami-cap6-int", 0),
+    jobs += [job("disks", "sami", "sami-default", 0), job("disks", "sami", "sami-default-mm", 0), job("disks", "sami", "sami-cap12", 0),
+             job("disks", "baseline", "bvae1", 0),
+             job("disks", "sami", "sami-cap6-int", 0),
              job("disks", "baseline", "btcvae", 0), job("disks", "sami", "sami-cap6-joint", 0), job("dsprites", "sami", "sami-default", 0),
              job("dsprites", "baseline", "bvae1", 0), job("disks", "sami", "sami-cap6-blind", 0), job("disks", "sami", "sami-cap6-lora", 0)]
     for seed in (1, 2):
-        jobs += [job("disks", "sami", "sami-default", seed), job("disks", "baseline", "bvae1", seed), job("disks", "baseline", "btcvae", seed),
+        jobs += [job("disks", "sami", "sami-default", seed), job("disks", "sami", "sami-cap12", seed), job("disks", "baseline", "bvae1", seed), job("disks", "baseline", "btcvae", seed),
                  job("dsprites", "sami", "sami-default", seed), job("dsprites", "baseline", "bvae1", seed)]
     jobs += [job("dsprites", "baseline", "btcvae", seed) for seed in (0, 1, 2)] + [job("disks", "sami", "sami-cap6", 0)]
     return jobs

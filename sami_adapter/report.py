@@ -550,10 +550,12 @@ RATE_STUDY_PANELS = [("MIG", "MIG"), ("DCI disentanglement", "DCI disentanglemen
 
 
 def plot_rate_study(table: List[Dict[str, Any]], path: str, title: str, panels: Sequence[tuple] = RATE_STUDY_PANELS) -> str:
-    """Each metric against the rate (mixture lower bound on I(x; z), nats), one line per method, seeds as error bars.
+    """Each metric against the rate, one line per method: the marker sits at the upper bound on I(x; z) and
+    a horizontal bar reaches down to the lower bound (the mixture bound saturates at log N, so high-rate
+    codes show a long bar); vertical bars are the seeds' std.
 
     Args:
-        table: rows with ``method``, ``information_lower`` and each panel's key, each a ``{"mean", "std"}``
+        table: rows with ``method``, ``information_lower``, ``information_upper`` and each panel's key, each a ``{"mean", "std"}``
             dict or None (``examples/compare.py --collect`` builds them).
         path: PNG to write.
         title: figure title.
@@ -569,13 +571,14 @@ def plot_rate_study(table: List[Dict[str, Any]], path: str, title: str, panels: 
     methods = sorted({t["method"] for t in table})
     for ax, (key, label) in zip(axes[0], panels):
         for method in methods:
-            pts = sorted((t for t in table if t["method"] == method and t[key] is not None), key=lambda t: t["information_lower"]["mean"])
+            pts = sorted((t for t in table if t["method"] == method and t[key] is not None), key=lambda t: t["information_upper"]["mean"])
             if not pts:
                 continue
-            ax.errorbar([t["information_lower"]["mean"] for t in pts], [t[key]["mean"] for t in pts],
-                        xerr=[t["information_lower"]["std"] for t in pts], yerr=[t[key]["std"] for t in pts],
+            upper = [t["information_upper"]["mean"] for t in pts]
+            below = [max(0.0, u - t["information_lower"]["mean"]) for u, t in zip(upper, pts)]
+            ax.errorbar(upper, [t[key]["mean"] for t in pts], xerr=[below, [0.0] * len(pts)], yerr=[t[key]["std"] for t in pts],
                         marker="o", ms=4, capsize=2, label=method)
-        ax.set_xlabel("I(x; z) lower bound (nats)")
+        ax.set_xlabel("I(x; z), nats (upper bound; bar to lower)")
         ax.set_title(label, fontsize=9)
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7)
