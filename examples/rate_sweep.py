@@ -38,6 +38,7 @@ CAP = "--beta 0 --free_bits 0 --capacity_ramp_steps 1250 --mismatch_weight 1"
 SAMI = {
     "sami-default": "",
     "sami-default-mm": "--mismatch_weight 1",
+    "sami-default-int": "--intervention_weight 1",
     "sami-cap3": f"{CAP} --capacity 3",
     "sami-cap6": f"{CAP} --capacity 6",
     "sami-cap10": f"{CAP} --capacity 10",
@@ -53,6 +54,7 @@ SAMI = {
 METHOD = {
     "sami-default": ("SAMI (β=0.01, free bits)", "default"),
     "sami-default-mm": ("SAMI (β=0.01, free bits) + mismatch", "weight 1"),
+    "sami-default-int": ("SAMI (β=0.01, free bits) + intervention", "weight 1"),
     "sami-cap3": ("SAMI capacity", "C=3"), "sami-cap6": ("SAMI capacity", "C=6"), "sami-cap10": ("SAMI capacity", "C=10"), "sami-cap12": ("SAMI capacity", "C=12"),
     "sami-cap6-tc": ("SAMI capacity + TC(mean)", "C=6"), "sami-cap6-bands": ("SAMI capacity + noise bands", "C=6"),
     "sami-cap6-int": ("SAMI capacity + intervention", "C=6"), "sami-cap6-int-tc": ("SAMI capacity + intervention + TC", "C=6"),
@@ -102,6 +104,7 @@ def build_cpu_jobs() -> List[Dict[str, object]]:
     for seed in (1, 2):
         jobs += [job("disks", "sami", "sami-default", seed), job("disks", "sami", "sami-cap12", seed), job("disks", "baseline", "bvae1", seed), job("disks", "baseline", "btcvae", seed),
                  job("dsprites", "sami", "sami-default", seed), job("dsprites", "baseline", "bvae1", seed)]
+    jobs += [job("disks", "sami", "sami-default-int", 0)]
     jobs += [job("dsprites", "baseline", "btcvae", seed) for seed in (0, 1, 2)] + [job("disks", "sami", "sami-cap6", 0)]
     return jobs
 

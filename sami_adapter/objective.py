@@ -41,9 +41,11 @@ dimension, ``grad_x log q(z | x_t) = sum_i grad_x log q(z_i | x_t)``; moving the
 (the change that field makes to ``x0_hat``), should change the re-encoded code in dimension ``i``
 only. The loss is the share of that change that lands in the other dimensions,
 
-    L_int = sum_{j != i} (Delta mu_j)^2 / sum_j (Delta mu_j)^2,   Delta mu = mu(x0_hat + shift_i) - mu(x0_hat),
+    L_int = sum_{j != i} (Delta mu_j)^2 / (sum_j (Delta mu_j)^2 + sum_j sigma_j^2(x0_hat)),   Delta mu = mu(x0_hat + shift_i) - mu(x0_hat),
 
-averaged over samples with ``t < T/2`` (where ``a_t`` is not small) and a random ``i`` per sample.
+averaged over samples with ``t < T/2`` (where ``a_t`` is not small) and a random ``i`` per sample. The
+posterior variances in the denominator make it the share of a change that is large against the code's
+own uncertainty, and keep its gradient bounded while the guidance is still near zero.
 """
 
 from __future__ import annotations
@@ -296,7 +298,11 @@ def _intervention_loss(encoder, z, noisy, timesteps, eps_theta, alpha, sigma, nu
     zeros = torch.zeros(batch, device=z.device, dtype=torch.long)
     step = (sigma**2 / alpha).view((-1,) + (1,) * (field.ndim - 1))  # what field i changes in x0_hat: (s_t^2 / a_t) grad log q(z_i | x_t)
     moved = encoder(x0_hat + step * field, zeros).mean
-    delta_sq = (moved - encoder(x0_hat, zeros).mean) ** 2
-    off = (delta_sq * (1 - one_hot)).sum(1) / (delta_sq.sum(1) + 1e-12)
+    base = encoder(x0_hat, zeros)
+    delta_sq = (moved - base.mean) ** 2
+    # The posterior variance in the denominator: a change within the code's own uncertainty is no change,
+    # and a pure ratio's gradient grows like 1 / |field| as the guidance goes to 0, which drowns out the
+    # diffusion loss while the code is forming (the encoder then never leaves its zero initialisation).
+    off = (delta_sq * (1 - one_hot)).sum(1) / (delta_sq.sum(1) + base.var.detach().sum(1))
     keep = (timesteps < num_train_timesteps // 2).float()
     return (off * keep).sum() / keep.sum().clamp(min=1.0)

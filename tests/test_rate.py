@@ -265,6 +265,27 @@ def test_intervention_loss_is_a_share_and_trains_the_encoder():
     assert float(out0.intervention_loss) == 0.0
 
 
+def test_intervention_loss_gradient_vanishes_with_the_field():
+    """While the code is forming the guidance is near 0; the intervention loss must not dominate the
+    diffusion loss then. A pure share (off / total) is scale-free, so its gradient grows like 1 / scale."""
+    from diffusers import DDPMScheduler
+
+    torch.manual_seed(0)
+    unet, scheduler = tiny_unet(), DDPMScheduler(num_train_timesteps=1000)
+    x0 = torch.rand(6, 1, 8, 8) * 2 - 1
+    t = torch.tensor([10, 100, 200, 300, 400, 450])
+    grads = []
+    for scale in (1e-1, 1e-2, 1e-3):
+        enc = _random_head(tiny_encoder(latent_dim=3))
+        with torch.no_grad():
+            enc.head.weight[:3].mul_(scale)  # the mean rows: fields shrink with scale
+        out = sami_loss(unet, enc, scheduler, x0, beta=0.0, generator=torch.Generator().manual_seed(0), timesteps=t,
+                        intervention_weight=1.0, intervention_dims=torch.tensor([0, 1, 2, 0, 1, 2]))
+        (grad,) = torch.autograd.grad(out.loss - out.diffusion_loss, enc.head.weight)  # beta = 0: the intervention term alone
+        grads.append(float(grad[:3].norm()))
+    assert grads[2] < grads[1] < grads[0], grads
+
+
 def test_sami_loss_reports_rate_terms_and_adds_them():
     from diffusers import DDPMScheduler
 
