@@ -136,7 +136,7 @@ def parse_args(argv=None):
                         "field should change the re-encoded code in that dimension only.")
     g = p.add_argument_group("optimisation")
     g.add_argument("--train_batch_size", type=int, default=64, help="Batch size per process.")
-    g.add_argument("--max_train_steps", type=int, default=2500, help="Optimiser steps (2500: the default recipe fits 10 minutes on a 2-core CPU).")
+    g.add_argument("--max_train_steps", type=int, default=2500, help="Optimiser steps (2500: the rate study's point for the default recipe; see docs/rate-study.md).")
     g.add_argument("--learning_rate", type=float, default=1e-3, help="Peak learning rate of the encoder.")
     g.add_argument("--unet_learning_rate", type=float, default=None, help="Learning rate of UNet/LoRA weights (default: --learning_rate / 5).")
     g.add_argument("--lr_scheduler", default="cosine", help="diffusers get_scheduler name (constant, linear, cosine, ...).")
