@@ -124,8 +124,6 @@ def disk_reconstruction_r2(
     posterior score (1 = the Bayes-exact decoder ``p(x | z)``; above 1 decodes from a sharpened
     ``q(z | x_t)^w``, as classifier guidance does).
     """
-    from .data.disks import disk_moments
-
     recon = []
     for start in range(0, images.shape[0], batch_size):
         x0 = images[start : start + batch_size]
@@ -133,9 +131,16 @@ def disk_reconstruction_r2(
         recon.append(pipe.reconstruct(x0, num_inference_steps=num_inference_steps, eta=eta, generator=g, output_type="pt",
                                     sami_scale=sami_scale).images.cpu())
     recon = torch.cat(recon)
-    true_m, rec_m = disk_moments(images.cpu()), disk_moments(recon)
-    scores = {name: r2_score(true_m[name].numpy(), rec_m[name].numpy()) for name in ("x", "y", "radius", "brightness")}
-    return {"r2": scores, "reconstructions": recon}
+    return {"r2": disk_moment_r2(images, recon), "reconstructions": recon}
+
+
+def disk_moment_r2(images: torch.Tensor, reconstructions: torch.Tensor) -> Dict[str, float]:
+    """R² of each disk factor (x, y, radius, brightness), measured by
+    :func:`sami_adapter.data.disk_moments` on the reconstructions against the inputs."""
+    from .data.disks import disk_moments
+
+    true_m, rec_m = disk_moments(images.cpu()), disk_moments(reconstructions.cpu())
+    return {name: r2_score(true_m[name].numpy(), rec_m[name].numpy()) for name in ("x", "y", "radius", "brightness")}
 
 
 @torch.no_grad()

@@ -38,6 +38,7 @@ from .evaluation import (
     INFORMATION_MEASURE,
     active_dimensions,
     characteristic_noise_levels,
+    disk_moment_r2,
     disk_reconstruction_r2,
     factor_dimensions,
     factor_noise_levels,
@@ -46,7 +47,6 @@ from .evaluation import (
     information_profile,
 )
 from .metrics import dci, explicitness, factor_alignment, factor_vae_score, linear_r2, mig, modularity, sap, trajectory_curvature
-from .metrics.linear_r2 import r2_score
 
 
 COUNT_ROWS = ("training steps", "training seconds")  # table rows shown as whole numbers
@@ -500,7 +500,7 @@ def rate_study_measurements(
       the posterior mean (SAMI: the exact decoder, ``sami_scale`` 1, eta 1), on at most 512 images;
     * ``guidance_gain`` (SAMI): relative guided-vs-unguided denoising gain on the same images.
     """
-    from .data.disks import Disks, clean_disk_fraction, disk_moments
+    from .data.disks import Disks, clean_disk_fraction
     from .encoder import LatentPosterior
     from .pipeline import SAMIPipeline
     from .rate import information_upper_bound, mixture_information
@@ -535,8 +535,7 @@ def rate_study_measurements(
                                          sami_scale=1.0)["r2"]
         else:
             samples = model.decode(torch.randn(num_prior_samples, mean.shape[1], generator=g).to(model.device)).cpu()
-            true_m, rec_m = disk_moments(held_out), disk_moments(model.reconstruct(held_out.to(model.device)).cpu())
-            rec = {k: r2_score(true_m[k].numpy(), rec_m[k].numpy()) for k in ("x", "y", "radius", "brightness")}
+            rec = disk_moment_r2(held_out, model.reconstruct(held_out.to(model.device)))
         out["prior_clean_fraction"] = clean_disk_fraction(samples)[0]
         out["reconstruction_r2"] = {k: float(v) for k, v in rec.items()}
     if is_sami:
