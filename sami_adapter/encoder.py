@@ -86,6 +86,10 @@ class SAMIEncoder(ModelMixin, ConfigMixin):
             noise levels, so it can only carry what the image still holds there.
     """
 
+    # enable_gradient_checkpointing() recomputes each down block's activations in the backward pass
+    # (diffusers' default, non-reentrant torch checkpointing, which also supports SAMI's double backward).
+    _supports_gradient_checkpointing = True
+
     @register_to_config
     def __init__(
         self,
@@ -132,6 +136,7 @@ class SAMIEncoder(ModelMixin, ConfigMixin):
         self.proj = nn.Linear(channels * min(side, 4) ** 2, hidden_dim)
         self.time_to_hidden = nn.Linear(temb_dim, hidden_dim) if time_conditioning else None
         self.head = nn.Linear(hidden_dim, 2 * latent_dim)
+        self.gradient_checkpointing = False
         nn.init.zeros_(self.head.weight)
         with torch.no_grad():
             self.head.bias.zero_()
@@ -175,8 +180,10 @@ class SAMIEncoder(ModelMixin, ConfigMixin):
                 t = t.expand(sample.shape[0])
             temb = self.time_embedding(self.time_proj(t).to(sample.dtype))
         h = self.conv_in(sample)
+        checkpointed = self.gradient_checkpointing and torch.is_grad_enabled()
         for block in self.blocks:
-            h = block(h, temb) if isinstance(block, ResnetBlock2D) else block(h)
+            inputs = (h, temb) if isinstance(block, ResnetBlock2D) else (h,)
+            h = self._gradient_checkpointing_func(block, *inputs) if checkpointed else block(*inputs)
         h = torch.nn.functional.silu(self.norm_out(h))
         h = self.proj(self.pool(h).flatten(1))
         if temb is not None:
