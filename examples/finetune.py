@@ -716,8 +716,10 @@ def main(argv=None):
 
         if accelerator.is_main_process and args.validation_steps and global_step % args.validation_steps == 0 and global_step < args.max_train_steps:
             pipe = make_pipeline(accelerator.unwrap_model(objective).encoder, unet, noise_scheduler, components)
-            path = save_validation(pipe, held_out_images(held_out, 8, accelerator.device), os.path.join(args.output_dir, "validation", f"step-{global_step}.png"),
-                                   args.seed, args.latent_dim, args.num_inference_steps, args.eval_eta)
+            with accelerator.autocast():  # under mixed precision, trained fp32 weights (LoRA) meet the frozen fp16/bf16 ones
+                path = save_validation(pipe, held_out_images(held_out, 8, accelerator.device),
+                                       os.path.join(args.output_dir, "validation", f"step-{global_step}.png"),
+                                       args.seed, args.latent_dim, args.num_inference_steps, args.eval_eta)
             log_validation_image(accelerator, path, global_step)
             objective.train()
         if global_step % args.checkpointing_steps == 0 and global_step < args.max_train_steps:
@@ -739,7 +741,8 @@ def main(argv=None):
         base_ref = args.pretrained_model_name_or_path
         if base_ref and os.path.isdir(base_ref):
             base_ref = os.path.relpath(os.path.abspath(base_ref), os.path.abspath(args.output_dir))
-        report = {"train_seconds": round(train_seconds, 1), "rank_weight_checksums": rank_checksums}
+        report = {"train_seconds": round(train_seconds, 1), "rank_weight_checksums": rank_checksums,
+                  "mixed_precision": accelerator.mixed_precision}
         extra = {"training": {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None)))}, "metrics": report}
         # The adapter first: an evaluation that fails must not cost the trained weights.
         adapter_lib.save_adapter(args.output_dir, model.encoder, base_ref, revision=args.revision, unet=model.unet, unet_mode=args.unet_mode,

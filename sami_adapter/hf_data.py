@@ -22,8 +22,10 @@ def is_saved_dataset(path: str) -> bool:
 
 
 def hub_offline() -> bool:
-    """Whether the Hub must not be contacted (HF_HUB_OFFLINE or HF_DATASETS_OFFLINE set to a true value)."""
-    return any(os.environ.get(v, "").upper() in ("1", "ON", "YES", "TRUE") for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+    """Whether `datasets` will not contact the Hub (HF_HUB_OFFLINE or HF_DATASETS_OFFLINE, as it read them on import)."""
+    import datasets
+
+    return bool(datasets.config.HF_HUB_OFFLINE)
 
 
 def source_problem(name: str, config: Optional[str] = None, cache_dir: Optional[str] = None, timeout: float = 10.0) -> Optional[str]:
