@@ -543,9 +543,9 @@ def main(argv=None):
         encoder.enable_gradient_checkpointing()
     lora_config = None
     if args.unet_mode == "frozen":
-        unet.requires_grad_(False).eval().to(dtype=weight_dtype)
+        unet.requires_grad_(False).eval()
     elif args.unet_mode == "lora":
-        unet.requires_grad_(False).to(dtype=weight_dtype)  # the base weights are frozen: the training dtype is enough
+        unet.requires_grad_(False)
         targets = args.lora_target_modules.split(",") if args.lora_target_modules else (
             ["to_q", "to_k", "to_v", "to_out.0"] if unet_kwargs_one else None)
         lora_config = adapter_lib.add_lora(unet, rank=args.lora_rank, target_modules=targets)
@@ -751,7 +751,7 @@ def main(argv=None):
         if not args.no_report:
             # The report measures in fp32 whatever the training precision, so its numbers compare across runs.
             for module in (model.unet, components.get("vae"), components.get("text_encoder")):
-                if module is not None:
+                if module is not None and module.dtype != torch.float32:
                     module.to(dtype=torch.float32)
             pipe = make_pipeline(model.encoder, model.unet, noise_scheduler, components)
             images = held_out_images(held_out, args.num_eval_images, accelerator.device)
@@ -805,12 +805,14 @@ def open_training_table(args, accelerator):
 
 
 def setup_precision_and_memory(args, accelerator, unet, components) -> torch.dtype:
-    """The dtype of frozen weights (fp16/bf16 under mixed precision, as diffusers' scripts do), with the VAE and
-    text encoder cast to it, and the memory and speed flags applied. The UNet is cast by the caller, per --unet_mode."""
+    """The dtype of frozen weights (fp16/bf16 under mixed precision, as diffusers' scripts do), with the VAE, the
+    text encoder and a UNet that is not trained in full cast to it (its LoRA weights, added later, stay fp32),
+    and the memory and speed flags applied."""
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
-    for name in ("vae", "text_encoder"):
-        if name in components:
-            components[name].to(dtype=weight_dtype)
+    frozen = [components.get("vae"), components.get("text_encoder"), unet if args.unet_mode != "full" else None]
+    for module in frozen:
+        if module is not None and module.dtype != weight_dtype:
+            module.to(dtype=weight_dtype)  # frozen weights: the training dtype is enough, and halves their memory
     if args.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True

@@ -342,3 +342,59 @@ def test_every_new_flag_is_in_help(capsys):
                  "--proportion_empty_prompts", "--dataloader_num_workers", "--mixed_precision", "--gradient_checkpointing",
                  "--allow_tf32", "--enable_xformers_memory_efficient_attention", "--resume_from_checkpoint", "--logging_dir"):
         assert flag in text, flag
+
+
+def test_two_processes_with_workers_match_one_process_on_file_data(base_dir, tmp_path):
+    """gloo DDP on CPU, each rank decoding only its own shard in a worker: the weights equal one process at twice the batch."""
+    import socket
+    import subprocess
+    import sys
+
+    import psutil
+
+    folder = _image_folder(tmp_path / "imgs", n=7)
+    keep = ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "HF_HOME", "HF_HUB_CACHE", "HF_DATASETS_CACHE", "VIRTUAL_ENV")
+    env = {k: v for k, v in os.environ.items() if k in keep}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env.update({"ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "PYTHONPATH": root, "HF_HUB_OFFLINE": "1"})
+    with socket.socket() as sock:  # a free port, so a busy default rendezvous port cannot stall the test
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    common = ("--train_data_dir", str(folder), "--random_flip", "--max_train_steps", "3", "--no_report")
+    ddp_args = _args(base_dir, tmp_path / "ddp", *common, "--dataloader_num_workers", "1")
+    ddp_args[ddp_args.index("--train_batch_size") + 1] = "2"
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+              "--main_process_port", str(port), "--mixed_precision", "no", "--dynamo_backend", "no",
+              os.path.join(root, "examples", "finetune.py")]
+    log_path = tmp_path / "ddp.log"
+    with open(log_path, "w") as log:  # a file, not a pipe: a stuck rank cannot block the reader
+        proc = subprocess.Popen(launch + ddp_args, env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            proc.wait(timeout=300)
+        except subprocess.TimeoutExpired:
+            for child in psutil.Process(proc.pid).children(recursive=True) + [psutil.Process(proc.pid)]:
+                child.kill()
+            proc.wait()
+            pytest.fail(f"2-process run did not exit within 300 s: {log_path.read_text()[-3000:]}")
+    assert proc.returncode == 0, f"2-process run failed: {log_path.read_text()[-3000:]}"
+    finetune.main(_args(base_dir, tmp_path / "single", *common))
+    a, b = _encoder_weights(tmp_path / "ddp"), _encoder_weights(tmp_path / "single")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("unet_mode, precision, unet_dtype", [
+    ("frozen", "bf16", torch.bfloat16), ("lora", "bf16", torch.bfloat16), ("full", "bf16", torch.float32), ("frozen", "no", torch.float32),
+])
+def test_frozen_modules_are_cast_to_the_mixed_precision_dtype(unet_mode, precision, unet_dtype):
+    from accelerate import Accelerator
+    from test_latent_diffusion import tiny_text, tiny_vae
+
+    text_encoder, tokenizer = tiny_text()
+    components = {"vae": tiny_vae(), "text_encoder": text_encoder, "tokenizer": tokenizer}
+    unet = tiny_unet()
+    args = finetune.parse_args(["--unet_mode", unet_mode, "--mixed_precision", precision, "--output_dir", "unused", "--report_to", "none"])
+    dtype = finetune.setup_precision_and_memory(args, Accelerator(mixed_precision=precision, cpu=True), unet, components)
+    want = torch.bfloat16 if precision == "bf16" else torch.float32
+    assert dtype == want and components["vae"].dtype == want and components["text_encoder"].dtype == want
+    assert unet.dtype == unet_dtype
