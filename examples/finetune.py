@@ -318,6 +318,8 @@ def data_problem(args) -> str | None:
         return "--proportion_empty_prompts needs --caption_column (without captions every prompt is already the empty one)"
     if args.dataset_name:
         problem = hf_data.source_problem(args.dataset_name, args.dataset_config_name, args.cache_dir)
+        if problem and "has no configuration" in problem:
+            return f"--dataset_config_name names a configuration of --dataset_name: {problem}"
         if problem:
             return f"--dataset_name takes a Hub dataset id, a local dataset folder or a save_to_disk folder: {problem}"
     elif args.train_data_dir and importlib.util.find_spec("datasets") is None:
@@ -767,7 +769,7 @@ def main(argv=None):
 
             repo_id = create_repo(args.hub_model_id, exist_ok=True, token=args.hub_token).repo_id
             upload_folder(repo_id=repo_id, folder_path=args.output_dir, token=args.hub_token,
-                          ignore_patterns=["checkpoint-*", "logs/*", ".tmp-*", "latent_cache/*"], commit_message="SAMI adapter")
+                          ignore_patterns=["checkpoint-*", f"{args.logging_dir}/*", ".tmp-*", "latent_cache/*"], commit_message="SAMI adapter")
     # Both ranks leave together: a rank that tears the process group down while rank 0 is still
     # saving makes rank 0 hang at exit.
     accelerator.wait_for_everyone()

@@ -56,6 +56,8 @@ def _builder_problem(datasets, name, config, cache_dir, local: bool) -> Optional
     try:
         datasets.load_dataset_builder(name, config, cache_dir=cache_dir)
     except Exception as e:  # datasets raises many types here (FileNotFoundError, ValueError, ConnectionError, ...)
+        if config is not None and "BuilderConfig" in str(e):
+            return f"{name!r} has no configuration {config!r} ({e})"
         if local:
             return (f"`datasets` cannot read the folder {name!r} ({type(e).__name__}: {e}); pass a folder of images (an optional "
                     "metadata.jsonl adds columns), a folder of parquet/csv/json files, or one written by save_to_disk")

@@ -102,10 +102,20 @@ def test_dataset_name_trains_on_a_local_parquet_folder(base_dir, tmp_path):
     for i, image in enumerate(images):  # 8 px in, 8 px out: no resampling, so the pixels come back exactly
         want = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0)[None]
         assert torch.equal(loaded.load(i, np.random.default_rng(0)), want)
-    out = tmp_path / "o"
-    finetune.main(_args(base_dir, out, "--dataset_name", str(folder), "--image_column", "img", "--max_train_steps", "2", "--no_report"))
+    out, cache = tmp_path / "o", tmp_path / "cache"
+    finetune.main(_args(base_dir, out, "--dataset_name", str(folder), "--image_column", "img", "--max_train_steps", "2", "--no_report",
+                        "--cache_dir", str(cache)))
     config = json.loads((out / "sami_adapter_config.json").read_text())
     assert config["training"]["dataset_name"] == str(folder)
+    assert any(f.endswith(".arrow") for _, _, files in os.walk(cache) for f in files)  # --cache_dir holds the prepared data
+
+
+def test_dataset_name_reads_an_imagefolder_with_its_metadata(base_dir, tmp_path):
+    folder = _image_folder(tmp_path / "imgs")
+    assert set(load_split(str(folder)).column_names) == {"image", "text"}
+    out = tmp_path / "o"
+    finetune.main(_args(base_dir, out, "--dataset_name", str(folder), "--max_train_steps", "2", "--no_report"))
+    assert len((out / "logs" / "train_log.jsonl").read_text().splitlines()) == 2
 
 
 def test_a_save_to_disk_folder_is_detected_and_its_train_split_used(base_dir, tmp_path):
@@ -124,6 +134,8 @@ def test_a_save_to_disk_folder_is_detected_and_its_train_split_used(base_dir, tm
                                              "'./no/such/folder' is neither an existing folder nor a Hub dataset id"),
     (("--dataset_name", "EMPTY"), "`datasets` cannot read the folder"),
     (("--dataset_name", "FILE"), "is a file; pass a folder"),
+    (("--dataset_name", "IMGS", "--dataset_config_name", "nope"), "--dataset_config_name names a configuration of --dataset_name: "
+                                                                  "'IMGS_PATH' has no configuration 'nope'"),
     (("--caption_column", "text"), "--caption_column needs --dataset_name or --train_data_dir"),
     (("--dataset_config_name", "small"), "--dataset_config_name needs --dataset_name"),
     (("--dataloader_num_workers", "-1"), "--dataloader_num_workers must be an integer >= 0, got -1"),
@@ -141,7 +153,7 @@ def test_data_and_run_flags_are_refused_before_anything_loads(base_dir, tmp_path
     with pytest.raises(SystemExit) as stop:
         finetune.main(_args(base_dir, out, "--max_train_steps", "1", *[where.get(f, f) for f in flags]))
     assert stop.value.code == 2  # argparse's usage error, from check_args
-    assert named in capsys.readouterr().err
+    assert named.replace("IMGS_PATH", where["IMGS"]) in capsys.readouterr().err
     assert not out.exists()
 
 
