@@ -9,12 +9,14 @@ adapter plus a report (reconstructions, traversals, per-dimension KL, guidance g
     accelerate launch examples/finetune.py
     accelerate launch examples/finetune.py --pretrained_model_name_or_path google/ddpm-cifar10-32 \\
         --train_data_dir ./images --resolution 32 --output_dir sami-cifar
+    accelerate launch examples/finetune.py --dataset_name huggan/smithsonian_butterflies_subset ...  # or a local folder
     ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 examples/finetune.py ...
 
 Every batch, noise draw and timestep is a function of (seed, step), so a run resumed with
 `--resume_from_checkpoint latest` ends bit-identical to an uninterrupted one, and N processes at
 batch B with A accumulation steps see exactly what one process sees at batch N*A*B (free bits
-included: they compare the KL of the whole step with their threshold).
+included: they compare the KL of the whole step with their threshold). File data (`datasets`) is
+decoded by a DataLoader per process, each taking only its own items of the global batch.
 """
 
 from __future__ import annotations
