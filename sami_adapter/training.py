@@ -75,15 +75,10 @@ class ImageFolderDataset(Dataset):
     def from_saved_dataset(cls, path: str, image_column: str, resolution: int, channels: int, **kwargs) -> "ImageFolderDataset":
         """The ``image_column`` of a `datasets` dataset saved with ``save_to_disk`` (its ``train`` split when it has splits)."""
         try:
-            import datasets
+            from .hf_data import load_split
         except ImportError as e:
             raise ImportError("Reading a saved dataset needs the `datasets` package: pip install datasets") from e
-        ds = datasets.load_from_disk(path)
-        if hasattr(ds, "keys") and "train" in ds:
-            ds = ds["train"]
-        if image_column not in ds.column_names:
-            raise ValueError(f"image column {image_column!r} is not in {path} (columns: {ds.column_names}).")
-        return cls(ds[image_column], resolution, channels, **kwargs)
+        return cls.from_datasets(load_split(path), image_column, resolution, channels, **kwargs)
 
     @classmethod
     def from_datasets(cls, dataset, image_column: str, resolution: int, channels: int, caption_column: Optional[str] = None,

@@ -124,6 +124,7 @@ def test_a_save_to_disk_folder_is_detected_and_its_train_split_used(base_dir, tm
     other = datasets.Dataset.from_dict({"image": _grey_images(1)}).cast_column("image", datasets.Image())
     datasets.DatasetDict({"train": train, "test": other}).save_to_disk(str(saved))
     assert source_problem(str(saved)) is None and len(load_split(str(saved))) == 4
+    assert len(ImageFolderDataset.from_saved_dataset(str(saved), "image", 8, 1)) == 4
     out = tmp_path / "o"
     finetune.main(_args(base_dir, out, "--dataset_name", str(saved), "--max_train_steps", "2", "--no_report"))
     assert (out / "encoder" / "diffusion_pytorch_model.safetensors").exists()
