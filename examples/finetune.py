@@ -9,18 +9,21 @@ adapter plus a report (reconstructions, traversals, per-dimension KL, guidance g
     accelerate launch examples/finetune.py
     accelerate launch examples/finetune.py --pretrained_model_name_or_path google/ddpm-cifar10-32 \\
         --train_data_dir ./images --resolution 32 --output_dir sami-cifar
+    accelerate launch examples/finetune.py --dataset_name huggan/smithsonian_butterflies_subset ...  # or a local folder
     ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 examples/finetune.py ...
 
 Every batch, noise draw and timestep is a function of (seed, step), so a run resumed with
 `--resume_from_checkpoint latest` ends bit-identical to an uninterrupted one, and N processes at
 batch B with A accumulation steps see exactly what one process sees at batch N*A*B (free bits
-included: they compare the KL of the whole step with their threshold).
+included: they compare the KL of the whole step with their threshold). File data (`datasets`) is
+decoded by a DataLoader per process, each taking only its own items of the global batch.
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import importlib.util
 import json
 import logging
 import math
@@ -36,19 +39,22 @@ from accelerate.logging import get_logger
 from accelerate.utils import ProjectConfiguration, set_seed
 from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
 from diffusers.optimization import get_scheduler
-from diffusers.training_utils import EMAModel
+from diffusers.training_utils import EMAModel, cast_training_params
 from tqdm.auto import tqdm
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from sami_adapter import SAMIEncoder, SAMILossOutput, SAMIPipeline, nested_guidance_bands, sami_loss  # noqa: E402
 from sami_adapter.rate import RateControl, TCDiscriminator, discriminator_loss  # noqa: E402
 from sami_adapter import adapter as adapter_lib  # noqa: E402
+from sami_adapter import hf_data  # noqa: E402
 from sami_adapter.data import DATASETS  # noqa: E402
 from sami_adapter.evaluation import DISK_DATASETS, NOISE_BANDS, active_dimensions, band_gains  # noqa: E402
-from sami_adapter.latent import LatentCache, images_to_latents, load_latent_components, vae_scale_factor  # noqa: E402
+from sami_adapter.latent import LatentCache, images_to_latents, load_latent_components, prompt_embeddings, vae_scale_factor  # noqa: E402
 from sami_adapter.training import (  # noqa: E402
     ImageFolderDataset,
     StepBatches,
+    StepItems,
+    StepShardSampler,
     beta_at,
     timestep_distribution,
 )
@@ -120,9 +126,21 @@ def parse_args(argv=None):
                         "dimension, comma-separated. Default: every dimension guides at every noise level.")
     g = p.add_argument_group("data")
     g.add_argument("--dataset", default="disks", choices=sorted(DATASETS), help="Built-in procedural dataset (fresh samples every step).")
-    g.add_argument("--train_data_dir", default=None, help="A folder of images (png/jpg/webp/bmp, searched recursively) instead of --dataset.")
-    g.add_argument("--dataset_name", default=None, help="A `datasets` dataset saved with save_to_disk (needs the `datasets` package).")
-    g.add_argument("--image_column", default="image", help="Image column of --dataset_name.")
+    g.add_argument("--train_data_dir", default=None,
+                   help="A folder of images (searched recursively) read with `datasets`' imagefolder builder: a metadata.jsonl "
+                        "beside them adds columns such as captions. Instead of --dataset.")
+    g.add_argument("--dataset_name", default=None,
+                   help="A `datasets` dataset: a Hub id (e.g. huggan/smithsonian_butterflies_subset), a local folder that "
+                        "datasets.load_dataset reads (images, parquet/csv/json files), or a folder written by save_to_disk.")
+    g.add_argument("--dataset_config_name", default=None, help="Configuration of --dataset_name, when it has several.")
+    g.add_argument("--cache_dir", default=None, help="Where `datasets` keeps downloaded and prepared data (default: its own cache).")
+    g.add_argument("--image_column", default="image", help="Image column of --dataset_name / --train_data_dir.")
+    g.add_argument("--caption_column", default=None,
+                   help="Caption column: a text-conditioned base then trains on these captions instead of the empty prompt.")
+    g.add_argument("--proportion_empty_prompts", type=float, default=0.0,
+                   help="Share of captions replaced by the empty prompt (keeps the unconditional model, for classifier-free guidance).")
+    g.add_argument("--dataloader_num_workers", type=int, default=0,
+                   help="Processes that decode file data (0: in the training process). Results do not depend on it.")
     g.add_argument("--resolution", type=int, default=None, help="Training resolution; default: the UNet's sample_size.")
     g.add_argument("--center_crop", action="store_true", help="Center-crop folder images (default: random crop).")
     g.add_argument("--random_flip", action="store_true", help="Randomly flip folder images horizontally.")
@@ -179,7 +197,14 @@ def parse_args(argv=None):
     g.add_argument("--adam_weight_decay", type=float, default=0.0, help="AdamW weight decay.")
     g.add_argument("--max_grad_norm", type=float, default=10.0, help="Gradient clipping norm.")
     g.add_argument("--gradient_accumulation_steps", type=int, default=1, help="Micro-batches per optimiser step.")
-    g.add_argument("--mixed_precision", default="no", choices=["no", "bf16", "fp16"], help="Accelerate mixed precision.")
+    g.add_argument("--mixed_precision", default=None, choices=["no", "bf16", "fp16"],
+                   help="Mixed precision (default: your `accelerate config`, else no). Under bf16/fp16 the frozen modules (UNet "
+                        "outside full mode, VAE, text encoder) are cast to that dtype; trained weights stay fp32.")
+    g.add_argument("--gradient_checkpointing", action="store_true",
+                   help="Recompute activations in the backward pass (encoder, and a trained UNet): less memory, slower steps.")
+    g.add_argument("--allow_tf32", action="store_true", help="Allow TF32 matmuls and convolutions on Ampere and newer GPUs.")
+    g.add_argument("--enable_xformers_memory_efficient_attention", action="store_true",
+                   help="Use xformers' memory-efficient attention in the UNet (needs the xformers package).")
     g.add_argument("--use_ema", action="store_true", help="Keep an EMA of the trainable weights and save it.")
     g.add_argument("--ema_decay", type=float, default=0.999, help="EMA decay.")
     g.add_argument("--seed", type=int, default=0, help="Seed of initialisation, data, noise and timesteps.")
@@ -191,10 +216,14 @@ def parse_args(argv=None):
                         "removed at the start; its adapter and report are replaced only once this run has finished.")
     g.add_argument("--checkpointing_steps", type=int, default=500, help="Save a resumable checkpoint every N steps.")
     g.add_argument("--checkpoints_total_limit", type=int, default=2, help="Keep at most this many checkpoints.")
-    g.add_argument("--resume_from_checkpoint", default=None, help="'latest' or a checkpoint directory.")
+    g.add_argument("--resume_from_checkpoint", default=None,
+                   help="'latest', a checkpoint name inside --output_dir (checkpoint-500) or a checkpoint directory.")
+    g.add_argument("--logging_dir", default="logs",
+                   help="Tracker and train_log.jsonl folder, relative to --output_dir (or absolute).")
     g.add_argument("--logging_steps", type=int, default=50, help="Log losses, per-dimension KL and guidance gain every N steps.")
     g.add_argument("--validation_steps", type=int, default=500, help="Write reconstruction/traversal PNGs every N steps (0: only at the end).")
-    g.add_argument("--report_to", default="tensorboard", help="Accelerate tracker ('tensorboard', 'wandb', 'none'); skipped when not installed.")
+    g.add_argument("--report_to", default="tensorboard",
+                   help="Accelerate tracker ('tensorboard', 'wandb', 'none'): losses, and the validation images too; skipped when not installed.")
     g.add_argument("--num_eval_images", type=int, default=512, help="Held-out images of the final report.")
     g.add_argument("--num_inference_steps", type=int, default=50, help="DDIM steps of validation and report images.")
     g.add_argument("--eval_sami_scale", type=float, default=3.0,
@@ -315,6 +344,57 @@ def check_args(args) -> str | None:
     if earlier and not args.overwrite_output_dir and not args.resume_from_checkpoint:
         return (f"--output_dir {args.output_dir} already holds a run ({', '.join(earlier[:4])}); pass --overwrite_output_dir to "
                 "replace it, --resume_from_checkpoint latest to continue it, or another --output_dir")
+    return run_problem(args) or data_problem(args)  # last: it may look the dataset up on the Hub
+
+
+def run_problem(args) -> str | None:
+    """The checkpoint, precision and memory flags' problem, or None."""
+    if args.resume_from_checkpoint not in (None, "latest") and resolve_checkpoint(args) is None:
+        return (f"--resume_from_checkpoint {args.resume_from_checkpoint!r} is neither a checkpoint in --output_dir {args.output_dir} "
+                f"nor a directory; pass 'latest', a checkpoint-<step> name from {args.output_dir}, or a checkpoint's path")
+    if args.enable_xformers_memory_efficient_attention:
+        from diffusers.utils.import_utils import is_xformers_available
+
+        if not is_xformers_available():
+            return ("--enable_xformers_memory_efficient_attention needs the xformers package (pip install xformers, on a CUDA "
+                    "machine); leave the flag out to use PyTorch's own attention")
+    return None
+
+
+def data_problem(args) -> str | None:
+    """The data flags' problem, or None. A --dataset_name is looked up (a local folder resolved, a Hub id
+    asked for with a 10 s limit) but nothing is downloaded or decoded."""
+    if args.dataloader_num_workers < 0:
+        return f"--dataloader_num_workers must be an integer >= 0, got {args.dataloader_num_workers!r}"
+    if not 0 <= args.proportion_empty_prompts <= 1:
+        return f"--proportion_empty_prompts must be in [0, 1], got {args.proportion_empty_prompts!r}"
+    if args.dataset_config_name and not args.dataset_name:
+        return "--dataset_config_name needs --dataset_name (the dataset it configures)"
+    if args.caption_column and not (args.dataset_name or args.train_data_dir):
+        return "--caption_column needs --dataset_name or --train_data_dir (the procedural --dataset has no captions)"
+    if args.proportion_empty_prompts > 0 and not args.caption_column:
+        return "--proportion_empty_prompts needs --caption_column (without captions every prompt is already the empty one)"
+    if args.dataset_name:
+        problem = hf_data.source_problem(args.dataset_name, args.dataset_config_name, args.cache_dir)
+        if problem and "has no configuration" in problem:
+            return f"--dataset_config_name names a configuration of --dataset_name: {problem}"
+        if problem:
+            return f"--dataset_name takes a Hub dataset id, a local dataset folder or a save_to_disk folder: {problem}"
+    elif args.train_data_dir and importlib.util.find_spec("datasets") is None:
+        return f"--train_data_dir {hf_data.DATASETS_HINT}"
+    return None
+
+
+def resolve_checkpoint(args) -> str | None:
+    """--resume_from_checkpoint as a folder: 'latest' is the newest checkpoint in --output_dir, a name is
+    looked for inside --output_dir first (as in diffusers' scripts), then taken as a path. None when absent."""
+    value = args.resume_from_checkpoint
+    if value == "latest":
+        found = checkpoint_dirs(args.output_dir)
+        return os.path.join(args.output_dir, found[-1]) if found else None
+    for path in (os.path.join(args.output_dir, value), value):
+        if os.path.isdir(path):
+            return path
     return None
 
 
@@ -452,7 +532,7 @@ def save_validation(pipe, images, path, seed, latent_dim, steps, eta):
     """Reconstructions (input row, reconstruction row) and one traversal row per dimension, as one PNG."""
     values = torch.linspace(-2.5, 2.5, images.shape[0]).tolist()
     rows = [images.cpu(), reconstructions(pipe, images, steps, eta, seed), traversal_rows(pipe, images[:1], range(latent_dim), values, steps, seed)]
-    save_image_grid(torch.cat(rows), path, nrow=images.shape[0], scale=4)
+    return save_image_grid(torch.cat(rows), path, nrow=images.shape[0], scale=4)
 
 
 def checkpoint_dirs(output_dir):
@@ -466,9 +546,9 @@ def main(argv=None):
     args = parse_args(argv)
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
-        mixed_precision=args.mixed_precision,
+        mixed_precision=args.mixed_precision,  # None: what `accelerate config` / `accelerate launch` set
         log_with=None if args.report_to == "none" else args.report_to,
-        project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=os.path.join(args.output_dir, "logs")),
+        project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=os.path.join(args.output_dir, args.logging_dir)),
     )
     if args.report_to != "none":
         try:
@@ -486,6 +566,7 @@ def main(argv=None):
         torch.set_num_threads(args.num_threads or max(1, cores // accelerator.num_processes))
     set_seed(args.seed)
     start_time = time.time()
+    table = open_training_table(args, accelerator)  # before the models: a missing column or split fails at once
 
     # ---------------------------------------------------------------- models
     unet, noise_scheduler = build_unet(args)
@@ -505,6 +586,10 @@ def main(argv=None):
         from sami_adapter.latent import empty_prompt_embeddings
 
         unet_kwargs_one = {"encoder_hidden_states": empty_prompt_embeddings(components["text_encoder"], components["tokenizer"], 1)}
+    elif args.caption_column:
+        raise SystemExit(f"--caption_column {args.caption_column!r}: this UNet is not text-conditioned (no cross_attention_dim), so "
+                         "captions cannot condition it; leave the flag out to train on the images alone.")
+    weight_dtype = setup_precision_and_memory(args, accelerator, unet, components)
     if vae is not None:
         vae.requires_grad_(False).eval().to(accelerator.device)
     encoder = SAMIEncoder(
@@ -514,6 +599,8 @@ def main(argv=None):
         time_conditioning=not args.time_blind_encoder, init_logvar=args.encoder_init_logvar, min_logvar=args.encoder_min_logvar,
         guidance_bands=args.guidance_bands, bias_free=args.bias_free_encoder,
     )
+    if args.gradient_checkpointing:
+        encoder.enable_gradient_checkpointing()
     lora_config = None
     if args.unet_mode == "frozen":
         unet.requires_grad_(False).eval()
@@ -522,6 +609,9 @@ def main(argv=None):
         targets = args.lora_target_modules.split(",") if args.lora_target_modules else (
             ["to_q", "to_k", "to_v", "to_out.0"] if unet_kwargs_one else None)
         lora_config = adapter_lib.add_lora(unet, rank=args.lora_rank, target_modules=targets)
+        cast_training_params(unet, dtype=torch.float32)  # the LoRA weights are trained, and fp16/bf16 updates would underflow
+    if args.gradient_checkpointing and args.unet_mode != "frozen":  # a frozen UNet runs without autograd: nothing to save
+        unet.enable_gradient_checkpointing()
     train_unet = args.unet_mode != "frozen"
     objective = SAMIObjective(encoder, unet, train_unet)
     param_groups = [{"params": list(encoder.parameters()), "lr": args.learning_rate}]
@@ -533,16 +623,12 @@ def main(argv=None):
                                  num_training_steps=args.max_train_steps * accelerator.num_processes)
 
     # ---------------------------------------------------------------- data
-    if args.train_data_dir or args.dataset_name:
-        options = {"center_crop": args.center_crop, "random_flip": args.random_flip, "seed": args.seed}
-        flag, source = ("--train_data_dir", args.train_data_dir) if args.train_data_dir else ("--dataset_name", args.dataset_name)
+    if table is not None:
         try:
-            if args.train_data_dir:
-                dataset = ImageFolderDataset.from_folder(args.train_data_dir, resolution, pixel_channels, **options)
-            else:
-                dataset = ImageFolderDataset.from_saved_dataset(args.dataset_name, args.image_column, resolution, pixel_channels, **options)
-        except (ValueError, ImportError) as e:
-            raise SystemExit(f"{flag} {source!r}: {e}") from e
+            dataset = ImageFolderDataset.from_datasets(table, args.image_column, resolution, pixel_channels, caption_column=args.caption_column,
+                                                       center_crop=args.center_crop, random_flip=args.random_flip, seed=args.seed)
+        except ValueError as e:  # a model with other than 1 or 3 channels
+            raise SystemExit(f"{args.train_data_dir or args.dataset_name!r}: {e}") from e
         held_out = dataset
     else:
         dataset = DATASETS[args.dataset](num_samples=1, resolution=resolution, seed=args.seed)
@@ -551,7 +637,8 @@ def main(argv=None):
         held_out = DATASETS[args.dataset](num_samples=max(args.num_eval_images, 16), resolution=resolution, seed=args.seed + 10_000)
     # One draw per optimiser step, sliced into micro-batches and then among processes: N processes with
     # A accumulation steps at batch B see exactly what one process sees at batch N * A * B.
-    batches = StepBatches(dataset, args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps, args.seed)
+    batches = StepBatches(dataset, args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps, args.seed,
+                          empty_prompt_share=args.proportion_empty_prompts)
     timestep_probs = timestep_distribution(args.timestep_sampling, noise_scheduler.config.num_train_timesteps)
     sample_shape = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
     cache = None
@@ -587,19 +674,17 @@ def main(argv=None):
         run_config["bias_free_encoder"] = True
     global_step = 0
     if args.resume_from_checkpoint:
-        path = args.resume_from_checkpoint
-        if path == "latest":
-            found = checkpoint_dirs(args.output_dir)
-            path = os.path.join(args.output_dir, found[-1]) if found else None
-            if path is None:
-                logger.warning(f"--resume_from_checkpoint latest: no checkpoint in {args.output_dir}; starting from scratch.")
-        if path is not None:
+        path = resolve_checkpoint(args)  # only 'latest' can find nothing here: check_args refused other missing names
+        if path is None:
+            logger.warning(f"--resume_from_checkpoint latest: no checkpoint in {args.output_dir}; starting from scratch.")
+        else:
             global_step = load_checkpoint(accelerator, path, run_config)
+    loader = step_loader(args, batches, accelerator, global_step)
 
     if accelerator.is_main_process:
         accelerator.init_trackers("sami", config={k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))})
-        os.makedirs(os.path.join(args.output_dir, "logs"), exist_ok=True)
-    log_path = os.path.join(args.output_dir, "logs", "train_log.jsonl")
+        os.makedirs(os.path.join(args.output_dir, args.logging_dir), exist_ok=True)
+    log_path = os.path.join(args.output_dir, args.logging_dir, "train_log.jsonl")
     window = {"loss": [], "diffusion": [], "unguided": [], "kl_per_dim": [], "t": [], "guided_err": [], "unguided_err": [], "terms": []}
 
     # ---------------------------------------------------------------- train
@@ -610,7 +695,8 @@ def main(argv=None):
     for step in range(global_step, args.max_train_steps):
         beta = beta_at(step, args.max_train_steps, args.beta, args.beta_final, args.kl_warmup_steps)
         noise_scale = min(1.0, step / args.latent_noise_warmup_steps) if args.latent_noise_warmup_steps else 1.0
-        step_batch = batches.batch(step, timestep_probs, noise_scheduler.config.num_train_timesteps, args.latent_dim, sample_shape)
+        step_batch = batches.batch(step, timestep_probs, noise_scheduler.config.num_train_timesteps, args.latent_dim, sample_shape,
+                                   with_images=loader is None)
         micro_size = args.train_batch_size * world
         parts = []
         capacity = None
@@ -618,14 +704,15 @@ def main(argv=None):
             capacity = args.capacity * min(1.0, (step + 1) / args.capacity_ramp_steps) if args.capacity_ramp_steps else args.capacity
         for micro in range(args.gradient_accumulation_steps):
             local = {k: v[micro * micro_size : (micro + 1) * micro_size].chunk(world)[rank].to(accelerator.device) for k, v in step_batch.items()}
+            captions = next_items(loader, step, local, accelerator.device) if loader is not None else None
             clean = local["images"]
             if vae is not None:  # VAE latents once per batch, no gradients; from disk when cached
                 clean = cache.get_or_compute(vae, local["indices"], clean) if cache is not None else images_to_latents(vae, clean)
                 clean = clean.float()
-            parts.append((local, clean))
-        kl_reference = step_kl_per_dim(accelerator, accelerator.unwrap_model(objective).encoder, [c for _, c in parts]) if args.free_bits > 0 else None
-        for micro, (local, clean) in enumerate(parts):
-            unet_kwargs = {k: v.expand(clean.shape[0], *v.shape[1:]).to(accelerator.device) for k, v in unet_kwargs_one.items()}
+            parts.append((local, clean, captions))
+        kl_reference = step_kl_per_dim(accelerator, accelerator.unwrap_model(objective).encoder, [p[1] for p in parts]) if args.free_bits > 0 else None
+        for micro, (local, clean, captions) in enumerate(parts):
+            unet_kwargs = unet_conditioning(unet_kwargs_one, components, captions, clean.shape[0], accelerator.device)
             with accelerator.accumulate(objective), accelerator.autocast():
                 out = SAMILossOutput(**objective(clean, noise_scheduler, unet_kwargs=unet_kwargs, beta=beta, weighting=args.weighting, timesteps=local["timesteps"],
                                 timestep_probs=timestep_probs, noise=local["noise"], latent_noise=local["latent_noise"] * noise_scale,
@@ -636,7 +723,7 @@ def main(argv=None):
                 accelerator.backward(out.loss)
                 if accelerator.sync_gradients:
                     grad_norm = accelerator.clip_grad_norm_(trainable, args.max_grad_norm if args.max_grad_norm > 0 else math.inf)
-                    if args.mixed_precision != "fp16":  # fp16's loss scaler skips overflowing steps by design
+                    if accelerator.mixed_precision != "fp16":  # fp16's loss scaler skips overflowing steps by design
                         stop_if_diverged(accelerator, step + 1, "gradient norm", grad_norm.detach(), args.output_dir)
                 optimizer.step()
                 lr_scheduler.step()
@@ -691,8 +778,11 @@ def main(argv=None):
 
         if accelerator.is_main_process and args.validation_steps and global_step % args.validation_steps == 0 and global_step < args.max_train_steps:
             pipe = make_pipeline(accelerator.unwrap_model(objective).encoder, unet, noise_scheduler, components)
-            save_validation(pipe, held_out_images(held_out, 8, accelerator.device), os.path.join(args.output_dir, "validation", f"step-{global_step}.png"),
-                            args.seed, args.latent_dim, args.num_inference_steps, args.eval_eta)
+            with accelerator.autocast():  # under mixed precision, trained fp32 weights (LoRA) meet the frozen fp16/bf16 ones
+                path = save_validation(pipe, held_out_images(held_out, 8, accelerator.device),
+                                       os.path.join(args.output_dir, "validation", f"step-{global_step}.png"),
+                                       args.seed, args.latent_dim, args.num_inference_steps, args.eval_eta)
+            log_validation_image(accelerator, path, global_step)
             objective.train()
         if global_step % args.checkpointing_steps == 0 and global_step < args.max_train_steps:
             stop_if_diverged(accelerator, global_step, "weight", torch.stack([p.detach().float().abs().max() for p in trainable]), args.output_dir)
@@ -713,13 +803,18 @@ def main(argv=None):
         base_ref = args.pretrained_model_name_or_path
         if base_ref and os.path.isdir(base_ref):
             base_ref = os.path.relpath(os.path.abspath(base_ref), os.path.abspath(args.output_dir))
-        report = {"train_seconds": round(train_seconds, 1), "rank_weight_checksums": rank_checksums}
+        report = {"train_seconds": round(train_seconds, 1), "rank_weight_checksums": rank_checksums,
+                  "mixed_precision": accelerator.mixed_precision}
         extra = {"training": {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None)))}, "metrics": report}
         # The adapter first: an evaluation that fails must not cost the trained weights.
         adapter_lib.save_adapter(args.output_dir, model.encoder, base_ref, revision=args.revision, unet=model.unet, unet_mode=args.unet_mode,
                                  lora_config=lora_config, extra=extra, model_card=model_card(args, report))
         logger.info(f"Adapter saved to {args.output_dir} ({train_seconds:.0f} s)")
         if not args.no_report:
+            # The report measures in fp32 whatever the training precision, so its numbers compare across runs.
+            for module in (model.unet, components.get("vae"), components.get("text_encoder")):
+                if module is not None and module.dtype != torch.float32:
+                    module.to(dtype=torch.float32)
             pipe = make_pipeline(model.encoder, model.unet, noise_scheduler, components)
             images = held_out_images(held_out, args.num_eval_images, accelerator.device)
             report_dir = os.path.join(args.output_dir, "report")
@@ -734,7 +829,7 @@ def main(argv=None):
 
             repo_id = create_repo(args.hub_model_id, exist_ok=True, token=args.hub_token).repo_id
             upload_folder(repo_id=repo_id, folder_path=args.output_dir, token=args.hub_token,
-                          ignore_patterns=["checkpoint-*", "logs/*", ".tmp-*", "latent_cache/*"], commit_message="SAMI adapter")
+                          ignore_patterns=["checkpoint-*", f"{args.logging_dir}/*", ".tmp-*", "latent_cache/*"], commit_message="SAMI adapter")
     # Both ranks leave together: a rank that tears the process group down while rank 0 is still
     # saving makes rank 0 hang at exit.
     accelerator.wait_for_everyone()
@@ -749,6 +844,89 @@ def main(argv=None):
     del objective, optimizer, lr_scheduler
     gc.collect()
     del group
+
+
+def open_training_table(args, accelerator):
+    """The `datasets.Dataset` of --dataset_name / --train_data_dir with its columns checked; None for a procedural --dataset."""
+    if not (args.train_data_dir or args.dataset_name):
+        return None
+    flag, source = ("--train_data_dir", args.train_data_dir) if args.train_data_dir else ("--dataset_name", args.dataset_name)
+    try:
+        with accelerator.main_process_first():  # one process prepares the cache, the others then read it
+            table = hf_data.load_split(args.dataset_name, args.train_data_dir, args.dataset_config_name, args.cache_dir)
+    except Exception as e:  # datasets raises many types (FileNotFoundError, ValueError, DatasetGenerationError, ...)
+        found = "no images found: " if type(e).__name__ == "EmptyDatasetError" else ""
+        raise SystemExit(f"{flag} {source!r}: {found}`datasets` could not load it ({type(e).__name__}: {e})") from e
+    if len(table) == 0:
+        raise SystemExit(f"{flag} {source!r}: the training data is empty (no images found); pass a folder or dataset with images.")
+    for column_flag, column in (("--image_column", args.image_column), ("--caption_column", args.caption_column)):
+        if column is not None and column not in table.column_names:
+            raise SystemExit(f"{column_flag} {column!r} is not a column of {source} (columns: {', '.join(table.column_names)}); "
+                             f"pass {column_flag} with one of them.")
+    return table
+
+
+def setup_precision_and_memory(args, accelerator, unet, components) -> torch.dtype:
+    """The dtype of frozen weights (fp16/bf16 under mixed precision, as diffusers' scripts do), with the VAE, the
+    text encoder and a UNet that is not trained in full cast to it (its LoRA weights, added later, stay fp32),
+    and the memory and speed flags applied."""
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    frozen = [components.get("vae"), components.get("text_encoder"), unet if args.unet_mode != "full" else None]
+    for module in frozen:
+        if module is not None and module.dtype != weight_dtype:
+            module.to(dtype=weight_dtype)  # frozen weights: the training dtype is enough, and halves their memory
+    if args.allow_tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if args.enable_xformers_memory_efficient_attention:
+        unet.enable_xformers_memory_efficient_attention()
+    return weight_dtype
+
+
+def step_loader(args, batches, accelerator, start_step):
+    """An iterator over this process's micro-batches of file data from ``start_step`` on; None for procedural data.
+
+    Not passed through accelerator.prepare: its sampler would re-shard and re-seed the batches, while
+    StepShardSampler already gives each process its own items of the (seed, step)-determined global batch.
+    """
+    if batches.procedural:
+        return None
+    sampler = StepShardSampler(batches, start_step, args.max_train_steps, args.train_batch_size, args.gradient_accumulation_steps,
+                               accelerator.process_index, accelerator.num_processes)
+    return iter(torch.utils.data.DataLoader(StepItems(batches), batch_sampler=sampler, num_workers=args.dataloader_num_workers))
+
+
+def next_items(loader, step, local, device):
+    """Put the loader's next micro-batch into ``local`` (images) and return its captions (None without captions)."""
+    items = next(loader)
+    if int(items["step"][0]) != step or not torch.equal(items["index"], local["indices"].cpu()):
+        raise RuntimeError(f"The data loader is out of step with training step {step}; this is a bug, please report it.")
+    local["images"] = items["pixel_values"].to(device)
+    return items.get("caption")
+
+
+@torch.no_grad()
+def unet_conditioning(unet_kwargs_one, components, captions, batch_size, device):
+    """The UNet's extra inputs for one micro-batch: the captions' embeddings, or the empty prompt's (if any)."""
+    if captions is not None:
+        hidden = prompt_embeddings(components["text_encoder"], components["tokenizer"], list(captions))
+        return {"encoder_hidden_states": hidden.to(device)}
+    return {k: v.expand(batch_size, *v.shape[1:]).to(device) for k, v in unet_kwargs_one.items()}
+
+
+def log_validation_image(accelerator, path, step):
+    """Send the validation grid written to ``path`` to the trackers too (tensorboard, wandb)."""
+    from PIL import Image
+
+    image = np.asarray(Image.open(path).convert("RGB"))
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.writer.add_images("validation", image[None], step, dataformats="NHWC")
+            tracker.writer.flush()
+        elif tracker.name == "wandb":
+            import wandb
+
+            tracker.log({"validation": [wandb.Image(image, caption=f"step {step}")]}, step=step)
 
 
 def held_out_images(dataset, n, device):

@@ -130,6 +130,10 @@ class SAMIEncoder(ModelMixin, ConfigMixin):
             its bias: it sets the initial log-variance.
     """
 
+    # enable_gradient_checkpointing() recomputes each down block's activations in the backward pass
+    # (diffusers' default, non-reentrant torch checkpointing, which also supports SAMI's double backward).
+    _supports_gradient_checkpointing = True
+
     @register_to_config
     def __init__(
         self,
@@ -188,6 +192,7 @@ class SAMIEncoder(ModelMixin, ConfigMixin):
         self.proj = nn.Linear(channels * min(side, 4) ** 2, hidden_dim, bias=not bias_free)
         self.time_to_hidden = nn.Linear(temb_dim, hidden_dim) if time_conditioning else None
         self.head = nn.Linear(hidden_dim, 2 * latent_dim)
+        self.gradient_checkpointing = False
         nn.init.zeros_(self.head.weight)
         with torch.no_grad():
             self.head.bias.zero_()
@@ -214,8 +219,10 @@ class SAMIEncoder(ModelMixin, ConfigMixin):
         """The (B, hidden_dim) features the head reads (before its activation). With ``bias_free`` a
         zero image gives exactly zero features."""
         h = self.conv_in(sample)
+        checkpointed = self.gradient_checkpointing and torch.is_grad_enabled()
         for block in self.blocks:
-            h = block(h, temb) if isinstance(block, (ResnetBlock2D, BiasFreeResnetBlock)) else block(h)
+            inputs = (h, temb) if isinstance(block, (ResnetBlock2D, BiasFreeResnetBlock)) else (h,)
+            h = self._gradient_checkpointing_func(block, *inputs) if checkpointed else block(*inputs)
         h = torch.nn.functional.silu(self.norm_out(h))
         h = self.proj(self.pool(h).flatten(1))
         if temb is not None:
