@@ -11,7 +11,7 @@ from typing import Any, Dict
 
 import torch
 
-from sami_adapter.data import MovingDisks
+from sami_adapter.data import MOVING, MovingDisks
 
 
 def add_axis_arguments(parser: argparse.ArgumentParser) -> None:
@@ -50,7 +50,7 @@ def add_metric_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--factor_vae_batch", type=int, default=64, help="Observations per FactorVAE vote.")
     g.add_argument("--num_variance_estimate", type=int, default=2000, help="Observations of FactorVAE's global scale.")
     g.add_argument("--trajectories", dest="trajectories", action="store_true", default=None,
-                   help="Measure trajectory curvature on moving_disks (default: on for disks).")
+                   help="Measure trajectory curvature on the dataset's moving version (default: on for disks and background_disks).")
     g.add_argument("--no_trajectories", dest="trajectories", action="store_false", help="Skip the trajectory curvature.")
     g.add_argument("--num_sequences", type=int, default=200, help="moving_disks videos for the trajectory curvature.")
     g.add_argument("--num_frames", type=int, default=8, help="Frames per moving_disks video.")
@@ -67,6 +67,6 @@ def metric_kwargs(args: argparse.Namespace) -> Dict[str, Any]:
     }
 
 
-def moving_disks_for(args: argparse.Namespace, resolution: int) -> MovingDisks:
-    """The held-out ``moving_disks`` set of the curvature measurement (seed offset from ``--seed``)."""
-    return MovingDisks(num_sequences=args.num_sequences, num_frames=args.num_frames, resolution=resolution, seed=args.seed + 20_000)
+def moving_disks_for(args: argparse.Namespace, resolution: int, dataset: str = "disks") -> MovingDisks:
+    """The held-out videos of the curvature measurement (the moving version of ``dataset``; seed offset from ``--seed``)."""
+    return MOVING[dataset](num_sequences=args.num_sequences, num_frames=args.num_frames, resolution=resolution, seed=args.seed + 20_000)

@@ -48,7 +48,7 @@ from _args import add_axis_arguments, add_device_arguments, add_metric_arguments
 from sami_adapter import SAMIEncoder, SAMIPipeline  # noqa: E402
 from sami_adapter.adapter import read_adapter_config  # noqa: E402
 from sami_adapter.baselines import train_beta_vae, train_diffae  # noqa: E402
-from sami_adapter.data import DATASETS, FactorDataset  # noqa: E402
+from sami_adapter.data import DATASETS, MOVING, FactorDataset  # noqa: E402
 from sami_adapter.evaluation import default_timestep_grid, noise_order_agreement  # noqa: E402
 from sami_adapter.rate import RateControl  # noqa: E402
 from sami_adapter.report import (  # noqa: E402
@@ -218,7 +218,7 @@ def evaluate_model(encode_fn: EncodeFn, dataset: FactorDataset, args: argparse.N
     """The metrics (and curvature) of one representation on the shared held-out draws."""
     result = representation_metrics(encode_fn, dataset, **metric_kwargs(args))
     if use_trajectories:
-        result["trajectories"] = trajectory_curvatures(encode_fn, moving_disks_for(args, resolution), args.encode_batch_size)
+        result["trajectories"] = trajectory_curvatures(encode_fn, moving_disks_for(args, resolution, args.dataset), args.encode_batch_size)
     return result
 
 
@@ -326,7 +326,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         budget = recorded if recorded else DEFAULT_BUDGET
     dataset = DATASETS[args.dataset](num_samples=1, resolution=resolution, seed=args.seed + 30_000)
     names = list(dataset.factor_names)
-    use_trajectories = args.trajectories if args.trajectories is not None else args.dataset == "disks"
+    use_trajectories = args.trajectories if args.trajectories is not None else args.dataset in MOVING
     os.makedirs(args.output_dir, exist_ok=True)
     print(f"Budget per baseline run: {budget:.0f} s; encoder {arch}; seeds {args.seeds}; device {device}.")
 

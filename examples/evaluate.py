@@ -11,7 +11,7 @@ The report folder holds report.md, report.json and PNGs:
 * samples.png: unconditional samples, ``z ~ N(0, I)``;
 * the metric table (MIG, DCI, SAP, modularity, explicitness, FactorVAE) and the per-factor linear
   R² of the posterior mean, the ELBO in bits per dimension, the characteristic-noise-level table
-  and, for disks adapters, the trajectory curvature on ``moving_disks`` (SAMI codes vs pixels).
+  and, for disks and background_disks adapters, the trajectory curvature on their moving versions (SAMI codes vs pixels).
 
 The defaults run in a few minutes on CPU for the 16 px disks adapter; the metric-size flags trade
 time for precision (disentanglement_lib's sizes are far larger).
@@ -33,7 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _args import add_axis_arguments, add_device_arguments, add_metric_arguments, metric_kwargs, moving_disks_for, select_device  # noqa: E402
 from sami_adapter import SAMIPipeline  # noqa: E402
 from sami_adapter.adapter import read_adapter_config  # noqa: E402
-from sami_adapter.data import DATASETS  # noqa: E402
+from sami_adapter.data import DATASETS, MOVING  # noqa: E402
 from sami_adapter.evaluation import (  # noqa: E402
     default_timestep_grid,
     elbo_bits_per_dim,
@@ -173,11 +173,11 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     elbo = elbo_bits_per_dim(pipe, images[: min(args.elbo_images, images.shape[0])], args.elbo_timesteps, seed=args.seed,
                              batch_size=args.encode_batch_size)
     timings["elbo"] = time.perf_counter() - clock
-    use_trajectories = args.trajectories if args.trajectories is not None else dataset_name == "disks"
+    use_trajectories = args.trajectories if args.trajectories is not None else dataset_name in MOVING
     trajectories = None
     if use_trajectories:
         clock = time.perf_counter()
-        trajectories = trajectory_curvatures(mean_code_fn(pipe), moving_disks_for(args, resolution), args.encode_batch_size)
+        trajectories = trajectory_curvatures(mean_code_fn(pipe), moving_disks_for(args, resolution, dataset_name), args.encode_batch_size)
         timings["trajectories"] = time.perf_counter() - clock
     timings["total"] = time.perf_counter() - start
 
@@ -260,9 +260,9 @@ def report_markdown(report: Dict[str, Any], profile: Dict[str, Any], levels: Dic
         ]
     if traj:
         lines += [
-            "## Trajectory curvature (moving_disks)", "",
+            f"## Trajectory curvature (moving {report['dataset']})", "",
             f"Mean turning angle between successive displacements over {traj['num_sequences']} videos of {traj['num_frames']} frames: "
-            f"SAMI posterior means **{traj['latent']:.1f}°**, pixels {traj['pixels']:.1f}°, ground-truth (x, y, radius) path "
+            f"SAMI posterior means **{traj['latent']:.1f}°**, pixels {traj['pixels']:.1f}°, ground-truth factor path "
             f"{traj['factors']:.1f}°.", "",
         ]
     ranges = report["traversal"]["ranges"]

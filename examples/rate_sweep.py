@@ -64,7 +64,7 @@ METHOD = {
 BASELINES = {
     "bvae1": "beta-vae:beta=1", "bvae4": "beta-vae:beta=4", "bvae16": "beta-vae:beta=16",
     "capvae3": "capacity-vae:capacity=3,ramp=5000", "capvae6": "capacity-vae:capacity=6,ramp=5000",
-    "btcvae": "beta-tcvae:tc_weight=5",
+    "btcvae": "beta-tcvae:tc_weight=5", "diffae": "diffae",
 }
 
 # The paper-reproduction grid (docs/paper-reproduction.md) on background_disks: the paper's recipe
@@ -138,7 +138,7 @@ def build_paper_jobs() -> List[Dict[str, object]]:
         jobs += [job(bg, "sami", "sami-paper", seed), job(bg, "baseline", "btcvae1-gaussian", seed), job(bg, "baseline", "bvae1-gaussian", seed)]
     for seed in (0, 1, 2):
         jobs += [job(bg, "sami", "sami-frozen-paper-enc", seed), job(bg, "sami", "sami-frozen-ours", seed)]
-    jobs += [job("disks", "sami", "sami-paper", seed) for seed in (0, 1, 2)]
+    jobs += [job("disks", "sami", "sami-paper", seed) for seed in (0, 1, 2)] + [job(bg, "baseline", "diffae", 0)]
     jobs += [job(bg, "baseline", f"{kind}{beta}-{lik}", seed) for seed in (0, 1, 2) for kind in ("bvae", "btcvae") for beta in (1, 4)
              for lik in ("gaussian", "bernoulli") if (beta, lik) != (1, "gaussian")]
     return jobs
@@ -155,7 +155,7 @@ def commands(job: Dict[str, object], out: str, args: argparse.Namespace) -> List
                  "--max_train_steps", str(args.pretrain_steps)]]
     if job["kind"] == "baseline":
         return [[py, "examples/compare.py", "--baselines", BASELINES[str(job["key"])], "--seeds", str(job["seed"]),
-                 "--max_steps", str(args.baseline_steps), "--budget_seconds", "1e9"] + evaluation]
+                 "--max_steps", str(args.baseline_steps), "--budget_seconds", "1e9", "--save_models"] + evaluation]
     flags = SAMI[str(job["key"])].split()
     if job["dataset"] == "dsprites":
         base = os.path.join(out, DSPRITES_BASE)

@@ -535,7 +535,7 @@ def mechanism_table(levels: Dict[str, Any], alignment: Dict[str, Any], noise_sca
     matrix = np.asarray(alignment["matrix"])
     t_star = np.asarray(levels["timestep"], dtype=np.float64)
     rows = []
-    for i in levels["active"]:
+    for i in (int(d) for d in levels["active"]):
         k = int(np.argmax(matrix[i]))
         name = alignment["names"][k]
         rows.append({"dim": int(i), "factor": name, "rank_corr": float(matrix[i, k]), "t_star": float(t_star[i]),

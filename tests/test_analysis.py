@@ -272,3 +272,35 @@ def test_rate_study_runs_and_collects(tiny_adapters, tmp_path):
     assert (tmp_path / "all" / "rate_disks.png").stat().st_size > 0
     with pytest.raises(SystemExit, match="does not exist"):
         compare.main(["--collect", str(tmp_path / "nowhere")])
+
+
+def test_paper_study_collects_the_mechanism_and_traversals(tmp_path):
+    """A tiny paper-recipe adapter and a saved β-VAE on background_disks, laid out as rate_sweep.py --grid paper does."""
+    from accelerate.state import AcceleratorState
+
+    finetune, compare, paper_study = load_example("finetune"), load_example("compare"), load_example("paper_study")
+    sweep = tmp_path / "sweep"
+    adapter = sweep / "adapters" / "background_disks-sami-paper-s0"
+    AcceleratorState._reset_state(reset_partial_state=True)
+    finetune.main(["--recipe", "paper", "--dataset", "background_disks", "--output_dir", str(adapter), "--resolution", "8",
+                   "--train_batch_size", "4", "--latent_dim", "3", "--encoder_channels", "8,16", "--report_to", "none",
+                   "--max_train_steps", "3", "--no_report", "--num_threads", "1", "--encoder_init_logvar", "-3"])
+    AcceleratorState._reset_state(reset_partial_state=True)
+    study = ["--rate_study", "--dataset", "background_disks", "--rate_images", "24", "--num_prior_samples", "4", "--num_images", "12",
+             "--num_noise_levels", "3", "--num_inference_steps", "2", "--no_trajectories", "--no_progress", "--num_threads", "1",
+             "--batch_size", "8", *TINY_METRICS]
+    compare.main(["--sami_adapter", str(adapter), "--method", "SAMI paper", "--setting", "joint", "--baselines",
+                  "--output_dir", str(sweep / "runs" / "background_disks-sami-paper-s0"), *study])
+    compare.main(["--baselines", "beta-vae:beta=1,likelihood=gaussian,bias_free=1", "--seeds", "0", "--max_steps", "3", "--save_models",
+                  "--latent_dim", "3", "--resolution", "8", "--output_dir", str(sweep / "runs" / "background_disks-bvae1-gaussian-s0"), *study])
+    out = tmp_path / "docs"
+    result = paper_study.main([str(sweep), "--output_dir", str(out), "--probe_steps", "3", "--num_noise_levels", "3", "--traversal_steps", "3"])
+    assert {(t["method"], t["n"]) for t in result["table"]} == {("SAMI paper", 1), ("β-VAE", 1)}
+    sami = next(r for r in result["rows"] if r["method"] == "SAMI paper")
+    assert set(sami["mechanism"]["factor_noise_scales"]) == {"x", "y", "background"}
+    assert {"MIG x", "MIG y", "MIG background", "R² background", "reconstruction MSE"} <= set(sami["values"])
+    text = (out / "paper_study.md").read_text()
+    assert "| SAMI paper (joint) | 1 |" in text and "mechanism-background_disks-sami-paper-s0.png" in text
+    for name in ("mechanism-background_disks-sami-paper-s0.png", "traversals-background_disks-sami-paper-s0.png",
+                 "traversals-background_disks-bvae1-gaussian-s0.png", "paper_study.json"):
+        assert (out / name).stat().st_size > 0, name

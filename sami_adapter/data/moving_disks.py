@@ -67,25 +67,29 @@ class MovingDisks(Dataset):
     def sample_values(self, num: int, rng: np.random.Generator) -> np.ndarray:
         """Draw ``num`` trajectories: per-frame values (num, T, 4) = (x, y, radius, brightness), float64."""
         res, frames = self.resolution, self.num_frames
-        lo, hi = POSITION_RANGE[0] * res, POSITION_RANGE[1] * res
+        path = self.sample_paths(num, rng, POSITION_RANGE[0] * res, POSITION_RANGE[1] * res)
         r_lo, r_hi = RADIUS_RANGE[0] * res, RADIUS_RANGE[1] * res
-        start = rng.uniform(lo, hi, size=(num, 2))
-        heading = rng.uniform(0.0, 2.0 * np.pi, size=(num, 1))
-        turn = rng.uniform(-MAX_TURN, MAX_TURN, size=(num, 1))
-        speed = rng.uniform(SPEED_RANGE[0] * res, SPEED_RANGE[1] * res, size=(num, 1))
         radius0 = rng.uniform(r_lo, r_hi, size=(num, 1))
         radius_rate = rng.uniform(-MAX_RADIUS_RATE * res, MAX_RADIUS_RATE * res, size=(num, 1))
         brightness = rng.uniform(*BRIGHTNESS_RANGE, size=(num, 1))
 
-        steps = np.arange(frames - 1)
-        angles = heading + turn * steps  # (num, T-1) heading of each step
-        step_xy = speed[..., None] * np.stack([np.cos(angles), np.sin(angles)], axis=-1)  # (num, T-1, 2)
-        path = np.concatenate([start[:, None, :], start[:, None, :] + np.cumsum(step_xy, axis=1)], axis=1)
-        path = reflect_into(path, lo, hi)
         radius = reflect_into(radius0 + radius_rate * np.arange(frames), r_lo, r_hi)
         return np.concatenate(
             [path, radius[..., None], np.broadcast_to(brightness[:, None, :], (num, frames, 1))], axis=-1
         ).astype(np.float64)
+
+    def sample_paths(self, num: int, rng: np.random.Generator, lo: float, hi: float) -> np.ndarray:
+        """Disk centres (num, T, 2) in pixels: a start uniform in ``[lo, hi]^2``, a heading turning at a
+        constant rate, a constant speed, folded back into the square by reflection."""
+        res, frames = self.resolution, self.num_frames
+        start = rng.uniform(lo, hi, size=(num, 2))
+        heading = rng.uniform(0.0, 2.0 * np.pi, size=(num, 1))
+        turn = rng.uniform(-MAX_TURN, MAX_TURN, size=(num, 1))
+        speed = rng.uniform(SPEED_RANGE[0] * res, SPEED_RANGE[1] * res, size=(num, 1))
+        angles = heading + turn * np.arange(frames - 1)  # (num, T-1) heading of each step
+        step_xy = speed[..., None] * np.stack([np.cos(angles), np.sin(angles)], axis=-1)  # (num, T-1, 2)
+        path = np.concatenate([start[:, None, :], start[:, None, :] + np.cumsum(step_xy, axis=1)], axis=1)
+        return reflect_into(path, lo, hi)
 
     def render(self, values: np.ndarray) -> torch.Tensor:
         """Videos (N, T, 1, R, R) in [-1, 1] for per-frame values (N, T, 4)."""
@@ -116,3 +120,34 @@ class MovingDisks(Dataset):
             self.render(self.factor_values[s : s + batch_size]).numpy() for s in range(0, self.num_sequences, batch_size)
         ]
         return np.concatenate(videos), self.factor_values.copy()
+
+
+class MovingBackgroundDisks(MovingDisks):
+    """Videos of ``background_disks``: the disk moves as in :class:`MovingDisks` (inside ``[r, R - r]``)
+    while the background fades linearly between two intensities drawn from ``[0.2, 0.8]``.
+
+    Per-frame values are ``(x, y, background)``: x, y in pixels, background in [0, 1].
+    """
+
+    factor_names = ("x", "y", "background")
+
+    def sample_values(self, num: int, rng: np.random.Generator) -> np.ndarray:
+        """Draw ``num`` videos: per-frame values (num, T, 3) = (x, y, background), float64."""
+        from .background_disks import BACKGROUND_RANGE, disk_radius
+
+        r = disk_radius(self.resolution)
+        path = self.sample_paths(num, rng, r, self.resolution - r)
+        ends = rng.uniform(*BACKGROUND_RANGE, size=(num, 2))
+        fade = np.linspace(0.0, 1.0, self.num_frames)
+        background = ends[:, :1] + (ends[:, 1:] - ends[:, :1]) * fade  # (num, T)
+        return np.concatenate([path, background[..., None]], axis=-1).astype(np.float64)
+
+    def render(self, values: np.ndarray) -> torch.Tensor:
+        """Videos (N, T, 1, R, R) in [-1, 1] for per-frame values (N, T, 3)."""
+        from .background_disks import render_background_disks
+
+        values = np.asarray(values)
+        if values.ndim != 3 or values.shape[2] != 3:
+            raise ValueError(f"values must have shape (N, T, 3) = (x, y, background), got {values.shape}.")
+        n, t = values.shape[:2]
+        return render_background_disks(values.reshape(n * t, 3), self.resolution).view(n, t, 1, self.resolution, self.resolution)
