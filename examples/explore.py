@@ -47,6 +47,7 @@ from sami_adapter.adapter import read_adapter_config, resolve_adapter_dir  # noq
 from sami_adapter.data import DATASETS  # noqa: E402
 from sami_adapter.evaluation import characteristic_noise_levels, default_timestep_grid, information_profile  # noqa: E402
 from sami_adapter.report import image_grid, to_jsonable  # noqa: E402
+from sami_adapter.images import model_from_unit, unit_from_model  # noqa: E402
 from sami_adapter.training import ImageFolderDataset, dataset_images  # noqa: E402
 
 KL_THRESHOLD = 0.1  # nats: a dimension below this carries (almost) nothing; the project's "active" rule
@@ -68,7 +69,7 @@ class Explorer:
 
     Args:
         pipe: the loaded :class:`~sami_adapter.SAMIPipeline`.
-        examples: (N, C, H, W) held-out images in [-1, 1], or None when the adapter's data are not
+        examples: (N, C, H, W) held-out images in [0, 1] (the pipeline's range), or None when the adapter's data are not
             a built-in dataset (then only uploads).
         kl: (D,) data-mean clean ``KL(q(z_i | x_0) || N(0, 1))`` in nats.
         noise_timestep: (D,) characteristic noise level ``t*`` of each dimension (NaN: inactive, or
@@ -123,9 +124,9 @@ def _generator(seed: int) -> torch.Generator:
 
 
 def display(images: torch.Tensor, nrow: Optional[int] = None) -> Image.Image:
-    """(N, C, H, W) images in [-1, 1] as one enlarged PIL grid (the project's ``image_grid``)."""
+    """(N, C, H, W) images in [0, 1] as one enlarged PIL grid (the project's ``image_grid``)."""
     scale = max(1, DISPLAY_SIDE // max(images.shape[-2:]))
-    return image_grid(images.detach().cpu(), nrow or images.shape[0], scale=scale)
+    return image_grid(model_from_unit(images.detach().cpu()), nrow or images.shape[0], scale=scale)
 
 
 # ---------------------------------------------------------------------------------------- loading
@@ -139,7 +140,7 @@ def load_examples(adapter_config: Dict[str, Any], pipe: SAMIPipeline, num_exampl
     dataset = DATASETS[name](num_samples=num_examples, resolution=resolution, seed=int(training.get("seed", 0)) + 10_000)
     if dataset.num_channels != pipe.unet.config.in_channels:
         return None
-    return dataset_images(dataset, num_examples)
+    return unit_from_model(dataset_images(dataset, num_examples))  # the datasets' [-1, 1] -> the pipeline's [0, 1]
 
 
 def levels_from_report(path: str, latent_dim: int) -> Optional[Dict[str, Any]]:
@@ -178,7 +179,7 @@ def _cache_key(adapter_dir: str, images: torch.Tensor, grid: Sequence[int], seed
 def measure_levels(pipe: SAMIPipeline, images: torch.Tensor, seed: int = 0, num_levels: int = 21) -> Dict[str, Any]:
     """Clean KL and characteristic noise levels of every dimension on ``images`` (:mod:`sami_adapter.evaluation`)."""
     grid = default_timestep_grid(pipe.scheduler.config.num_train_timesteps, num_levels)
-    profile = information_profile(pipe, images, grid, generator=_generator(seed))
+    profile = information_profile(pipe, model_from_unit(images), grid, generator=_generator(seed))
     levels = characteristic_noise_levels(profile, kl_threshold=KL_THRESHOLD)
     return {"profile": profile, "levels": levels}
 
@@ -234,7 +235,7 @@ def load_explorer(adapter: str, num_examples: int = 256, axes: Optional[str] = N
 
 
 def load_image(file: Union[str, os.PathLike, Image.Image], explorer: Explorer) -> torch.Tensor:
-    """An uploaded picture as the (1, C, H, W) tensor in [-1, 1] that ``encode`` takes.
+    """An uploaded picture as the (1, C, H, W) tensor in [0, 1] that ``encode`` takes.
 
     It is converted and resized like the training images of ``finetune.py --train_data_dir`` (grey
     or RGB to the UNet's channels, short side to the resolution, centre crop). Raises
@@ -269,7 +270,7 @@ def load_image(file: Union[str, os.PathLike, Image.Image], explorer: Explorer) -
         image = ImageFolderDataset([source], height, channels, center_crop=True).load(0, np.random.default_rng(0))
     except (ValueError, OSError) as e:
         raise InputError(f"{label} could not be decoded as an image ({e}). Upload a PNG, JPEG, WebP or BMP picture.") from None
-    return image.unsqueeze(0)
+    return unit_from_model(image.unsqueeze(0))
 
 
 def example_image(explorer: Explorer, index: int) -> torch.Tensor:
@@ -315,7 +316,7 @@ def encode_view(explorer: Explorer, image: torch.Tensor, sami_scale: float = 3.0
 
     Both reconstructions start from the same seeded noise. Returns a dict with ``z`` (D,) the
     posterior mean, ``std`` (D,), ``kl`` (D,) this image's KL to the prior per dimension,
-    ``reconstruction`` and ``reconstruction_scaled`` (1, C, H, W) in [-1, 1], ``pictures`` (input,
+    ``reconstruction`` and ``reconstruction_scaled`` (1, C, H, W) in [0, 1], ``pictures`` (input,
     reconstruction at 1, at ``sami_scale``, as display images) and ``figure`` (the bar chart).
     """
     pipe = explorer.pipe
@@ -343,7 +344,7 @@ def traverse_view(explorer: Explorer, z: Sequence[float], dim: int, value: float
     the same noise, so ``|image - reference|`` shows only what moving ``dim`` changed. Returns
     ``image`` (1, C, H, W), ``z`` (D,) the decoded code, ``change`` the mean absolute pixel change
     from ``reference`` (None without one) and ``pictures`` (the image and, with a reference, the
-    absolute difference on the same [-1, 1] scale: black = unchanged).
+    absolute difference on the same [0, 1] scale: black = unchanged).
     """
     if not 0 <= int(dim) < explorer.latent_dim:
         raise InputError(f"Dimension {dim} does not exist; this code has z0 to z{explorer.latent_dim - 1}.")
@@ -354,7 +355,7 @@ def traverse_view(explorer: Explorer, z: Sequence[float], dim: int, value: float
     if reference is not None:
         difference = (image - reference.cpu()).abs()
         result["change"] = float(difference.mean())
-        result["pictures"].append(display(difference - 1.0))  # |diff| in [0, 2] shown on [-1, 1]: black = 0
+        result["pictures"].append(display(difference))  # black = unchanged
     return result
 
 

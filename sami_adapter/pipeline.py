@@ -29,7 +29,7 @@ class SAMIPipelineOutput(ImagePipelineOutput):
     """Output of :class:`SAMIPipeline`.
 
     Args:
-        images: PIL images, a numpy array (N, H, W, C) in [0, 1], a tensor (N, C, H, W) in [-1, 1], or
+        images: PIL images, a numpy array (N, H, W, C) in [0, 1], a tensor (N, C, H, W) in [0, 1] (as diffusers), or
             with ``output_type="latent"`` the undecoded UNet-space sample.
         z: (N, latent_dim) the SAMI codes that guided each image.
     """
@@ -170,22 +170,15 @@ class SAMIPipeline(DiffusionPipeline):
     def preprocess(self, images: ImageInput) -> torch.Tensor:
         """Images -> the UNet's clean input ``x_0`` (N, C, H, W) on the pipeline's device.
 
-        Without a VAE that is the pixels in [-1, 1]; with one, the images (checked to be
-        ``unet.sample_size * vae_scale_factor`` pixels and ``vae.in_channels`` (3) channels) are encoded
-        to the VAE latent mean scaled by ``vae.config.scaling_factor`` (deterministic, no gradient).
-
-        Accepts what :func:`sami_adapter.images.to_model_range` reads: float tensors in [-1, 1], uint8
-        tensors, numpy arrays (N, H, W, C) as uint8 [0, 255], uint16 [0, 65535] or float [0, 1], and
-        PIL images (8-bit, or 16-bit grey); anything else, or values outside their range, raise.
+        Reads images as diffusers' ``VaeImageProcessor`` does (:mod:`sami_adapter.images`): PIL
+        images, numpy arrays (N, H, W, C) and tensors (N, C, H, W) in [0, 1] (uint8/uint16 scaled by
+        their maximum; a float batch with values below 0 is read as [-1, 1], deprecated as in
+        diffusers). Images of another size are resized to the model's (PIL with Lanczos, arrays and
+        tensors with nearest interpolation). Without a VAE ``x_0`` is the pixels in [-1, 1]; with
+        one, the VAE latent mean scaled by ``vae.config.scaling_factor`` (deterministic, no gradient).
         """
-        expected = self._image_shape()
-        images = to_model_range(images, channels=expected[0])
-        taker = f"the VAE (scale factor {self.vae_scale_factor}) of this latent UNet" if self.is_latent else "the UNet"
-        if images.ndim != 4 or tuple(images.shape[1:]) != expected:
-            raise ValueError(
-                f"images have shape {tuple(images.shape)} but {taker} takes (N, {expected[0]}, {expected[1]}, {expected[2]}); "
-                f"resize to {expected[1]}x{expected[2]} and use {expected[0]} channel(s)."
-            )
+        channels, height, width = self._image_shape()
+        images = to_model_range(images, channels=channels, size=(height, width))
         device = self._execution_device
         if self.is_latent:
             return images_to_latents(self.vae, images.to(device)).to(device=device, dtype=self.unet.dtype)
@@ -216,7 +209,10 @@ class SAMIPipeline(DiffusionPipeline):
         ``x_0`` and ``x_t`` below are latents.
 
         Args:
-            images: the clean images (see :meth:`preprocess`).
+            images: the clean images as diffusers takes them (see :meth:`preprocess`): PIL images,
+                numpy arrays (N, H, W, C) or tensors (N, C, H, W) in [0, 1]. Images of another size
+                are resized to the model's (``unet.config.sample_size``, times the VAE scale factor
+                for latent diffusion), as diffusers' ``VaeImageProcessor`` does.
             timesteps: None or 0 for the clean posterior ``q(z | x_0)``; an int ``t`` to encode
                 ``x_t = a_t x_0 + s_t eps``; a sequence of K timesteps to encode every image at every
                 level in one batched call (multiscale inference).
@@ -353,7 +349,7 @@ class SAMIPipeline(DiffusionPipeline):
             generator: torch generator(s) for ``z``, the initial noise and stochastic schedulers.
             latents: (N, C, h, w) initial noise of the UNet input (diffusers' meaning); drawn when None.
             eta: DDIM's eta, passed to schedulers that accept it.
-            output_type: ``"pil"``, ``"np"`` (N, H, W, C) in [0, 1], ``"pt"`` (N, C, H, W) in [-1, 1], or
+            output_type: ``"pil"``, ``"np"`` (N, H, W, C) in [0, 1], ``"pt"`` (N, C, H, W) in [0, 1] (diffusers' ranges), or
                 ``"latent"``: the final UNet-space sample, not decoded (scaled VAE latents with a VAE).
             return_dict: return a :class:`SAMIPipelineOutput` instead of a tuple.
             prompt: text prompt(s) of a text-conditioned UNet; None conditions on the empty prompt.
@@ -440,15 +436,11 @@ class SAMIPipeline(DiffusionPipeline):
 
     @staticmethod
     def postprocess(sample: torch.Tensor, output_type: str) -> Any:
-        """(N, C, H, W) in [-1, 1] -> the requested output type."""
-        sample = sample.clamp(-1, 1)
-        if output_type == "pt":
-            return sample
-        array = ((sample + 1) / 2).float().cpu().permute(0, 2, 3, 1).numpy()
-        if output_type == "np":
-            return array
-        uint8 = (array * 255).round().astype(np.uint8)
-        return [PIL.Image.fromarray(im[..., 0] if im.shape[-1] == 1 else im) for im in uint8]
+        """(N, C, H, W) in [-1, 1] -> what diffusers' ``VaeImageProcessor.postprocess`` returns:
+        ``"pt"`` (N, C, H, W) in [0, 1], ``"np"`` (N, H, W, C) in [0, 1], ``"pil"`` a list of images."""
+        from diffusers.image_processor import VaeImageProcessor
+
+        return VaeImageProcessor(vae_scale_factor=1).postprocess(sample.clamp(-1, 1), output_type=output_type)
 
     # ------------------------------------------------------------------ uses of the code
     def _shared_noise(self, n: int, generator: Optional[torch.Generator], latents: Optional[torch.Tensor]) -> torch.Tensor:

@@ -171,8 +171,8 @@ def test_load_image_converts_like_training_and_refuses_bad_files(explorer, tmp_p
     rgb[10:20, 15:25] = 255
     Image.fromarray(rgb).save(tmp_path / "disk.png")
     image = explore.load_image(str(tmp_path / "disk.png"), explorer)
-    assert image.shape == (1, 1, 8, 8) and image.min() >= -1 and image.max() <= 1
-    assert image[0, 0, 4, 4] > 0.9 and image[0, 0, 0, 0] == -1.0  # white centre, black corner, centre-cropped
+    assert image.shape == (1, 1, 8, 8) and image.min() >= 0 and image.max() <= 1  # the pipeline's [0, 1]
+    assert image[0, 0, 4, 4] > 0.95 and image[0, 0, 0, 0] == 0.0  # white centre, black corner, centre-cropped
     assert torch.equal(explore.load_image(Image.fromarray(rgb), explorer), image)
     explore.encode_view(explorer, image, seed=0)  # what an upload gives, encode takes
 
