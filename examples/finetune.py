@@ -363,10 +363,23 @@ def build_unet(args):
     return unet, DDPMScheduler.from_config(scheduler_config)
 
 
+def _is_frozen_unet_key(key: str) -> bool:
+    return "trainable_unet." in key and "lora_" not in key
+
+
+def _drop_frozen_unet_weights(module, state_dict, prefix, local_metadata):
+    for key in [k for k in state_dict if k.startswith(prefix) and _is_frozen_unet_key(k[len(prefix):])]:
+        del state_dict[key]
+
+
+def _allow_missing_frozen_unet_weights(module, incompatible_keys):
+    incompatible_keys.missing_keys[:] = [k for k in incompatible_keys.missing_keys if not _is_frozen_unet_key(k)]
+
+
 class SAMIObjective(torch.nn.Module):
     """Encoder (+ UNet) whose forward is the SAMI loss: one forward per backward, as DDP wants."""
 
-    def __init__(self, encoder, unet, train_unet: bool):
+    def __init__(self, encoder, unet, train_unet: bool, lora_only: bool = False):
         super().__init__()
         self.encoder = encoder
         self.train_unet = train_unet
@@ -374,6 +387,9 @@ class SAMIObjective(torch.nn.Module):
             self.trainable_unet = unet
         else:  # kept out of the module tree: DDP does not wrap it and checkpoints do not copy its weights
             object.__setattr__(self, "frozen_unet", unet)
+        if lora_only:  # LoRA: the UNet's frozen base weights come from the base model, so checkpoints leave them out
+            self.register_state_dict_post_hook(_drop_frozen_unet_weights)
+            self.register_load_state_dict_post_hook(_allow_missing_frozen_unet_weights)
 
     @property
     def unet(self):
@@ -467,7 +483,7 @@ def main(argv=None):
             ["to_q", "to_k", "to_v", "to_out.0"] if unet_kwargs_one else None)
         lora_config = adapter_lib.add_lora(unet, rank=args.lora_rank, target_modules=targets)
     train_unet = args.unet_mode != "frozen"
-    objective = SAMIObjective(encoder, unet, train_unet)
+    objective = SAMIObjective(encoder, unet, train_unet, lora_only=args.unet_mode == "lora")
     param_groups = [{"params": list(encoder.parameters()), "lr": args.learning_rate}]
     unet_params = [p for p in unet.parameters() if p.requires_grad]
     if unet_params:

@@ -324,6 +324,16 @@ def test_training_step_lora_then_adapter_round_trip(base_dir, tmp_path):
     a, b = (_fixed_call(p) for p in (pipe, loaded))
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
+    # diffusers reads the same LoRA: StableDiffusionPipeline.load_lora_weights on the base gives the adapter's UNet
+    sd = StableDiffusionPipeline.from_pretrained(base_dir, safety_checker=None, requires_safety_checker=False)
+    sd.load_lora_weights(os.path.join(adapter, "unet_lora"))
+    x, hidden = torch.randn(2, LATENT_CHANNELS, LATENT_SIZE, LATENT_SIZE, generator=_gen(5)), _batch(pipe)[1]
+    with torch.no_grad():
+        expected = loaded.unet(x, 500, encoder_hidden_states=hidden).sample
+        torch.testing.assert_close(sd.unet(x, 500, encoder_hidden_states=hidden).sample, expected, atol=1e-5, rtol=1e-4)
+        plain = UNet2DConditionModel.from_pretrained(base_dir, subfolder="unet")(x, 500, encoder_hidden_states=hidden).sample
+    assert (plain - expected).abs().max() > 1e-4  # the LoRA changes the UNet, so the match above means something
+
 
 # ---------------------------------------------------------------- saving and loading
 def _assert_no_base_weights(adapter_dir: str) -> None:
