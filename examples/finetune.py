@@ -43,6 +43,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from sami_adapter import SAMIEncoder, SAMILossOutput, SAMIPipeline, nested_guidance_bands, sami_loss  # noqa: E402
 from sami_adapter.rate import RateControl, TCDiscriminator, discriminator_loss  # noqa: E402
 from sami_adapter import adapter as adapter_lib  # noqa: E402
+from sami_adapter.card import adapter_model_card  # noqa: E402
+from sami_adapter.hub import upload_to_hub  # noqa: E402
 from sami_adapter.data import DATASETS  # noqa: E402
 from sami_adapter.evaluation import NOISE_BANDS, active_dimensions, band_gains  # noqa: E402
 from sami_adapter.latent import LatentCache, images_to_latents, load_latent_components, vae_scale_factor  # noqa: E402
@@ -172,6 +174,7 @@ def parse_args(argv=None):
     g.add_argument("--push_to_hub", action="store_true", help="Upload the adapter (with a model card) to the Hub.")
     g.add_argument("--hub_model_id", default=None, help="Hub repo id for --push_to_hub.")
     g.add_argument("--hub_token", default=None, help="Hub token (default: the cached login).")
+    g.add_argument("--hub_private_repo", action="store_true", help="Create the --hub_model_id repo as private (an existing repo keeps its visibility).")
     args = p.parse_args(argv)
     if args.pretrained_model_name_or_path is None and args.unet_mode != "full":
         args.pretrained_model_name_or_path = DEFAULT_BASE
@@ -675,7 +678,8 @@ def main(argv=None):
         extra = {"training": {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None)))}, "metrics": report}
         # The adapter first: an evaluation that fails must not cost the trained weights.
         adapter_lib.save_adapter(args.output_dir, model.encoder, base_ref, revision=args.revision, unet=model.unet, unet_mode=args.unet_mode,
-                                 lora_config=lora_config, extra=extra, model_card=model_card(args, report))
+                                 lora_config=lora_config, extra=extra)
+        write_model_card(args)
         logger.info(f"Adapter saved to {args.output_dir} ({train_seconds:.0f} s)")
         if not args.no_report:
             pipe = make_pipeline(model.encoder, model.unet, noise_scheduler, components)
@@ -685,14 +689,11 @@ def main(argv=None):
             disks = args.dataset == "disks" and not (args.train_data_dir or args.dataset_name)
             report = {**write_report(pipe, images, report_dir, noise_scheduler, seed=args.seed, num_inference_steps=args.num_inference_steps,
                                      eta=args.eval_eta, sami_scale=args.eval_sami_scale, disk_factors=disks), **report}
-            adapter_lib.update_adapter_config(args.output_dir, {"metrics": report}, model_card(args, report))
+            adapter_lib.update_adapter_config(args.output_dir, {"metrics": report})
+            write_model_card(args)
             logger.info(f"Report: {json.dumps(report)}")
         if args.push_to_hub:
-            from huggingface_hub import create_repo, upload_folder
-
-            repo_id = create_repo(args.hub_model_id, exist_ok=True, token=args.hub_token).repo_id
-            upload_folder(repo_id=repo_id, folder_path=args.output_dir, token=args.hub_token,
-                          ignore_patterns=["checkpoint-*", "logs/*", ".tmp-*", "latent_cache/*"], commit_message="SAMI adapter")
+            upload_to_hub(args.output_dir, args.hub_model_id, token=args.hub_token, private=args.hub_private_repo)
     # Both ranks leave together: a rank that tears the process group down while rank 0 is still
     # saving makes rank 0 hang at exit.
     accelerator.wait_for_everyone()
@@ -754,33 +755,10 @@ def load_checkpoint(accelerator, path, run_config) -> int:
     return int(meta["step"])
 
 
-def model_card(args, report) -> str:
-    metrics = "\n".join(f"- {k}: {v}" for k, v in report.items() if not isinstance(v, (dict, list)))
-    return f"""---
-library_name: diffusers
-tags: [sami, representation-learning, diffusion, adapter]
-base_model: {args.pretrained_model_name_or_path}
----
-# SAMI adapter
-
-A SAMI (Score-based Autoencoder for Multiscale Inference) encoder for the diffusion model
-`{args.pretrained_model_name_or_path}` (UNet mode: `{args.unet_mode}`), trained with `sami-adapter`.
-
-- data: {args.train_data_dir or args.dataset_name or args.dataset}, {args.resolution or 'native'} px
-- latent dimensions: {args.latent_dim}; beta (KL weight{', ELBO units' if args.weighting == 'elbo' else ', against the unweighted denoising error'}): {args.beta}; weighting: {args.weighting}; free bits: {args.free_bits}
-- steps: {args.max_train_steps} x batch {args.train_batch_size}; seed {args.seed}
-
-## Measured on held-out data
-{metrics}
-
-## Use
-```python
-from sami_adapter import SAMIPipeline
-pipe = SAMIPipeline.from_pretrained("{args.hub_model_id or args.output_dir}")
-z = pipe.encode(images).mean          # codes
-recon = pipe.reconstruct(images).images
-```
-"""
+def write_model_card(args) -> None:
+    """README.md of the adapter from its config (metrics included once the report has run)."""
+    card = adapter_model_card(adapter_lib.read_adapter_config(args.output_dir), args.output_dir, args.hub_model_id)
+    adapter_lib.update_adapter_config(args.output_dir, {}, str(card))
 
 
 if __name__ == "__main__":

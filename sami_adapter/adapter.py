@@ -55,13 +55,24 @@ def resolve_adapter_dir(name_or_path: str, revision: Optional[str] = None, **hub
         return name_or_path
     if os.path.exists(name_or_path):
         return None
-    from huggingface_hub import hf_hub_download, snapshot_download
-    from huggingface_hub.errors import EntryNotFoundError, HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError
+    from huggingface_hub import hf_hub_download, snapshot_download, try_to_load_from_cache
+    from huggingface_hub.errors import EntryNotFoundError, HFValidationError, LocalEntryNotFoundError
 
     try:
         hf_hub_download(name_or_path, ADAPTER_CONFIG_NAME, revision=revision, **hub_kwargs)
-    except (EntryNotFoundError, RepositoryNotFoundError, LocalEntryNotFoundError, HFValidationError, OSError):
+    except LocalEntryNotFoundError as e:  # first: it is a subclass of EntryNotFoundError
+        # Offline (HF_HUB_OFFLINE, local_files_only) or no connection: a diffusers pipeline already in the cache may
+        # still load; anything else fails here, with the Hub's own reason, not later as a puzzling pipeline error.
+        cached = try_to_load_from_cache(name_or_path, "model_index.json", cache_dir=hub_kwargs.get("cache_dir"), revision=revision)
+        if isinstance(cached, str):
+            return None
+        raise OSError(
+            f"{name_or_path!r} is not a local folder and could not be fetched from the Hub ({e}). Check the connection "
+            "(or unset HF_HUB_OFFLINE / local_files_only), or pass the path of a downloaded adapter."
+        ) from e
+    except (HFValidationError, EntryNotFoundError):  # not a repo id, or a repo without an adapter: a diffusers pipeline
         return None
+    # Authentication (401), gated or missing repos and network errors propagate with huggingface_hub's own message.
     return snapshot_download(name_or_path, revision=revision, **hub_kwargs)
 
 

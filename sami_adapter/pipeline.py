@@ -15,6 +15,7 @@ from diffusers import DiffusionPipeline, ImagePipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from .adapter import HUB_KWARGS, check_load_kwargs, has_lora_layers, load_adapter_components, merge_lora, resolve_adapter_dir
+from .hub import save_adapter_from_pipeline, upload_to_hub
 from .encoder import LatentPosterior, SAMIEncoder, check_encoder_fits_unet
 from .guidance import add_noise, apply_guidance, check_scheduler, check_timesteps, encoder_noise_level, posterior_score
 from .images import ImageInput, to_model_range
@@ -116,12 +117,29 @@ class SAMIPipeline(DiffusionPipeline):
             return super().from_pretrained(path, **kwargs)
         check_load_kwargs(kwargs)
         kwargs.pop("revision", None)
-        return cls(**load_adapter_components(adapter_dir, **kwargs))
+        pipe = cls(**load_adapter_components(adapter_dir, **kwargs))
+        pipe._adapter_dir = adapter_dir  # save_pretrained / push_to_hub write the adapter again, not the base
+        return pipe
 
-    def save_pretrained(self, save_directory: Union[str, os.PathLike], **kwargs) -> None:
-        """``DiffusionPipeline.save_pretrained``; a UNet that still carries unmerged LoRA layers
-        (``from_pretrained(adapter, merge_lora=False)``) is saved with the LoRA folded into a copy,
-        so that the saved folder loads back as a plain UNet with the same outputs."""
+    def save_pretrained(self, save_directory: Union[str, os.PathLike], save_base: bool = False, **kwargs) -> None:
+        """Save the pipeline. Loaded from an adapter, it is saved as an adapter again (encoder, LoRA or
+        trained UNet, config with the reference to the base model, model card; :func:`~sami_adapter.adapter.save_adapter`),
+        without the base model's weights unless ``save_base=True``.
+
+        Otherwise (or with ``save_base=True``) this is ``DiffusionPipeline.save_pretrained``; a UNet
+        that still carries unmerged LoRA layers (``from_pretrained(adapter, merge_lora=False)``) is
+        saved with the LoRA folded into a copy, so that the folder loads back as a plain UNet with
+        the same outputs. ``push_to_hub=True`` (with ``repo_id``, ``private``, ``token``,
+        ``commit_message``, ``create_pr``) then uploads the folder, as in diffusers.
+        """
+        if getattr(self, "_adapter_dir", None) is not None and not save_base:
+            push = kwargs.pop("push_to_hub", False)
+            hub = {k: kwargs.pop(k) for k in ("repo_id", "private", "token", "commit_message", "create_pr") if k in kwargs}
+            repo_id = hub.get("repo_id") or os.path.basename(os.path.normpath(str(save_directory)))
+            save_adapter_from_pipeline(self, str(save_directory), self._adapter_dir, repo_id if push else None)
+            if push:
+                upload_to_hub(str(save_directory), repo_id, **{k: v for k, v in hub.items() if k != "repo_id"})
+            return None
         if not has_lora_layers(self.unet):
             return super().save_pretrained(save_directory, **kwargs)
         import copy
@@ -132,6 +150,40 @@ class SAMIPipeline(DiffusionPipeline):
             return super().save_pretrained(save_directory, **kwargs)
         finally:
             self.register_modules(unet=unet)
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        commit_message: Optional[str] = None,
+        private: Optional[bool] = None,
+        token: Optional[Union[str, bool]] = None,
+        create_pr: bool = False,
+        save_base: bool = False,
+        **kwargs,
+    ) -> Any:
+        """Upload to the Hub repo ``repo_id`` (created if needed), as ``diffusers``' ``push_to_hub``.
+
+        A pipeline loaded from an adapter uploads the adapter only (what :meth:`save_pretrained`
+        writes: encoder, LoRA, config, model card), never the base model's weights unless
+        ``save_base=True``. Authentication and network errors are raised with ``huggingface_hub``'s
+        own message.
+        """
+        if getattr(self, "_adapter_dir", None) is None or save_base:
+            source, self._adapter_dir = getattr(self, "_adapter_dir", None), None  # diffusers' save_pretrained writes everything
+            try:
+                return super().push_to_hub(repo_id, commit_message=commit_message, private=private, token=token, create_pr=create_pr,
+                                           **kwargs)
+            finally:
+                self._adapter_dir = source
+        import tempfile
+
+        from huggingface_hub import create_repo
+
+        repo_id = create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = os.path.join(tmp, "adapter")
+            save_adapter_from_pipeline(self, folder, self._adapter_dir, repo_id)
+            return upload_to_hub(folder, repo_id, token=token, commit_message=commit_message, create_pr=create_pr, create=False)
 
     # ------------------------------------------------------------------ input checks
     @property

@@ -152,7 +152,13 @@ def test_pickled_weights_are_refused_unless_opted_in(tmp_path):
 def test_a_pipeline_with_unmerged_lora_saves_a_folder_that_loads_back(tmp_path):
     adapter, _ = _lora_adapter(tmp_path)
     unmerged = SAMIPipeline.from_pretrained(adapter, merge_lora=False)
-    unmerged.save_pretrained(tmp_path / "saved")
+    # By default a pipeline loaded from an adapter is saved as an adapter: LoRA only, no base UNet.
+    unmerged.save_pretrained(tmp_path / "adapter-again")
+    assert sorted(os.listdir(tmp_path / "adapter-again" / "unet_lora")) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert not (tmp_path / "adapter-again" / "unet").exists()
+    torch.testing.assert_close(_output(SAMIPipeline.from_pretrained(tmp_path / "adapter-again")), _output(unmerged), atol=1e-5, rtol=1e-5)
+    # save_base=True: the whole pipeline, the LoRA folded into a plain UNet.
+    unmerged.save_pretrained(tmp_path / "saved", save_base=True)
     saved = load_file(tmp_path / "saved" / "unet" / "diffusion_pytorch_model.safetensors")
     assert not any("lora" in k or "base_layer" in k for k in saved)
     reloaded = SAMIPipeline.from_pretrained(tmp_path / "saved")
