@@ -135,6 +135,13 @@ class SAMIPipeline(DiffusionPipeline):
         if getattr(self, "_adapter_dir", None) is not None and not save_base:
             push = kwargs.pop("push_to_hub", False)
             hub = {k: kwargs.pop(k) for k in ("repo_id", "private", "token", "commit_message", "create_pr") if k in kwargs}
+            if kwargs.get("safe_serialization", True):  # safetensors is what an adapter is written in anyway
+                kwargs.pop("safe_serialization", None)
+            if kwargs:
+                raise TypeError(
+                    f"save_pretrained of an adapter got {sorted(kwargs)}; an adapter is written as safetensors as it is. "
+                    "Pass save_base=True to save the whole pipeline with diffusers' options."
+                )
             repo_id = hub.get("repo_id") or os.path.basename(os.path.normpath(str(save_directory)))
             save_adapter_from_pipeline(self, str(save_directory), self._adapter_dir, repo_id if push else None)
             if push:

@@ -396,6 +396,40 @@ PAGE_STATE = """(() => {
 })()"""
 
 
+CLICK = """((name) => {
+  const button = [...document.querySelectorAll('button')].find(b => b.innerText.trim() === name && b.offsetParent !== null);
+  if (button) button.click();
+  return !!button;
+})(%s)"""
+
+SHOWN = """((label) => {
+  const block = [...document.querySelectorAll('.block')].find(b => b.offsetParent !== null && b.querySelector('img')
+                                                                  && b.innerText.includes(label));
+  const image = block && block.querySelector('img');
+  return {shown: !!(image && image.complete && image.naturalWidth > 0 && image.src.includes('file=')),
+          busy: document.querySelectorAll('.eta-bar, .progress-text').length,
+          thumbnails: [...document.querySelectorAll('img')].filter(i => i.src.includes('example-') && i.naturalWidth > 0).length};
+})(%s)"""
+
+
+def _until(browser, session, expression, done, timeout=90):
+    deadline, value = time.time() + timeout, {}
+    while time.time() < deadline:
+        value = browser.send("Runtime.evaluate", session=session, expression=expression, returnByValue=True)["result"].get("value") or {}
+        if done(value):
+            return value
+        time.sleep(0.5)
+    return value
+
+
+def _open_tab_and_run(browser, session, tab, button, label):
+    """Click a tab, then its button; wait until the image labelled ``label`` has loaded and nothing is running."""
+    assert browser.send("Runtime.evaluate", session=session, expression=CLICK % json.dumps(tab), returnByValue=True)["result"]["value"], tab
+    time.sleep(0.5)
+    assert browser.send("Runtime.evaluate", session=session, expression=CLICK % json.dumps(button), returnByValue=True)["result"]["value"], button
+    return _until(browser, session, SHOWN % json.dumps(label), lambda v: v.get("shown") and v.get("busy") == 0)
+
+
 def test_page_in_headless_chromium(request, tmp_path):
     """Open the page, wait until the first example is encoded, screenshot it, check what a person sees.
 
@@ -422,6 +456,9 @@ def test_page_in_headless_chromium(request, tmp_path):
                 time.sleep(0.5)
             time.sleep(0.5)  # let the plot finish painting
             shot = base64.b64decode(browser.send("Page.captureScreenshot", session=session, format="png")["data"])
+            thumbnails = _until(browser, session, SHOWN % json.dumps("held-out examples"), lambda v: v.get("thumbnails", 0) >= 2)
+            grid = _open_tab_and_run(browser, session, "Grid", "Decode the grid", "traversal grid")
+            between = _open_tab_and_run(browser, session, "Interpolate", "Interpolate", "the decodes from a to b")
         finally:
             browser.close()
     path = tmp_path / "explorer.png"
@@ -432,6 +469,8 @@ def test_page_in_headless_chromium(request, tmp_path):
     assert state["busy"] == 0
     assert state["sliders"] >= 2 + (0 if adapter else 2)
     assert "SAMI latent explorer" in state["text"]
+    assert thumbnails.get("thumbnails", 0) >= 2, "the held-out example thumbnails did not load"
+    assert grid.get("shown") and between.get("shown"), (grid, between)  # the Grid and Interpolate tabs decode in the page
     assert "loses half its information" in state["text"] or "keeps over half its information" in state["text"]  # slider labels
     with Image.open(path) as picture:
         assert picture.size[0] >= 1000 and np.asarray(picture.convert("L")).std() > 10  # not a blank page

@@ -131,6 +131,9 @@ def test_save_pretrained_of_a_loaded_adapter_writes_an_adapter_that_loads_back(t
     assert sorted(os.listdir(out)) == ["README.md", "encoder", "report", "sami_adapter_config.json"]
     config = json.loads((out / "sami_adapter_config.json").read_text())
     assert config["base_model_abspath"] == os.path.abspath(DEFAULT_BASE) and config["metrics"]["active_dims"] == 2
+    with pytest.raises(TypeError, match=r"save_pretrained of an adapter got \['variant'\].*Pass save_base=True"):
+        pipe.save_pretrained(tmp_path / "other", variant="fp16")
+    assert not (tmp_path / "other").exists()
     again = SAMIPipeline.from_pretrained(str(out))
     x = torch.rand(2, 1, 16, 16, generator=torch.Generator().manual_seed(0))
     assert torch.equal(again.encode(x).mean, pipe.encode(x).mean)
