@@ -40,6 +40,19 @@ def _number_lines(metrics: Dict[str, Any]) -> List[str]:
     return lines
 
 
+def evaluation_metrics(adapter_dir: Optional[str]) -> Dict[str, Any]:
+    """MIG and DCI from ``evaluation/report.json`` (what ``examples/evaluate.py --output_dir ADAPTER/evaluation``
+    writes for a dataset with ground-truth factors), or {}."""
+    import json
+
+    path = os.path.join(adapter_dir or "", "evaluation", "report.json")
+    if not adapter_dir or not os.path.isfile(path):
+        return {}
+    with open(path) as f:
+        metrics = json.load(f).get("metrics") or {}
+    return {k: metrics[k] for k in ("mig", "dci") if k in metrics}
+
+
 def adapter_model_card(config: Dict[str, Any], adapter_dir: Optional[str] = None, repo_id: Optional[str] = None) -> Any:
     """The ``huggingface_hub.ModelCard`` of an adapter described by its ``sami_adapter_config.json`` ``config``.
 
@@ -62,7 +75,7 @@ def adapter_model_card(config: Dict[str, Any], adapter_dir: Optional[str] = None
     facts = [f"- base model: {base_line}", f"- UNet: {config.get('unet_mode', 'frozen')}", f"- code size: {config.get('latent_dim')}"]
     if dataset:
         facts.append(f"- data: {dataset}, {training.get('resolution') or 'native'} px; {training.get('max_train_steps')} steps, seed {training.get('seed')}")
-    numbers = _number_lines(config.get("metrics") or {})
+    numbers = _number_lines({**(config.get("metrics") or {}), **evaluation_metrics(adapter_dir)})
     pictures = [f"![{alt}](report/{name})" for name, alt in REPORT_PICTURES
                 if adapter_dir and os.path.isfile(os.path.join(adapter_dir, "report", name))]
     where = repo_id or (os.path.basename(os.path.normpath(adapter_dir)) if adapter_dir else "path/to/adapter")

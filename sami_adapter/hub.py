@@ -37,6 +37,16 @@ def _base_reference(config: dict, source_dir: str) -> str:
     return local_base_abspath(base, source_dir) or config.get("base_model_abspath") or base
 
 
+def _copy_report(source: str, target: str) -> None:
+    """The pictures and numbers of a report folder (not its caches or anything large)."""
+    if not os.path.isdir(source) or os.path.abspath(source) == os.path.abspath(target):
+        return
+    os.makedirs(target, exist_ok=True)
+    for name in sorted(os.listdir(source)):
+        if name.endswith(_REPORT_SUFFIXES) and os.path.isfile(os.path.join(source, name)):
+            shutil.copy2(os.path.join(source, name), os.path.join(target, name))
+
+
 def save_adapter_from_pipeline(pipe: Any, output_dir: str, source_dir: str, repo_id: Optional[str] = None) -> str:
     """Write the adapter that ``pipe`` was loaded from (``source_dir``) into ``output_dir``, with the pipeline's
     current encoder (and UNet, for a full-UNet adapter) and a model card; no base model weights.
@@ -54,12 +64,8 @@ def save_adapter_from_pipeline(pipe: Any, output_dir: str, source_dir: str, repo
     extra = {k: v for k, v in config.items() if k not in _OWN_KEYS}
     save_adapter(output_dir, pipe.encoder, _base_reference(config, source_dir), revision=config.get("revision"), unet=pipe.unet,
                  unet_mode=mode, lora_config=lora_config, lora_weights=lora_weights, extra=extra)
-    report = os.path.join(source_dir, "report")
-    if os.path.isdir(report) and os.path.abspath(report) != os.path.abspath(os.path.join(output_dir, "report")):
-        os.makedirs(os.path.join(output_dir, "report"), exist_ok=True)
-        for name in sorted(os.listdir(report)):
-            if name.endswith(_REPORT_SUFFIXES) and os.path.isfile(os.path.join(report, name)):
-                shutil.copy2(os.path.join(report, name), os.path.join(output_dir, "report", name))
+    for folder in ("report", "evaluation"):  # the training and evaluation reports: the card shows them
+        _copy_report(os.path.join(source_dir, folder), os.path.join(output_dir, folder))
     card = adapter_model_card(read_adapter_config(output_dir), output_dir, repo_id)
     update_adapter_config(output_dir, {}, str(card))
     return output_dir

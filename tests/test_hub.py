@@ -68,6 +68,9 @@ def _default_adapter(tmp_path):
                                                 "metrics": metrics})
     os.makedirs(os.path.join(out, "report"))
     shutil.copy(os.path.join(ROOT, "docs", "default-report", "traversals.png"), os.path.join(out, "report", "traversals.png"))
+    os.makedirs(os.path.join(out, "evaluation"))  # what examples/evaluate.py --output_dir ADAPTER/evaluation writes
+    with open(os.path.join(out, "evaluation", "report.json"), "w") as f:
+        json.dump({"metrics": {"mig": 0.0669, "dci": {"disentanglement": 0.2113}}}, f)
     os.makedirs(os.path.join(out, "checkpoint-100"))  # what a training run leaves behind: never uploaded
     return out, encoder
 
@@ -91,15 +94,16 @@ def test_pushing_the_default_adapter_uploads_the_adapter_not_the_base(tmp_path, 
     pipe = SAMIPipeline.from_pretrained(adapter)
     url = pipe.push_to_hub("me/sami-disks", private=True)
     assert url.startswith("https://huggingface.co/me/sami-disks") and hub.created == [{"repo_id": "me/sami-disks", "private": True}]
-    assert sorted(hub.files) == ["README.md", "encoder/config.json", "encoder/diffusion_pytorch_model.safetensors", "report/traversals.png",
-                                 "sami_adapter_config.json"]
+    assert sorted(hub.files) == ["README.md", "encoder/config.json", "encoder/diffusion_pytorch_model.safetensors",
+                                 "evaluation/report.json", "report/traversals.png", "sami_adapter_config.json"]
     # ~0.42 M float32 parameters: 1.7 MB, less than half the 4.1 MB base UNet, which is not uploaded at all.
     assert sum(p.numel() for p in encoder.parameters()) == 418_704
     assert max(hub.files.values()) < 2 * 2**20 < os.path.getsize(os.path.join(DEFAULT_BASE, "unet", "diffusion_pytorch_model.safetensors"))
     card = hub.cards[0]
     assert card.data.library_name == "sami-adapter" and "sami-adapter" in card.data.tags
     assert card.data.to_dict().get("base_model") is None  # the base is a local folder: no path on the Hub
-    assert "53.9%" in card.text and "x 0.71, y 0.66, radius 0.77" in card.text and "![" in card.text
+    assert "53.9%" in card.text and "x 0.71, y 0.66, radius 0.77" in card.text and "KL per dimension (nats" in card.text
+    assert "MIG: 0.067" in card.text and "DCI disentanglement: 0.211" in card.text and "![" in card.text
     assert 'SAMIPipeline.from_pretrained("me/sami-disks")' in card.text
     assert pipe.encoder is not None and os.path.isdir(os.path.join(adapter, "checkpoint-100"))  # the source is left alone
 
@@ -128,7 +132,7 @@ def test_save_pretrained_of_a_loaded_adapter_writes_an_adapter_that_loads_back(t
     pipe = SAMIPipeline.from_pretrained(adapter)
     out = tmp_path / "moved" / "copy"
     pipe.save_pretrained(out)
-    assert sorted(os.listdir(out)) == ["README.md", "encoder", "report", "sami_adapter_config.json"]
+    assert sorted(os.listdir(out)) == ["README.md", "encoder", "evaluation", "report", "sami_adapter_config.json"]
     config = json.loads((out / "sami_adapter_config.json").read_text())
     assert config["base_model_abspath"] == os.path.abspath(DEFAULT_BASE) and config["metrics"]["active_dims"] == 2
     with pytest.raises(TypeError, match=r"save_pretrained of an adapter got \['variant'\].*Pass save_base=True"):
