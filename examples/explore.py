@@ -525,7 +525,7 @@ def _more_tabs(gr, explorer: Explorer, state, scale, seed, files_dir: str) -> No
                 upload_b = gr.File(label="or upload image b", type="filepath")
         with gr.Row():
             inter_steps = gr.Slider(2, 16, value=8, step=1, label="steps")
-            inter_button = gr.Button("Interpolate", variant="primary")
+            inter_button = gr.Button("Decode from a to b", variant="primary")
         interpolation = gr.Image(label="a, the decodes from a to b, b", type="pil", format="png", interactive=False)
     with gr.Row():
         export = gr.Button("Export the current code as JSON")
@@ -714,7 +714,7 @@ def main(argv: Optional[List[str]] = None) -> None:
 
     files_dir = tempfile.mkdtemp(prefix="sami-explore-")
     app = build_app(explorer, files_dir)
-    # footer_links is Gradio 6's (pyproject pins gradio>=6,<7, the versions the tests run on).
+    # footer_links is Gradio 6's (pyproject pins gradio>=6.17.3,<7: the versions whose page loads nothing from outside).
     app.launch(server_name=args.host, server_port=port, share=args.share, max_file_size=MAX_UPLOAD_BYTES, show_error=True,
                footer_links=["api"], allowed_paths=[files_dir])
 

@@ -396,8 +396,9 @@ PAGE_STATE = """(() => {
 })()"""
 
 
-CLICK = """((name) => {
-  const button = [...document.querySelectorAll('button')].find(b => b.innerText.trim() === name && b.offsetParent !== null);
+CLICK = """((name) => {  // a tab (role=tab: Gradio also keeps hidden copies of tab labels for measuring) or a button
+  const visible = [...document.querySelectorAll('[role=tab], button')].filter(b => b.innerText.trim() === name && b.offsetParent !== null);
+  const button = visible.find(b => b.getAttribute('role') === 'tab') || visible.find(b => b.tabIndex !== -1);
   if (button) button.click();
   return !!button;
 })(%s)"""
@@ -406,9 +407,11 @@ SHOWN = """((label) => {
   const block = [...document.querySelectorAll('.block')].find(b => b.offsetParent !== null && b.querySelector('img')
                                                                   && b.innerText.includes(label));
   const image = block && block.querySelector('img');
+  if (image) image.scrollIntoView({block: 'center'});  // Gradio's images load lazily: only near the viewport
   return {shown: !!(image && image.complete && image.naturalWidth > 0 && image.src.includes('file=')),
           busy: document.querySelectorAll('.eta-bar, .progress-text').length,
-          thumbnails: [...document.querySelectorAll('img')].filter(i => i.src.includes('example-') && i.naturalWidth > 0).length};
+          thumbnails: [...document.querySelectorAll('img')].filter(i => i.src.includes('example-') && i.naturalWidth > 0).length,
+          errors: [...document.querySelectorAll('.toast-body')].map(e => e.innerText).join(' | ')};
 })(%s)"""
 
 
@@ -424,9 +427,11 @@ def _until(browser, session, expression, done, timeout=90):
 
 def _open_tab_and_run(browser, session, tab, button, label):
     """Click a tab, then its button; wait until the image labelled ``label`` has loaded and nothing is running."""
-    assert browser.send("Runtime.evaluate", session=session, expression=CLICK % json.dumps(tab), returnByValue=True)["result"]["value"], tab
-    time.sleep(0.5)
-    assert browser.send("Runtime.evaluate", session=session, expression=CLICK % json.dumps(button), returnByValue=True)["result"]["value"], button
+    assert _until(browser, session, CLICK % json.dumps(tab), bool, timeout=10), tab
+    time.sleep(2)  # the tab's content renders, then gets its event handlers: a click before that is lost
+    clicked = _until(browser, session, CLICK % json.dumps(button), bool, timeout=10)
+    buttons = "[...document.querySelectorAll('button')].filter(b => b.offsetParent !== null).map(b => b.innerText.trim()).join(' | ')"
+    assert clicked, (button, browser.send("Runtime.evaluate", session=session, expression=buttons, returnByValue=True)["result"])
     return _until(browser, session, SHOWN % json.dumps(label), lambda v: v.get("shown") and v.get("busy") == 0)
 
 
@@ -458,7 +463,7 @@ def test_page_in_headless_chromium(request, tmp_path):
             shot = base64.b64decode(browser.send("Page.captureScreenshot", session=session, format="png")["data"])
             thumbnails = _until(browser, session, SHOWN % json.dumps("held-out examples"), lambda v: v.get("thumbnails", 0) >= 2)
             grid = _open_tab_and_run(browser, session, "Grid", "Decode the grid", "traversal grid")
-            between = _open_tab_and_run(browser, session, "Interpolate", "Interpolate", "the decodes from a to b")
+            between = _open_tab_and_run(browser, session, "Interpolate", "Decode from a to b", "the decodes from a to b")
         finally:
             browser.close()
     path = tmp_path / "explorer.png"
