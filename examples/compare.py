@@ -85,25 +85,34 @@ def parse_baseline(spec: str) -> Dict[str, Any]:
     """``kind[:key=value,...]`` -> {"kind", "method", "setting", "params"} (see the module docstring).
 
     Keys: ``beta`` (KL weight, default 1), ``capacity`` (nats, capacity-vae; ``gamma`` its weight,
-    default 100, ``ramp`` its ramp in steps), ``tc_weight`` (beta-tcvae, factor-vae).
+    default 100, ``ramp`` its ramp in steps), ``tc_weight`` (beta-tcvae, factor-vae); every VAE also takes
+    ``likelihood`` (``bernoulli``, the default, or ``gaussian``) and ``bias_free=1`` (the SAMI paper's
+    bias-free encoder).
     """
     kind, _, rest = spec.partition(":")
     if kind not in BASELINE_KINDS:
         raise ValueError(f"unknown baseline {kind!r} in {spec!r}; choose from {sorted(BASELINE_KINDS)}.")
-    params: Dict[str, float] = {}
+    params: Dict[str, Any] = {}
     for item in filter(None, rest.split(",")):
         key, eq, value = item.partition("=")
         if not eq:
             raise ValueError(f"baseline parameter {item!r} in {spec!r} is not key=value.")
-        params[key.strip()] = float(value)
-    allowed = {"beta-vae": {"beta"}, "capacity-vae": {"beta", "capacity", "gamma", "ramp"}, "beta-tcvae": {"beta", "tc_weight"},
-               "factor-vae": {"beta", "tc_weight"}, "diffae": set()}[kind]
+        key = key.strip()
+        if key == "likelihood":
+            if value not in ("bernoulli", "gaussian"):
+                raise ValueError(f"likelihood must be bernoulli or gaussian, got {value!r} in {spec!r}.")
+            params[key] = value
+        else:
+            params[key] = float(value)
+    vae = {"likelihood", "bias_free"}
+    allowed = {"beta-vae": {"beta"} | vae, "capacity-vae": {"beta", "capacity", "gamma", "ramp"} | vae, "beta-tcvae": {"beta", "tc_weight"} | vae,
+               "factor-vae": {"beta", "tc_weight"} | vae, "diffae": set()}[kind]
     unknown = set(params) - allowed
     if unknown:
         raise ValueError(f"baseline {kind} takes {sorted(allowed) or 'no parameters'}, got {sorted(unknown)} in {spec!r}.")
     if kind == "capacity-vae" and "capacity" not in params:
         raise ValueError(f"capacity-vae needs capacity=<nats> in {spec!r}.")
-    setting = ",".join(f"{k}={v:g}" for k, v in params.items()) or "default"
+    setting = ",".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items()) or "default"
     label = BASELINE_KINDS[kind] if kind == "diffae" else f"{BASELINE_KINDS[kind]} ({setting.replace('beta=', 'β=')})"
     return {"kind": kind, "method": BASELINE_KINDS[kind], "setting": setting, "params": params, "spec": spec, "label": label}
 
@@ -234,7 +243,7 @@ def study_rows(summaries: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
                     "seed": run.get("seed"), "MIG": run["mig"], "DCI disentanglement": run["dci"]["disentanglement"],
                     "information_lower": st["information_lower"], "information_upper": st["information_upper"], "kl": st["kl"],
                     "active_dims": st["active_dims"], "prior clean fraction": st.get("prior_clean_fraction"),
-                    "reconstruction R² (x, y, radius mean)": float(np.mean([rec[k] for k in ("x", "y", "radius")])) if rec else None,
+                    "reconstruction R² (x, y, radius mean)": float(np.mean([rec[k] for k in ("x", "y", "radius") if k in rec])) if rec else None,
                     "reconstruction_r2": rec, "guidance gain": st.get("guidance_gain"),
                 })
     return rows
@@ -360,7 +369,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
                 params = spec["params"]
                 runs.append((spec, lambda sp=spec, pa=params: train_beta_vae(
                     train_data, beta=pa.get("beta", 1.0), max_seconds=budget, max_steps=args.max_steps, lr=args.lr, seed=seed,
-                    rate=baseline_rate_control(sp["kind"], pa), capacity_ramp_steps=int(pa.get("ramp", 0)), **shared)))
+                    rate=baseline_rate_control(sp["kind"], pa), capacity_ramp_steps=int(pa.get("ramp", 0)),
+                    likelihood=pa.get("likelihood", "bernoulli"), encoder_bias_free=bool(pa.get("bias_free", 0)), **shared)))
         for spec, train in runs:
             name = spec["label"]
             model = train()

@@ -8,6 +8,7 @@ step so the model never overfits. It writes a standard diffusers directory (``un
 grid of DDIM samples and the share of samples that hold one clean disk.
 
     python examples/pretrain_unet.py --output_dir models/ddpm-disks-16 --resolution 16
+    python examples/pretrain_unet.py --dataset background_disks --output_dir models/ddpm-background-disks-16
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from sami_adapter.data import DATASETS, clean_disk_fraction  # noqa: E402
+from sami_adapter.data import DATASETS, clean_background_disk_fraction, clean_disk_fraction  # noqa: E402
 from sami_adapter.report import save_image_grid  # noqa: E402
 
 
@@ -111,8 +112,9 @@ def main(argv=None):
         samples = sample_images(model, noise_scheduler.config, args.num_eval_samples, args.num_inference_steps, args.seed)
         save_image_grid(samples[:64], os.path.join(args.output_dir, "samples.png"), nrow=8, scale=4)
         report = {"train_minutes": round(minutes, 2), "steps": args.max_train_steps, "batch": args.train_batch_size}
-        if args.dataset == "disks":
-            report["clean_disk_fraction"] = clean_disk_fraction(samples)[0]
+        clean_check = {"disks": clean_disk_fraction, "background_disks": clean_background_disk_fraction}.get(args.dataset)
+        if clean_check is not None:  # the share of samples that are one clean image of the dataset
+            report["clean_disk_fraction"] = clean_check(samples)[0]
         report["parameters"] = sum(p.numel() for p in model.parameters())
         with open(os.path.join(args.output_dir, "pretrain_report.json"), "w") as f:
             json.dump(report, f, indent=2)

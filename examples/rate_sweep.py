@@ -67,6 +67,23 @@ BASELINES = {
     "btcvae": "beta-tcvae:tc_weight=5",
 }
 
+# The paper-reproduction grid (docs/paper-reproduction.md) on background_disks: the paper's recipe
+# (joint from scratch, its encoder), SAMI frozen on the shipped base with the paper's encoder and with
+# ours, and the β-VAE / β-TCVAE with the paper's encoder, Gaussian and Bernoulli likelihoods.
+BG_BASE = "models/ddpm-background-disks-16"
+SAMI.update({
+    "sami-paper": "--recipe paper",
+    "sami-frozen-paper-enc": f"--recipe adapter --pretrained_model_name_or_path {BG_BASE} --time_blind_encoder --bias_free_encoder",
+    "sami-frozen-ours": f"--recipe adapter --pretrained_model_name_or_path {BG_BASE}",
+})
+METHOD.update({
+    "sami-paper": ("SAMI, the paper's recipe", "joint from scratch"),
+    "sami-frozen-paper-enc": ("SAMI frozen, paper's encoder", "shipped base"),
+    "sami-frozen-ours": ("SAMI frozen, our encoder", "shipped base"),
+})
+BASELINES.update({f"{kind}{beta}-{lik}": f"{spec}:beta={beta},likelihood={lik},bias_free=1"
+                  for kind, spec in (("bvae", "beta-vae"), ("btcvae", "beta-tcvae")) for beta in (1, 4) for lik in ("gaussian", "bernoulli")})
+
 
 def build_jobs() -> List[Dict[str, object]]:
     """Every job, most informative first: seed 0 of every setting on disks, then dsprites, then the
@@ -109,6 +126,24 @@ def build_cpu_jobs() -> List[Dict[str, object]]:
     return jobs
 
 
+def build_paper_jobs() -> List[Dict[str, object]]:
+    """The paper-reproduction grid: 3 seeds each, the SAMI runs and the Gaussian baselines first."""
+
+    def job(dataset, kind, key, seed):
+        return {"name": f"{dataset}-{key}-s{seed}", "kind": kind, "dataset": dataset, "key": key, "seed": seed}
+
+    bg = "background_disks"
+    jobs: List[Dict[str, object]] = []
+    for seed in (0, 1, 2):
+        jobs += [job(bg, "sami", "sami-paper", seed), job(bg, "baseline", "btcvae1-gaussian", seed), job(bg, "baseline", "bvae1-gaussian", seed)]
+    for seed in (0, 1, 2):
+        jobs += [job(bg, "sami", "sami-frozen-paper-enc", seed), job(bg, "sami", "sami-frozen-ours", seed)]
+    jobs += [job("disks", "sami", "sami-paper", seed) for seed in (0, 1, 2)]
+    jobs += [job(bg, "baseline", f"{kind}{beta}-{lik}", seed) for seed in (0, 1, 2) for kind in ("bvae", "btcvae") for beta in (1, 4)
+             for lik in ("gaussian", "bernoulli") if (beta, lik) != (1, "gaussian")]
+    return jobs
+
+
 def commands(job: Dict[str, object], out: str, args: argparse.Namespace) -> List[List[str]]:
     """The shell commands of one job."""
     py = sys.executable
@@ -129,10 +164,14 @@ def commands(job: Dict[str, object], out: str, args: argparse.Namespace) -> List
         else:
             flags += ["--pretrained_model_name_or_path", base]
         flags += ["--dataset", "dsprites"]
+    elif job["dataset"] != "disks":
+        flags += ["--dataset", str(job["dataset"])]
+    if "--recipe" not in flags or "adapter" in flags:  # a preset's own step count stands
+        flags += ["--max_train_steps", str(args.sami_steps)]
     adapter = os.path.join(out, "adapters", str(job["name"]))
     method, setting = METHOD[str(job["key"])]
     return [
-        [py, "examples/finetune.py", *flags, "--seed", str(job["seed"]), "--output_dir", adapter, "--max_train_steps", str(args.sami_steps),
+        [py, "examples/finetune.py", *flags, "--seed", str(job["seed"]), "--output_dir", adapter,
          "--num_threads", "1", "--report_to", "none", "--no_report", "--validation_steps", "0", "--checkpointing_steps", "100000"],
         [py, "examples/compare.py", "--sami_adapter", adapter, "--method", method, "--setting", setting, "--baselines"] + evaluation,
     ]
@@ -164,7 +203,8 @@ def main(argv=None):
     p.add_argument("--pretrain_steps", type=int, default=8000, help="Steps of the dsprites base UNet.")
     p.add_argument("--compare_args", default="", help="Extra flags of every compare.py call (e.g. smaller metric sizes for a quick look).")
     p.add_argument("--dci_estimators", type=int, default=50, help="DCI gradient-boosting estimators (speed).")
-    p.add_argument("--grid", default="full", choices=["full", "cpu"], help="full: every setting (GPU); cpu: the 2-core cut.")
+    p.add_argument("--grid", default="full", choices=["full", "cpu", "paper"],
+                   help="full: every setting (GPU); cpu: the 2-core cut; paper: the paper-reproduction study on background_disks.")
     p.add_argument("--only", nargs="*", default=None, help="Run only jobs whose name contains one of these strings.")
     p.add_argument("--archive", default=None, help="Keep a .tar.gz of every result and log, rewritten after each finished job.")
     p.add_argument("--dry_run", action="store_true", help="Print the commands and exit.")
@@ -172,7 +212,8 @@ def main(argv=None):
     if args.workers < 1:
         p.error(f"--workers must be >= 1, got {args.workers}")
     out = os.path.abspath(args.output_dir)
-    jobs = [j for j in (build_cpu_jobs() if args.grid == "cpu" else build_jobs()) if not args.only or any(s in str(j["name"]) for s in args.only)]
+    grid = {"full": build_jobs, "cpu": build_cpu_jobs, "paper": build_paper_jobs}[args.grid]()
+    jobs = [j for j in grid if not args.only or any(s in str(j["name"]) for s in args.only)]
     if args.dry_run:
         for job in jobs:
             for cmd in commands(job, out, args):

@@ -52,6 +52,43 @@ class LatentPosterior(DiagonalGaussianDistribution):
         return -0.5 * (((z - self.mean) ** 2) / self.var + self.logvar + torch.log(torch.tensor(2 * torch.pi))).sum(dim=-1)
 
 
+class BiasFreeGroupNorm(nn.Module):
+    """GroupNorm without mean subtraction or offset: ``gamma * x / rms_group(x)``.
+
+    Mohan et al. (2020)'s bias-free normalisation: subtracting a mean or adding ``beta`` is an
+    additive constant, and a bias-free network must map a zero input to zero.
+    """
+
+    def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-6):
+        super().__init__()
+        self.num_groups, self.eps = num_groups, eps
+        self.weight = nn.Parameter(torch.ones(num_channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c = x.shape[:2]
+        grouped = x.reshape(b, self.num_groups, -1)
+        grouped = grouped * torch.rsqrt(grouped.pow(2).mean(dim=-1, keepdim=True) + self.eps)
+        return grouped.reshape(x.shape) * self.weight.view(1, c, *([1] * (x.ndim - 2)))
+
+
+class BiasFreeResnetBlock(nn.Module):
+    """``x + conv(act(norm(conv(act(norm(x))))))`` with no bias anywhere (a 1x1 projection when widths differ)."""
+
+    def __init__(self, in_channels: int, out_channels: int, groups: int):
+        super().__init__()
+        self.norm1 = BiasFreeGroupNorm(groups, in_channels)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False)
+        self.norm2 = BiasFreeGroupNorm(groups, out_channels)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False)
+        self.shortcut = nn.Conv2d(in_channels, out_channels, 1, bias=False) if in_channels != out_channels else nn.Identity()
+
+    def forward(self, x: torch.Tensor, temb: Optional[torch.Tensor] = None) -> torch.Tensor:
+        # SiLU keeps act(0) = 0 (no offset) and, unlike ReLU, a smooth input gradient: the guidance is one.
+        h = self.conv1(torch.nn.functional.silu(self.norm1(x)))
+        h = self.conv2(torch.nn.functional.silu(self.norm2(h)))
+        return self.shortcut(x) + h
+
+
 class SAMIEncoder(ModelMixin, ConfigMixin):
     r"""The inference network ``q_phi(z | x_t, t) = N(mu_phi(x_t, t), diag sigma_phi^2(x_t, t))``.
 
@@ -84,7 +121,18 @@ class SAMIEncoder(ModelMixin, ConfigMixin):
             (enters ``grad_x log q``) only where ``t < guidance_bands[i]``, in training and sampling
             alike. Nested bands (:func:`nested_guidance_bands`) give each dimension its own range of
             noise levels, so it can only carry what the image still holds there.
+        bias_free: the SAMI paper's encoder: no additive constant before the head (convolutions and
+            linear layers without bias, :class:`BiasFreeGroupNorm` without mean or offset, Mohan et
+            al. 2020) and a middle block after the down blocks. A zero image then has exactly zero
+            features, so the encoder has no offset to lean on: its confidence can only come from a
+            feature it still sees, and falls where that feature drowns in noise. Needs
+            ``time_conditioning=False`` (a timestep embedding is an additive constant). The head keeps
+            its bias: it sets the initial log-variance.
     """
+
+    # enable_gradient_checkpointing() recomputes each down block's activations in the backward pass
+    # (diffusers' default, non-reentrant torch checkpointing, which also supports SAMI's double backward).
+    _supports_gradient_checkpointing = True
 
     @register_to_config
     def __init__(
@@ -101,8 +149,12 @@ class SAMIEncoder(ModelMixin, ConfigMixin):
         min_logvar: Optional[float] = None,
         stem_stride: int = 2,
         guidance_bands: Optional[Tuple[float, ...]] = None,
+        bias_free: bool = False,
     ):
         super().__init__()
+        if bias_free and time_conditioning:
+            raise ValueError("bias_free=True needs time_conditioning=False: a timestep embedding adds a constant to the features. "
+                             "Use the noise-blind encoder (time_conditioning=False, --time_blind_encoder) with bias_free.")
         if latent_dim < 1:
             raise ValueError(f"latent_dim must be >= 1, got {latent_dim}.")
         if guidance_bands is not None:
@@ -116,22 +168,31 @@ class SAMIEncoder(ModelMixin, ConfigMixin):
         if time_conditioning:
             self.time_proj = Timesteps(block_out_channels[0], flip_sin_to_cos=True, downscale_freq_shift=0)
             self.time_embedding = TimestepEmbedding(block_out_channels[0], temb_dim)
-        self.conv_in = nn.Conv2d(in_channels, block_out_channels[0], kernel_size=3, stride=stem_stride, padding=1)
+        self.conv_in = nn.Conv2d(in_channels, block_out_channels[0], kernel_size=3, stride=stem_stride, padding=1, bias=not bias_free)
         blocks = []
         channels = block_out_channels[0]
         for i, width in enumerate(block_out_channels):
             for _ in range(layers_per_block):
-                blocks.append(ResnetBlock2D(in_channels=channels, out_channels=width, temb_channels=temb_dim, groups=norm_num_groups))
+                if bias_free:
+                    blocks.append(BiasFreeResnetBlock(channels, width, norm_num_groups))
+                else:
+                    blocks.append(ResnetBlock2D(in_channels=channels, out_channels=width, temb_channels=temb_dim, groups=norm_num_groups))
                 channels = width
             if i < len(block_out_channels) - 1:
-                blocks.append(Downsample2D(channels, use_conv=True, out_channels=channels, padding=1, name="op"))
+                if bias_free:
+                    blocks.append(nn.Conv2d(channels, channels, 3, stride=2, padding=1, bias=False))
+                else:
+                    blocks.append(Downsample2D(channels, use_conv=True, out_channels=channels, padding=1, name="op"))
+        if bias_free:  # the paper's "half UNet" ends in the UNet's middle block
+            blocks.append(BiasFreeResnetBlock(channels, channels, norm_num_groups))
         self.blocks = nn.ModuleList(blocks)
-        self.norm_out = nn.GroupNorm(norm_num_groups, channels)
+        self.norm_out = BiasFreeGroupNorm(norm_num_groups, channels) if bias_free else nn.GroupNorm(norm_num_groups, channels)
         side = max(sample_size // stem_stride // 2 ** (len(block_out_channels) - 1), 1)
         self.pool = nn.AdaptiveAvgPool2d(min(side, 4))
-        self.proj = nn.Linear(channels * min(side, 4) ** 2, hidden_dim)
+        self.proj = nn.Linear(channels * min(side, 4) ** 2, hidden_dim, bias=not bias_free)
         self.time_to_hidden = nn.Linear(temb_dim, hidden_dim) if time_conditioning else None
         self.head = nn.Linear(hidden_dim, 2 * latent_dim)
+        self.gradient_checkpointing = False
         nn.init.zeros_(self.head.weight)
         with torch.no_grad():
             self.head.bias.zero_()
@@ -154,6 +215,20 @@ class SAMIEncoder(ModelMixin, ConfigMixin):
         t = torch.as_tensor(timestep, device=self._bands.device, dtype=torch.float32).reshape(-1, 1)
         return (t < self._bands).float().expand(batch_size, -1)
 
+    def features(self, sample: torch.Tensor, temb: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The (B, hidden_dim) features the head reads (before its activation). With ``bias_free`` a
+        zero image gives exactly zero features."""
+        h = self.conv_in(sample)
+        checkpointed = self.gradient_checkpointing and torch.is_grad_enabled()
+        for block in self.blocks:
+            inputs = (h, temb) if isinstance(block, (ResnetBlock2D, BiasFreeResnetBlock)) else (h,)
+            h = self._gradient_checkpointing_func(block, *inputs) if checkpointed else block(*inputs)
+        h = torch.nn.functional.silu(self.norm_out(h))
+        h = self.proj(self.pool(h).flatten(1))
+        if temb is not None:
+            h = h + self.time_to_hidden(temb)
+        return h
+
     def forward(self, sample: torch.Tensor, timestep: Union[torch.Tensor, float, int] = 0) -> LatentPosterior:
         """Posterior ``q(z | sample, timestep)``.
 
@@ -174,14 +249,7 @@ class SAMIEncoder(ModelMixin, ConfigMixin):
             if t.ndim == 0:
                 t = t.expand(sample.shape[0])
             temb = self.time_embedding(self.time_proj(t).to(sample.dtype))
-        h = self.conv_in(sample)
-        for block in self.blocks:
-            h = block(h, temb) if isinstance(block, ResnetBlock2D) else block(h)
-        h = torch.nn.functional.silu(self.norm_out(h))
-        h = self.proj(self.pool(h).flatten(1))
-        if temb is not None:
-            h = h + self.time_to_hidden(temb)
-        params = self.head(torch.nn.functional.silu(h))
+        params = self.head(torch.nn.functional.silu(self.features(sample, temb)))
         if self.config.min_logvar is not None:
             mean, logvar = params.chunk(2, dim=-1)
             floor = self.config.min_logvar

@@ -114,12 +114,12 @@ def informative_dimensions(mean_variance_per_dim: Sequence[float], threshold: fl
 @torch.no_grad()
 def disk_reconstruction_r2(
     pipe, images: torch.Tensor, num_inference_steps: int = 50, batch_size: int = 128, seed: int = 0, eta: float = 1.0,
-    sami_scale: float = 1.0,
+    sami_scale: float = 1.0, dataset: str = "disks",
 ) -> Dict[str, object]:
-    """Reconstruct disks from ``z = mean q(z | x_0)`` and compare image moments with the inputs'.
+    """Reconstruct disks from ``z = mean q(z | x_0)`` and compare the measured factors with the inputs'.
 
-    x, y, radius and brightness are measured by :func:`sami_adapter.data.disk_moments` on both the
-    input and its reconstruction; the score per factor is R² of reconstruction against input.
+    The factors are measured on both the input and its reconstruction (:func:`disk_moment_r2`, by
+    ``dataset``); the score per factor is R² of reconstruction against input.
     ``eta = 1`` (stochastic DDIM) is the default: its fresh noise corrects the step errors that a
     sharp posterior's strong guidance causes in the deterministic ODE. ``sami_scale`` multiplies the
     posterior score (1 = the Bayes-exact decoder ``p(x | z)``; above 1 decodes from a sharpened
@@ -133,16 +133,25 @@ def disk_reconstruction_r2(
                                sami_scale=sami_scale)
         recon.append(model_from_unit(out.images.cpu()))
     recon = torch.cat(recon)
-    return {"r2": disk_moment_r2(images, recon), "reconstructions": recon}
+    return {"r2": disk_moment_r2(images, recon, dataset), "reconstructions": recon}
 
 
-def disk_moment_r2(images: torch.Tensor, reconstructions: torch.Tensor) -> Dict[str, float]:
-    """R² of each disk factor (x, y, radius, brightness), measured by
-    :func:`sami_adapter.data.disk_moments` on the reconstructions against the inputs."""
-    from .data.disks import disk_moments
+DISK_DATASETS = ("disks", "background_disks")
 
-    true_m, rec_m = disk_moments(images.cpu()), disk_moments(reconstructions.cpu())
-    return {name: r2_score(true_m[name].numpy(), rec_m[name].numpy()) for name in ("x", "y", "radius", "brightness")}
+
+def disk_moment_r2(images: torch.Tensor, reconstructions: torch.Tensor, dataset: str = "disks") -> Dict[str, float]:
+    """R² of each factor measured on the reconstructions against the inputs.
+
+    ``disks``: x, y, radius, brightness from :func:`sami_adapter.data.disk_moments`;
+    ``background_disks``: x, y, background from :func:`sami_adapter.data.background_disk_fit`.
+    """
+    from .data import background_disk_fit, disk_moments
+
+    if dataset not in DISK_DATASETS:
+        raise ValueError(f"dataset must be one of {DISK_DATASETS} (the sets whose factors can be measured on an image), got {dataset!r}.")
+    measure, names = (disk_moments, ("x", "y", "radius", "brightness")) if dataset == "disks" else (background_disk_fit, ("x", "y", "background"))
+    true_m, rec_m = measure(images.cpu()), measure(reconstructions.cpu())
+    return {name: r2_score(true_m[name].numpy(), rec_m[name].numpy()) for name in names}
 
 
 @torch.no_grad()
@@ -317,6 +326,17 @@ def _noise_at(profile: Dict[str, Any], t: float) -> tuple:
     return math.sqrt(max(1.0 - sigma**2, 0.0)), sigma
 
 
+def first_crossing(grid: np.ndarray, values: np.ndarray, threshold: float) -> Optional[float]:
+    """The first ``t`` on ``grid`` (increasing, from 0) where ``values`` falls below ``threshold``, interpolated
+    linearly between the last grid point at or above it and the first below; None when it never does."""
+    below = np.flatnonzero(np.asarray(values[1:]) < threshold)
+    if below.size == 0:
+        return None
+    k = int(below[0]) + 1
+    hi, lo = values[k - 1], values[k]
+    return float(grid[k - 1] + (hi - threshold) / (hi - lo) * (grid[k] - grid[k - 1]))
+
+
 def characteristic_noise_levels(
     profile: Dict[str, Any],
     fraction: float = 0.5,
@@ -366,14 +386,10 @@ def characteristic_noise_levels(
     for i in active:
         if not clean[i] > 0:
             continue
-        threshold = fraction * clean[i]
-        below = np.flatnonzero(info[1:, i] < threshold)
-        if below.size == 0:
+        t_star = first_crossing(grid, info[:, i], fraction * clean[i])
+        if t_star is None:
             censored[i] = True
             continue
-        k = int(below[0]) + 1
-        hi, lo = info[k - 1, i], info[k, i]
-        t_star = grid[k - 1] + (hi - threshold) / (hi - lo) * (grid[k] - grid[k - 1])
         alpha, sigma = _noise_at(profile, t_star)
         out["timestep"][i], out["alpha"][i], out["sigma"][i] = t_star, alpha, sigma
         out["snr"][i] = alpha**2 / sigma**2 if sigma > 0 else np.inf
@@ -427,3 +443,109 @@ def noise_order_agreement(a: Dict[str, float], b: Dict[str, float]) -> Dict[str,
 
         tau = float(kendalltau([a[n] for n in common], [b[n] for n in common]).statistic)
     return {"factors": common, "order_a": order_a, "order_b": order_b, "same_order": order_a == order_b and len(common) >= 2, "kendall_tau": tau}
+
+
+# ---------------------------------------------------------------------------- the mechanism
+def factor_recoverability(
+    dataset: Any,
+    alphas_cumprod: torch.Tensor,
+    timesteps: Sequence[int],
+    num_steps: int = 300,
+    batch_size: int = 256,
+    num_test: int = 2048,
+    hidden_dim: int = 256,
+    learning_rate: float = 1e-3,
+    seed: int = 0,
+) -> Dict[str, Any]:
+    """How well each ground-truth factor can be read from the noisy image ``x_t``, per noise level.
+
+    At each timestep one probe, the same for every factor and level (an MLP: pixels -> ``hidden_dim``
+    -> SiLU -> ``hidden_dim`` -> SiLU -> K standardised factor values), is trained with Adam on fresh
+    draws ``x_t = a_t x_0 + s_t eps`` of ``dataset`` and scored on ``num_test`` held-out draws.
+    The probe approximates ``E[v_k | x_t]``, so its held-out R² is the share of factor ``k``'s
+    variance that survives noise level ``t``: a property of the data and the noise schedule alone,
+    with no model in it. Where R² falls to half its clean value is the factor's own noise scale
+    (:func:`factor_noise_scales`).
+
+    Args:
+        dataset: a :class:`~sami_adapter.data.FactorDataset` (its ``sample`` and ``factor_names``).
+        alphas_cumprod: the scheduler's cumulative alphas (the noise levels).
+        timesteps: integer timesteps; 0 is added when missing.
+        num_steps, batch_size, hidden_dim, learning_rate: the probe's training.
+        num_test: held-out draws per level.
+        seed: seed of data, noise and probe initialisation.
+
+    Returns:
+        dict with ``timesteps`` (L,), ``r2`` (L, K) held-out R² per level and factor, ``names``.
+    """
+    grid = sorted(set(int(t) for t in timesteps) | {0})
+    rng = np.random.default_rng([seed, 41])
+    test_images, _, test_values = dataset.sample(num_test, rng)
+    mean, std = test_values.mean(0), test_values.std(0) + 1e-12
+    alpha, sigma = _noise_levels(torch.as_tensor(alphas_cumprod, dtype=torch.float64), grid)
+    g = torch.Generator().manual_seed(seed)
+    r2 = np.zeros((len(grid), len(dataset.factor_names)))
+    pixels = int(np.prod(test_images.shape[1:]))
+    for level, (a, s) in enumerate(zip(alpha.tolist(), sigma.tolist())):
+        probe = torch.nn.Sequential(torch.nn.Linear(pixels, hidden_dim), torch.nn.SiLU(), torch.nn.Linear(hidden_dim, hidden_dim),
+                                    torch.nn.SiLU(), torch.nn.Linear(hidden_dim, len(dataset.factor_names)))
+        torch.manual_seed(seed + level)
+        probe.apply(lambda m: m.reset_parameters() if isinstance(m, torch.nn.Linear) else None)
+        optimizer = torch.optim.Adam(probe.parameters(), lr=learning_rate)
+        for step in range(num_steps):
+            images, _, values = dataset.sample(batch_size, rng)
+            x_t = a * images + s * torch.randn(images.shape, generator=g)
+            target = torch.as_tensor((values - mean) / std, dtype=torch.float32)
+            loss = ((probe(x_t.flatten(1)) - target) ** 2).mean()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        with torch.no_grad():
+            x_t = a * test_images + s * torch.randn(test_images.shape, generator=g)
+            predicted = probe(x_t.flatten(1)).double().numpy() * std + mean
+        r2[level] = [r2_score(test_values[:, k], predicted[:, k]) for k in range(r2.shape[1])]
+    return {"timesteps": np.asarray(grid, dtype=np.int64), "r2": r2, "names": list(dataset.factor_names)}
+
+
+def factor_noise_scales(recoverability: Dict[str, Any], fraction: float = 0.5) -> Dict[str, float]:
+    """Each factor's own noise scale: the timestep where its probe R² (:func:`factor_recoverability`)
+    first falls below ``fraction`` of its clean value (the same rule as :func:`characteristic_noise_levels`);
+    ``inf`` when it never does on the grid."""
+    grid = np.asarray(recoverability["timesteps"], dtype=np.float64)
+    r2 = np.asarray(recoverability["r2"], dtype=np.float64)
+    out = {}
+    for k, name in enumerate(recoverability["names"]):
+        t = first_crossing(grid, r2[:, k], fraction * r2[0, k]) if r2[0, k] > 0 else None
+        out[name] = float("inf") if t is None else t
+    return out
+
+
+def mechanism_table(levels: Dict[str, Any], alignment: Dict[str, Any], noise_scales: Dict[str, float]) -> Dict[str, Any]:
+    """SAMI's claim, measured: is each active dimension's characteristic noise level ordered as the
+    noise scale of the factor it codes?
+
+    A dimension codes its best-matching factor (largest ``|rank corr|`` of its clean posterior mean,
+    ``alignment`` from :func:`sami_adapter.metrics.factor_alignment`). Over the active dimensions with a
+    measured level, ``spearman`` is the rank correlation between the dimension's t* and that
+    factor's noise scale (:func:`factor_noise_scales`); NaN with fewer than 3 such dimensions or
+    when either side is constant.
+
+    Returns:
+        dict with ``rows`` (one per active dimension: ``dim``, ``factor``, ``rank_corr``, ``t_star``,
+        ``factor_noise_scale``) and ``spearman``.
+    """
+    matrix = np.asarray(alignment["matrix"])
+    t_star = np.asarray(levels["timestep"], dtype=np.float64)
+    rows = []
+    for i in levels["active"]:
+        k = int(np.argmax(matrix[i]))
+        name = alignment["names"][k]
+        rows.append({"dim": int(i), "factor": name, "rank_corr": float(matrix[i, k]), "t_star": float(t_star[i]),
+                     "factor_noise_scale": float(noise_scales[name])})
+    measured = [r for r in rows if np.isfinite(r["t_star"]) and np.isfinite(r["factor_noise_scale"])]
+    rho = float("nan")
+    if len(measured) >= 3 and len({r["t_star"] for r in measured}) > 1 and len({r["factor_noise_scale"] for r in measured}) > 1:
+        from scipy.stats import spearmanr
+
+        rho = float(spearmanr([r["t_star"] for r in measured], [r["factor_noise_scale"] for r in measured]).statistic)
+    return {"rows": rows, "spearman": rho}

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
-from typing import Any, Optional, Union
+from typing import Any, Optional, Sequence, Union
 
 from .adapter import (
     ADAPTER_CONFIG_NAME,
@@ -79,11 +79,13 @@ def upload_to_hub(
     commit_message: Optional[str] = None,
     create_pr: bool = False,
     create: bool = True,
+    ignore: Sequence[str] = (),
 ) -> Any:
     """Upload ``folder`` to the Hub model repo ``repo_id`` (created first unless ``create=False``).
 
     Checkpoints, logs, temporary folders and latent caches that a training run leaves next to the
-    adapter are not uploaded. Errors (no login, no rights, no connection) are huggingface_hub's own.
+    adapter are not uploaded, nor what ``ignore`` adds (glob patterns, e.g. a logging folder elsewhere than logs/).
+    Errors (no login, no rights, no connection) are huggingface_hub's own.
     """
     from huggingface_hub import create_repo, upload_folder
 
@@ -92,4 +94,4 @@ def upload_to_hub(
     if create:
         repo_id = create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
     return upload_folder(repo_id=repo_id, folder_path=folder, token=token, commit_message=commit_message or "SAMI adapter",
-                         create_pr=create_pr, ignore_patterns=["checkpoint-*", "logs/*", ".tmp-*", "latent_cache/*"])
+                         create_pr=create_pr, ignore_patterns=["checkpoint-*", "logs/*", ".tmp-*", "latent_cache/*", *ignore])

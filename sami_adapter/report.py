@@ -47,7 +47,7 @@ from .evaluation import (
     information_profile,
 )
 from .images import model_from_unit, unit_from_model
-from .metrics import dci, explicitness, factor_alignment, factor_vae_score, linear_r2, mig, modularity, sap, trajectory_curvature
+from .metrics import dci, explicitness, factor_alignment, factor_vae_score, linear_r2, mig_per_factor, modularity, sap, trajectory_curvature
 
 
 COUNT_ROWS = ("training steps", "training seconds")  # table rows shown as whole numbers
@@ -150,7 +150,8 @@ def representation_metrics(
         seconds[name] = time.perf_counter() - start
         return value
 
-    out["mig"] = timed("mig", lambda: mig(c_train, f_train, num_bins=num_bins))
+    out["mig_per_factor"] = dict(zip(names, timed("mig", lambda: mig_per_factor(c_train, f_train, num_bins=num_bins)).tolist()))
+    out["mig"] = float(np.nanmean(list(out["mig_per_factor"].values())))
     gbt = {"n_estimators": dci_estimators} if dci_estimators else None
     out["dci"] = timed("dci", lambda: dci(c_train, f_train, c_test, f_test, seed=seed, max_train_samples=dci_max_train, gbt_params=gbt))
     out["sap"] = timed("sap", lambda: sap(c_train, f_train, c_test, f_test))
@@ -330,6 +331,71 @@ def plot_information_profile(
     return path
 
 
+def plot_mechanism(
+    profile: Dict[str, Any], levels: Dict[str, Any], recoverability: Dict[str, Any], table: Dict[str, Any], path: str,
+    title: Optional[str] = None,
+) -> str:
+    """SAMI's mechanism in one picture: each active dimension's relative information ``I_i(t) / I_i(0)``
+    (solid) beside the probe R² of the factor it codes, relative to its clean value (dashed, same colour),
+    with each dimension's characteristic noise level (dot) and each factor's noise scale (cross).
+
+    Args:
+        profile, levels: :func:`information_profile` and :func:`characteristic_noise_levels`.
+        recoverability: :func:`factor_recoverability`.
+        table: :func:`mechanism_table` (which dimension codes which factor).
+        path: PNG path (folders created).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    t = np.asarray(profile["timesteps"], dtype=np.float64)
+    info = np.asarray(profile["information"], dtype=np.float64)
+    names = recoverability["names"]
+    factor_color = {name: plt.get_cmap("tab10")(k) for k, name in enumerate(names)}
+    fig, ax = plt.subplots(figsize=(7.5, 4.4))
+    styles = ["-", "-.", (0, (5, 1)), (0, (1, 1))]
+    seen: Dict[str, int] = {}
+    for row in table["rows"]:
+        i, name = row["dim"], row["factor"]
+        style = styles[seen.get(name, 0) % len(styles)]
+        seen[name] = seen.get(name, 0) + 1
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ax.plot(t, info[:, i] / info[0, i], ls=style, lw=1.8, color=factor_color[name], label=f"z{i} -> {name} ({row['rank_corr']:.2f})")
+        if np.isfinite(row["t_star"]):
+            ax.plot([row["t_star"]], [levels["fraction"]], "o", color=factor_color[name], ms=6)
+    rt = np.asarray(recoverability["timesteps"], dtype=np.float64)
+    r2 = np.asarray(recoverability["r2"], dtype=np.float64)
+    scales = table.get("factor_noise_scales", {})
+    for k, name in enumerate(names):
+        ax.plot(rt, r2[:, k] / max(r2[0, k], 1e-12), ls="--", lw=1.2, color=factor_color[name], alpha=0.8, label=f"factor {name}: probe R²")
+        if np.isfinite(scales.get(name, np.nan)):
+            ax.plot([scales[name]], [levels["fraction"]], "x", color=factor_color[name], ms=9, mew=2)
+    ax.axhline(levels["fraction"], color="k", lw=0.8, ls=":")
+    ax.set_xlabel("timestep t")
+    ax.set_ylabel("share of the clean value")
+    ax.set_xlim(t[0], t[-1])
+    ax.set_ylim(-0.05, 1.2)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="upper right", ncol=2)
+    rho = table.get("spearman", float("nan"))
+    ax.set_title((title + "\n" if title else "") + f"dimension level (o) vs its factor's noise scale (x): Spearman {_fmt(rho, '.2f')}", fontsize=9)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def mechanism_markdown(table: Dict[str, Any]) -> str:
+    """The :func:`mechanism_table` as a markdown table."""
+    lines = ["| dimension | codes | rank corr | t* (dimension) | noise scale of the factor |", "|---|---|---|---|---|"]
+    lines += [f"| z{r['dim']} | {r['factor']} | {r['rank_corr']:.2f} | {_fmt(r['t_star'], '.0f')} | {_fmt(r['factor_noise_scale'], '.0f')} |"
+              for r in table["rows"]]
+    return "\n".join(lines + ["", f"Spearman of t* against the factor's noise scale over the measured dimensions: {_fmt(table['spearman'], '.2f')}."])
+
+
 def _fmt(value: float, spec: str = ".3g") -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "–"
@@ -392,6 +458,8 @@ def flat_metrics(result: Dict[str, Any]) -> Dict[str, float]:
     rows: Dict[str, float] = {}
     if "mig" in result:
         rows["MIG"] = result["mig"]
+        for name, value in result.get("mig_per_factor", {}).items():
+            rows[f"MIG {name}"] = value
         rows["DCI disentanglement"] = result["dci"]["disentanglement"]
         rows["DCI completeness"] = result["dci"]["completeness"]
         rows["DCI informativeness (test acc.)"] = result["dci"]["informativeness_test"]
@@ -503,13 +571,15 @@ def rate_study_measurements(
     * ``information_lower`` / ``information_upper``: :func:`~sami_adapter.rate.mixture_information`
       (at most ``log N``) and :func:`~sami_adapter.rate.information_upper_bound` on ``N = num_images``
       held-out images, in nats; ``kl``: the data-mean KL of ``q(z | x)``, also per dimension;
-    * ``prior_clean_fraction`` (disks): share of one-clean-disk images among decodes of ``z ~ N(0, I)``
-      (SAMI: DDIM with ``num_inference_steps`` steps, eta 1);
-    * ``reconstruction_r2`` (disks): x / y / radius / brightness R² of image moments, input vs decode of
-      the posterior mean (SAMI: the exact decoder, ``sami_scale`` 1, eta 1), on at most 512 images;
+    * ``prior_clean_fraction`` (disks, background_disks): share of clean one-disk images among decodes of
+      ``z ~ N(0, I)`` (SAMI: DDIM with ``num_inference_steps`` steps, eta 1);
+    * ``reconstruction_r2`` (disks, background_disks): R² of each factor measured on the image
+      (:func:`~sami_adapter.evaluation.disk_moment_r2`), input vs decode of the posterior mean (SAMI: the
+      exact decoder, ``sami_scale`` 1, eta 1), on at most 512 images; ``reconstruction_mse``: their
+      mean squared pixel error (the SAMI paper's measure), pixels in [-1, 1];
     * ``guidance_gain`` (SAMI): relative guided-vs-unguided denoising gain on the same images.
     """
-    from .data.disks import Disks, clean_disk_fraction
+    from .data import BackgroundDisks, Disks, clean_background_disk_fraction, clean_disk_fraction
     from .encoder import LatentPosterior
     from .pipeline import SAMIPipeline
     from .rate import information_upper_bound, mixture_information
@@ -532,7 +602,8 @@ def rate_study_measurements(
         "active_dims": int((kl_per_dim > kl_threshold).sum()),
     }
     held_out = images[: min(512, images.shape[0])]
-    if isinstance(dataset, Disks):
+    if isinstance(dataset, (Disks, BackgroundDisks)):
+        name, clean_check = ("disks", clean_disk_fraction) if isinstance(dataset, Disks) else ("background_disks", clean_background_disk_fraction)
         g = torch.Generator().manual_seed(seed)
         if is_sami:
             samples = torch.cat([
@@ -540,13 +611,14 @@ def rate_study_measurements(
                                       generator=g, output_type="pt").images.cpu())
                 for start in range(0, num_prior_samples, 256)
             ])
-            rec = disk_reconstruction_r2(model, held_out.to(model.device), num_inference_steps=num_inference_steps, seed=seed, eta=1.0,
-                                         sami_scale=1.0)["r2"]
+            decoded = disk_reconstruction_r2(model, held_out.to(model.device), num_inference_steps=num_inference_steps, seed=seed, eta=1.0,
+                                             sami_scale=1.0, dataset=name)["reconstructions"]
         else:
             samples = model.decode(torch.randn(num_prior_samples, mean.shape[1], generator=g).to(model.device)).cpu()
-            rec = disk_moment_r2(held_out, model.reconstruct(held_out.to(model.device)))
-        out["prior_clean_fraction"] = clean_disk_fraction(samples)[0]
-        out["reconstruction_r2"] = {k: float(v) for k, v in rec.items()}
+            decoded = model.reconstruct(held_out.to(model.device)).cpu()
+        out["prior_clean_fraction"] = clean_check(samples)[0]
+        out["reconstruction_r2"] = {k: float(v) for k, v in disk_moment_r2(held_out, decoded, name).items()}
+        out["reconstruction_mse"] = float(((decoded.float() - held_out.float()) ** 2).mean())
     if is_sami:
         gains = guidance_gain(model.unet, model.encoder, model.scheduler, held_out.to(model.device), seed=seed)
         out["guidance_gain"] = gains["relative_gain"]
@@ -703,7 +775,7 @@ def write_report(
     num_inference_steps: int = 50,
     eta: float = 1.0,
     sami_scale: float = 1.0,
-    disk_factors: bool = False,
+    disk_factors: Optional[str] = None,
 ) -> Dict[str, object]:
     """Held-out measurements and pictures of a trained adapter: report.json, report.md and PNGs.
 
@@ -716,7 +788,8 @@ def write_report(
         num_inference_steps: DDIM steps of reconstructions and traversals.
         eta: DDIM eta of reconstructions (traversals use 0, so a row shares its randomness).
         sami_scale: when not 1, reconstructions are also measured and drawn at this scale.
-        disk_factors: the images are ``disks``: measure reconstruction R² of their moments.
+        disk_factors: the dataset of the images when its factors can be measured on an image
+            (``"disks"`` or ``"background_disks"``): the report then gives the reconstruction R² per factor.
     """
     os.makedirs(report_dir, exist_ok=True)
     model_inputs = pipe.preprocess(unit_from_model(images))  # VAE latents for latent diffusion, the images otherwise
@@ -740,11 +813,12 @@ def write_report(
     }
     n_show = min(8, images.shape[0])
     if disk_factors:
-        rec = disk_reconstruction_r2(pipe, images, num_inference_steps=num_inference_steps, seed=seed, eta=eta)
+        rec = disk_reconstruction_r2(pipe, images, num_inference_steps=num_inference_steps, seed=seed, eta=eta, dataset=disk_factors)
         report["reconstruction_r2"] = {k: round(v, 3) for k, v in rec["r2"].items()}
         recon = rec["reconstructions"][:n_show]
         if sami_scale != 1.0:  # also decode with sharpened guidance (same noise): the exact decoder's spread vs its modes
-            rec = disk_reconstruction_r2(pipe, images, num_inference_steps=num_inference_steps, seed=seed, eta=eta, sami_scale=sami_scale)
+            rec = disk_reconstruction_r2(pipe, images, num_inference_steps=num_inference_steps, seed=seed, eta=eta, sami_scale=sami_scale,
+                                         dataset=disk_factors)
             report["reconstruction_sami_scale"] = sami_scale
             report["reconstruction_r2_scaled"] = {k: round(v, 3) for k, v in rec["r2"].items()}
             recon = torch.cat([recon, rec["reconstructions"][:n_show]])

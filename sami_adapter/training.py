@@ -8,7 +8,7 @@ from typing import Dict, Optional
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Sampler
 
 from .data.base import FactorDataset
 from .images import SIXTEEN_BIT_MODES, pil_to_array
@@ -42,15 +42,18 @@ class ImageFolderDataset(Dataset):
     """Images from a folder (recursively) or a saved `datasets` dataset, resized, cropped, in [-1, 1].
 
     Args:
-        images: a list of file paths, or a sequence of PIL images (``datasets`` column).
+        images: a sequence of file paths, PIL images or undecoded ``datasets`` images (``{"path", "bytes"}``,
+            e.g. a :class:`sami_adapter.hf_data.Column`).
         resolution: output side.
         channels: 1 (grey) or 3 (RGB).
         center_crop: center crop after resizing the short side (else a random crop).
         random_flip: random horizontal flip.
         seed: seed of crops and flips (deterministic per index and epoch).
+        captions: optional sequence of captions, one per image (a string, or a list of strings to pick from).
     """
 
-    def __init__(self, images, resolution: int, channels: int, center_crop: bool = True, random_flip: bool = False, seed: int = 0):
+    def __init__(self, images, resolution: int, channels: int, center_crop: bool = True, random_flip: bool = False, seed: int = 0,
+                 captions=None):
         if len(images) == 0:
             raise ValueError("The training data is empty: no images found. Pass a folder with "
                              f"{'/'.join(IMAGE_EXTENSIONS)} files (subfolders are searched).")
@@ -58,6 +61,7 @@ class ImageFolderDataset(Dataset):
             raise ValueError(f"The UNet takes {channels} channels; image training supports 1 (grey) or 3 (RGB).")
         self.images, self.resolution, self.channels = images, resolution, channels
         self.center_crop, self.random_flip, self.seed = center_crop, random_flip, seed
+        self.captions = captions
 
     @classmethod
     def from_folder(cls, path: str, resolution: int, channels: int, **kwargs) -> "ImageFolderDataset":
@@ -71,31 +75,63 @@ class ImageFolderDataset(Dataset):
     def from_saved_dataset(cls, path: str, image_column: str, resolution: int, channels: int, **kwargs) -> "ImageFolderDataset":
         """The ``image_column`` of a `datasets` dataset saved with ``save_to_disk`` (its ``train`` split when it has splits)."""
         try:
-            import datasets
+            from .hf_data import load_split
         except ImportError as e:
             raise ImportError("Reading a saved dataset needs the `datasets` package: pip install datasets") from e
-        ds = datasets.load_from_disk(path)
-        if hasattr(ds, "keys") and "train" in ds:
-            ds = ds["train"]
-        if image_column not in ds.column_names:
-            raise ValueError(f"image column {image_column!r} is not in {path} (columns: {ds.column_names}).")
-        return cls(ds[image_column], resolution, channels, **kwargs)
+        return cls.from_datasets(load_split(path), image_column, resolution, channels, **kwargs)
+
+    @classmethod
+    def from_datasets(cls, dataset, image_column: str, resolution: int, channels: int, caption_column: Optional[str] = None,
+                      **kwargs) -> "ImageFolderDataset":
+        """Images (and captions) of a ``datasets.Dataset``, decoded one at a time when used."""
+        from .hf_data import Column
+
+        for column in (image_column, caption_column):
+            if column is not None and column not in dataset.column_names:
+                raise ValueError(f"{column!r} is not a column of the dataset (columns: {', '.join(dataset.column_names)})")
+        captions = Column(dataset, caption_column) if caption_column else None
+        return cls(Column(dataset, image_column), resolution, channels, captions=captions, **kwargs)
 
     def __len__(self) -> int:
         return len(self.images)
+
+    def caption(self, index: int, rng: np.random.Generator) -> str:
+        """The caption of image ``index`` (one of its captions, drawn with ``rng``, when it has several)."""
+        caption = self.captions[index]
+        if isinstance(caption, (list, tuple, np.ndarray)):
+            caption = caption[int(rng.integers(0, len(caption)))] if len(caption) else ""
+        if caption is None:
+            return ""
+        if not isinstance(caption, str):
+            raise ValueError(f"The caption of item {index} is {type(caption).__name__} {caption!r}, not text; pick a text column.")
+        return caption
+
+    @staticmethod
+    def _open(item):
+        from io import BytesIO
+
+        from PIL import Image
+
+        if isinstance(item, dict):  # an undecoded `datasets` image
+            return Image.open(BytesIO(item["bytes"])) if item.get("bytes") else Image.open(item["path"])
+        return Image.open(item) if isinstance(item, str) else item
 
     def load(self, index: int, rng: np.random.Generator) -> torch.Tensor:
         from PIL import Image, UnidentifiedImageError
 
         item = self.images[index]
+        if isinstance(item, dict):  # name the file, not the dict of its bytes, in the error
+            item_name = item.get("path") or f"item {index}"
+        else:
+            item_name = item if isinstance(item, str) else f"item {index}"
         try:
-            image = Image.open(item) if isinstance(item, str) else item
+            image = self._open(item)
             if image.mode in SIXTEEN_BIT_MODES:  # convert("L") would clip 16-bit values to white
                 image = Image.fromarray(pil_to_array(image)[..., 0], mode="F")  # grey in [0, 1]
             else:
                 image = image.convert("L" if self.channels == 1 else "RGB")
         except (UnidentifiedImageError, OSError, ValueError) as e:
-            raise ValueError(f"Cannot read image {item!r} ({e}); remove or fix it.") from e
+            raise ValueError(f"Cannot read image {item_name!r} ({e}); remove or fix it.") from e
         scale = self.resolution / min(image.size)
         image = image.resize((max(self.resolution, round(image.width * scale)), max(self.resolution, round(image.height * scale))), Image.BICUBIC)
         if self.center_crop:
@@ -121,34 +157,70 @@ class StepBatches:
 
     This makes resuming bit-identical without saving sampler state, and lets N processes each take
     their slice of one global batch, so they see exactly what one process at N times the batch sees.
+    Item ``p`` of a file dataset's step ``k`` (its image, crop, flip and caption) depends on
+    ``(seed, k, p)`` only, so each process can decode just its own items (:class:`StepShardSampler`).
+
+    Args:
+        dataset: a :class:`FactorDataset` (fresh procedural samples every step) or an indexable dataset
+            with ``load(index, rng)`` (and ``caption(index, rng)`` when ``captions`` is set).
+        global_batch_size: items per optimiser step, over all processes and accumulation steps.
+        seed: the run's seed.
+        empty_prompt_share: the share of captions replaced by the empty prompt (classifier-free guidance).
     """
 
-    def __init__(self, dataset, global_batch_size: int, seed: int):
+    def __init__(self, dataset, global_batch_size: int, seed: int, empty_prompt_share: float = 0.0):
         self.dataset, self.batch_size, self.seed = dataset, global_batch_size, seed
+        self.empty_prompt_share = empty_prompt_share
+        self._permutations: Dict[int, np.ndarray] = {}
+
+    @property
+    def procedural(self) -> bool:
+        return isinstance(self.dataset, FactorDataset)
 
     def _rng(self, k: int) -> np.random.Generator:
         return np.random.default_rng([self.seed, k])
 
     def images(self, k: int) -> torch.Tensor:
-        rng = self._rng(k)
-        if isinstance(self.dataset, FactorDataset):
-            return self.dataset.sample(self.batch_size, rng)[0]
-        return torch.stack([self.dataset.load(int(i), rng) for i in self.indices(k)])
+        if self.procedural:
+            return self.dataset.sample(self.batch_size, self._rng(k))[0]
+        return torch.stack([self.item(k, p, int(i))["pixel_values"] for p, i in enumerate(self.indices(k))])
+
+    def item(self, k: int, position: int, index: int) -> Dict[str, object]:
+        """Item ``position`` of step ``k``'s global batch: image ``index`` decoded, cropped and flipped (and its
+        caption, or the empty prompt for a share ``empty_prompt_share`` of them), all drawn from ``(seed, k, position)``."""
+        rng = np.random.default_rng([self.seed, k, position, 5])
+        item: Dict[str, object] = {"pixel_values": self.dataset.load(index, rng)}
+        if getattr(self.dataset, "captions", None) is not None:
+            empty = rng.random() < self.empty_prompt_share  # drawn for every item, so the share does not shift other draws
+            item["caption"] = "" if empty else self.dataset.caption(index, rng)
+        return item
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        # One permutation per epoch, kept for the last few epochs: a step spans at most two of them.
+        if epoch not in self._permutations:
+            if len(self._permutations) >= 4:
+                self._permutations.pop(next(iter(self._permutations)))
+            self._permutations[epoch] = np.random.default_rng([self.seed, epoch, 7]).permutation(len(self.dataset))
+        return self._permutations[epoch]
 
     def indices(self, k: int) -> torch.Tensor:
         """Dataset indices of step ``k``'s items (-1 for procedural data, drawn fresh every step)."""
-        if isinstance(self.dataset, FactorDataset):
+        if self.procedural:
             return torch.full((self.batch_size,), -1, dtype=torch.long)
         n = len(self.dataset)
         positions = np.arange(k * self.batch_size, (k + 1) * self.batch_size)
-        return torch.tensor([int(np.random.default_rng([self.seed, int(p // n), 7]).permutation(n)[p % n]) for p in positions])
+        return torch.tensor([int(self._permutation(int(p // n))[p % n]) for p in positions])
 
     def batch(
-        self, k: int, timestep_probs: Optional[torch.Tensor], num_train_timesteps: int, latent_dim: int, sample_shape: Optional[tuple] = None
+        self, k: int, timestep_probs: Optional[torch.Tensor], num_train_timesteps: int, latent_dim: int, sample_shape: Optional[tuple] = None,
+        with_images: bool = True,
     ) -> Dict[str, torch.Tensor]:
         """Images, indices, timesteps, noise (of ``sample_shape``, default the images'), reparameterisation noise and
-        the dimension each sample's intervention loss moves."""
-        images = self.images(k)
+        the dimension each sample's intervention loss moves. ``with_images=False`` leaves the images out (a
+        :class:`StepShardSampler` loads them); ``sample_shape`` is then required."""
+        if not with_images and sample_shape is None:
+            raise ValueError("batch(with_images=False) needs sample_shape: the noise takes its shape from it.")
+        images = self.images(k) if with_images else None
         g = torch.Generator().manual_seed(int(self._rng(k).integers(0, 2**62)))
         if timestep_probs is None:
             timesteps = torch.randint(0, num_train_timesteps, (self.batch_size,), generator=g)
@@ -156,14 +228,58 @@ class StepBatches:
             timesteps = torch.multinomial(timestep_probs.float(), self.batch_size, replacement=True, generator=g)
         noise_shape = (self.batch_size, *sample_shape) if sample_shape is not None else images.shape
         batch = {
-            "images": images,
             "indices": self.indices(k),
             "timesteps": timesteps,
             "noise": torch.randn(noise_shape, generator=g),
             "latent_noise": torch.randn(self.batch_size, latent_dim, generator=g),
         }
+        if images is not None:
+            batch["images"] = images
         batch["intervention_dims"] = torch.randint(0, latent_dim, (self.batch_size,), generator=g)  # drawn last: earlier draws unchanged
         return batch
+
+
+class StepItems(Dataset):
+    """The items of :class:`StepBatches` as a map-style dataset keyed by ``(step, position, index)``, for a DataLoader."""
+
+    def __init__(self, batches: StepBatches):
+        self.batches = batches
+
+    def __len__(self) -> int:  # keys come from StepShardSampler, not from range(len)
+        return len(self.batches.dataset)
+
+    def __getitem__(self, key) -> Dict[str, object]:
+        step, position, index = key
+        return {**self.batches.item(step, position, index), "step": step, "index": index}
+
+
+class StepShardSampler(Sampler):
+    """The micro-batches one process loads, steps ``start_step`` to ``end_step - 1``, as lists of StepItems keys.
+
+    Step ``k``'s global batch is split into ``accumulation`` micro-batches of ``world * batch_size``
+    items and each micro-batch into ``world`` equal shards, in order; this process takes shard ``rank``.
+    That is the slicing the training loop applies to the step's noise and timesteps, so every process
+    decodes only its own images and N processes still see what one process sees at N times the batch.
+    Nothing depends on the sampler's state: resuming at step ``k`` starts a new sampler there.
+    """
+
+    def __init__(self, batches: StepBatches, start_step: int, end_step: int, batch_size: int, accumulation: int = 1,
+                 rank: int = 0, world: int = 1):
+        if batches.batch_size != batch_size * accumulation * world:
+            raise ValueError(f"StepBatches draws {batches.batch_size} items per step, not batch_size x accumulation x world = "
+                             f"{batch_size} x {accumulation} x {world}.")
+        self.batches, self.start, self.end = batches, start_step, end_step
+        self.batch_size, self.accumulation, self.rank, self.world = batch_size, accumulation, rank, world
+
+    def __len__(self) -> int:
+        return max(0, self.end - self.start) * self.accumulation
+
+    def __iter__(self):
+        for step in range(self.start, self.end):
+            indices = self.batches.indices(step).tolist()
+            for micro in range(self.accumulation):
+                first = (micro * self.world + self.rank) * self.batch_size
+                yield [(step, p, indices[p]) for p in range(first, first + self.batch_size)]
 
 
 def dataset_images(dataset, n: int) -> torch.Tensor:

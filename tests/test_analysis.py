@@ -241,8 +241,13 @@ def test_parse_baseline_specs():
     assert compare.parse_baseline("beta-vae:beta=4")["label"] == "β-VAE (β=4)"
     control = compare.baseline_rate_control("beta-tcvae", {"tc_weight": 5.0})
     assert control.tc_estimator == "minibatch" and control.tc_weight == 5.0
-    for bad, message in [("vae:beta=1", "unknown baseline 'vae'"), ("beta-vae:capacity=3", "beta-vae takes ['beta'], got ['capacity']"),
-                         ("capacity-vae:beta=1", "capacity-vae needs capacity=<nats>"), ("beta-vae:beta", "is not key=value")]:
+    paper = compare.parse_baseline("beta-tcvae:beta=1,likelihood=gaussian,bias_free=1")
+    assert paper["params"] == {"beta": 1.0, "likelihood": "gaussian", "bias_free": 1.0}
+    assert paper["label"] == "β-TCVAE (β=1,likelihood=gaussian,bias_free=1)"
+    for bad, message in [("vae:beta=1", "unknown baseline 'vae'"),
+                         ("beta-vae:capacity=3", "beta-vae takes ['beta', 'bias_free', 'likelihood'], got ['capacity']"),
+                         ("capacity-vae:beta=1", "capacity-vae needs capacity=<nats>"), ("beta-vae:beta", "is not key=value"),
+                         ("beta-vae:likelihood=laplace", "likelihood must be bernoulli or gaussian, got 'laplace'")]:
         with pytest.raises(ValueError, match=re.escape(message)):
             compare.parse_baseline(bad)
 

@@ -7,17 +7,29 @@ import numpy as np
 import pytest
 import torch
 
-from sami_adapter.data import DATASETS, Disks, DSprites, MovingDisks, clean_disk_fraction, disk_moments, render_sprites
+from sami_adapter.data import (
+    DATASETS,
+    BackgroundDisks,
+    Disks,
+    DSprites,
+    MovingDisks,
+    background_disk_fit,
+    clean_background_disk_fraction,
+    clean_disk_fraction,
+    disk_moments,
+    render_background_disks,
+    render_sprites,
+)
 from sami_adapter.data.disks import POSITION_RANGE, RADIUS_RANGE
 from sami_adapter.data.moving_disks import SPEED_RANGE, reflect_into
 
 
 def test_registry():
-    assert DATASETS["disks"] is Disks and DATASETS["dsprites"] is DSprites
+    assert DATASETS["disks"] is Disks and DATASETS["dsprites"] is DSprites and DATASETS["background_disks"] is BackgroundDisks
 
 
 # -- determinism --------------------------------------------------------------------------------
-@pytest.mark.parametrize("cls", [Disks, DSprites])
+@pytest.mark.parametrize("cls", [Disks, DSprites, BackgroundDisks])
 def test_deterministic_by_seed(cls):
     a, b, c = cls(64, seed=3), cls(64, seed=3), cls(64, seed=4)
     ia, fa, va = a.arrays()
@@ -38,7 +50,7 @@ def test_moving_disks_deterministic_by_seed():
 
 
 # -- shapes and ranges --------------------------------------------------------------------------
-@pytest.mark.parametrize("cls", [Disks, DSprites])
+@pytest.mark.parametrize("cls", [Disks, DSprites, BackgroundDisks])
 def test_shapes_and_ranges(cls):
     ds = cls(200, resolution=32, seed=0)
     images, indices, values = ds.arrays()
@@ -111,7 +123,7 @@ def test_dsprites_scale_and_position():
 
 
 # -- fixed-factor sampling ----------------------------------------------------------------------
-@pytest.mark.parametrize("cls", [Disks, DSprites])
+@pytest.mark.parametrize("cls", [Disks, DSprites, BackgroundDisks])
 def test_fixed_factor_sampling(cls):
     ds = cls(10, resolution=32, seed=0)
     rng = np.random.default_rng(0)
@@ -246,3 +258,41 @@ def test_invalid_arguments():
         render_sprites(np.zeros((2, 4)), 32)
     with pytest.raises(ValueError):
         render_sprites(np.array([[3, 1.0, 0.0, 0.5, 0.5]]), 32)
+
+
+# -- background_disks (the SAMI paper's set) -------------------------------------------------------
+@pytest.mark.parametrize("res", [16, 32])
+def test_background_disks_pixels_factors_and_frame(res):
+    ds = BackgroundDisks(500, resolution=res, seed=2)
+    images, indices, values = ds.arrays()
+    intensity = (images[:, 0] + 1) / 2
+    r = 5 * res / 32
+    x, y, b = values.T
+    assert np.all(x >= r) and np.all(x <= res - r) and np.all(y >= r) and np.all(y <= res - r)  # the disk is inside the frame
+    assert b.min() >= 0.2 and b.max() <= 0.8
+    assert ds.factor_names == ("x", "y", "background") and ds.factor_sizes == (16, 16, 8)
+    # A corner pixel is pure background, the pixel under the disk centre is white (1.0).
+    corner = np.minimum.reduce([intensity[:, 0, 0], intensity[:, 0, -1], intensity[:, -1, 0], intensity[:, -1, -1]])
+    np.testing.assert_allclose(corner, b, atol=1e-6)
+    centre = intensity[np.arange(500), np.floor(y).astype(int), np.floor(x).astype(int)]
+    np.testing.assert_allclose(centre, 1.0, atol=1e-6)
+    # Coverage: the excess over the background integrates to (1 - b) times the disk's area.
+    excess = (intensity - b[:, None, None]).sum(axis=(1, 2)) / (1 - b)
+    np.testing.assert_allclose(excess, np.pi * r**2, rtol=0.02)
+    # The bins are the factor's equal-width bins.
+    assert np.array_equal(indices[:, 2], np.minimum(((b - 0.2) / 0.6 * 8).astype(int), 7))
+
+
+def test_background_disk_fit_recovers_factors_and_flags_unclean_images():
+    ds = BackgroundDisks(400, resolution=16, seed=4)
+    images, _, values = ds.arrays()
+    fit = background_disk_fit(torch.from_numpy(images))
+    for k, name in enumerate(("x", "y", "background")):
+        assert np.abs(fit[name].numpy() - values[:, k]).max() < 0.06, name
+    assert clean_background_disk_fraction(torch.from_numpy(images))[0] == 1.0
+    noisy = torch.from_numpy(images) + 0.3 * torch.randn(images.shape, generator=torch.Generator().manual_seed(0))
+    assert clean_background_disk_fraction(noisy)[0] == 0.0
+    blank = render_background_disks(np.array([[8.0, 8.0, 0.5]]), 16) * 0 + 0.0  # grey frame, no disk
+    assert not clean_background_disk_fraction(blank)[1].item()
+    with pytest.raises(ValueError, match=r"\(N, 3\) = \(x, y, background\)"):
+        render_background_disks(np.zeros((2, 4)), 16)

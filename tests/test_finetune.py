@@ -355,3 +355,35 @@ def test_a_checkpoint_with_a_discriminator_is_refused_by_a_run_without_one(base_
     with pytest.raises(SystemExit, match="tc_discriminator: checkpoint True vs now None"):
         finetune.main(_args(base_dir, out, "--max_train_steps", "3", "--no_report", "--resume_from_checkpoint", str(out / "checkpoint-1")))
     assert _tree_digest(out) == before
+
+
+def test_paper_recipe_sets_its_defaults_and_explicit_flags_win():
+    args = finetune.parse_args(["--dataset", "background_disks"])  # the dataset's default recipe
+    assert args.recipe == "paper" and args.unet_mode == "full" and args.pretrained_model_name_or_path is None
+    assert args.time_blind_encoder and args.bias_free_encoder and args.timestep_sampling == "uniform" and args.use_ema
+    assert args.free_bits == 0 and args.latent_noise_warmup_steps == 0 and args.max_grad_norm == 1.0
+    # The paper's per-pixel-mean KL weights times the pixel count (this script sums the error over pixels).
+    assert args.beta == pytest.approx(5e-6 * 256) and args.beta_final == pytest.approx(1e-4 * 256)
+    assert finetune.parse_args(["--recipe", "paper", "--resolution", "32"]).beta == pytest.approx(5e-6 * 1024)
+    explicit = finetune.parse_args(["--dataset", "background_disks", "--beta", "0.5", "--free_bits", "0.25"])
+    assert explicit.beta == 0.5 and explicit.free_bits == 0.25 and explicit.beta_final == pytest.approx(1e-4 * 256)
+    default = finetune.parse_args([])
+    assert default.recipe == "adapter" and default.unet_mode == "frozen" and default.beta == 0.01 and not default.bias_free_encoder
+    assert "paper: --unet_mode full" in finetune.recipe_help()
+
+
+def test_bias_free_encoder_flag_needs_a_noise_blind_encoder(base_dir, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        finetune.main(_args(base_dir, tmp_path / "never", "--max_train_steps", "1", "--bias_free_encoder"))
+    assert "--bias_free_encoder needs --time_blind_encoder" in capsys.readouterr().err
+
+
+def test_paper_recipe_trains_from_scratch_and_loads_with_the_paper_encoder(tmp_path):
+    out = tmp_path / "paper"
+    finetune.main(["--recipe", "paper", "--dataset", "background_disks", "--output_dir", str(out), "--resolution", "8",
+                   "--train_batch_size", "2", "--latent_dim", "2", "--encoder_channels", "8,16", "--report_to", "none",
+                   "--max_train_steps", "2", "--num_eval_images", "4", "--num_inference_steps", "2", "--num_threads", "1"])
+    pipe = SAMIPipeline.from_pretrained(str(out))
+    assert pipe.encoder.config.bias_free and not pipe.encoder.config.time_conditioning
+    report = json.loads((out / "report" / "report.json").read_text())
+    assert set(report["reconstruction_r2"]) == {"x", "y", "background"}

@@ -100,6 +100,8 @@ class BetaVAE(ModelMixin, ConfigMixin):
         decoder_channels: decoder widths, smallest map first (default: ``encoder_channels`` reversed).
         likelihood: ``"bernoulli"`` or ``"gaussian"``.
         gaussian_std: pixel standard deviation of the Gaussian likelihood (pixels in [-1, 1]).
+        encoder_bias_free: the SAMI paper's bias-free encoder (:class:`~sami_adapter.SAMIEncoder`'s ``bias_free``),
+            so a baseline can share the paper encoder's architecture.
     """
 
     @register_to_config
@@ -116,6 +118,7 @@ class BetaVAE(ModelMixin, ConfigMixin):
         likelihood: str = "bernoulli",
         gaussian_std: float = 0.1,
         encoder_stem_stride: int = 2,
+        encoder_bias_free: bool = False,
     ):
         super().__init__()
         if likelihood not in ("bernoulli", "gaussian"):
@@ -123,7 +126,7 @@ class BetaVAE(ModelMixin, ConfigMixin):
         self.encoder = SAMIEncoder(
             in_channels=in_channels, sample_size=sample_size, latent_dim=latent_dim, block_out_channels=tuple(encoder_channels),
             layers_per_block=layers_per_block, hidden_dim=hidden_dim, time_conditioning=False, init_logvar=0.0,
-            norm_num_groups=norm_num_groups, stem_stride=encoder_stem_stride,
+            norm_num_groups=norm_num_groups, stem_stride=encoder_stem_stride, bias_free=encoder_bias_free,
         )
         self.decoder = ConvDecoder(
             latent_dim=latent_dim, out_channels=in_channels, sample_size=sample_size,
@@ -207,6 +210,7 @@ def train_beta_vae(
     log_every: int = 50,
     rate: Optional[RateControl] = None,
     capacity_ramp_steps: int = 0,
+    encoder_bias_free: bool = False,
 ) -> BetaVAE:
     """Train a :class:`BetaVAE` on fresh samples of ``dataset`` until the step or wall-clock budget is spent.
 
@@ -230,6 +234,7 @@ def train_beta_vae(
         rate: optional :class:`~sami_adapter.rate.RateControl` (capacity-controlled β-VAE, β-TCVAE,
             FactorVAE); a discriminator, when it needs one, is trained alongside on the previous step's codes.
         capacity_ramp_steps: ramp the capacity target linearly from 0 over this many steps.
+        encoder_bias_free: use the SAMI paper's bias-free encoder.
 
     Returns:
         The trained model in eval mode; ``model.training_log`` holds steps, seconds and loss history.
@@ -240,6 +245,7 @@ def train_beta_vae(
         model = BetaVAE(
             in_channels=data.num_channels, sample_size=data.resolution, latent_dim=latent_dim, encoder_channels=tuple(encoder_channels),
             hidden_dim=hidden_dim, norm_num_groups=norm_num_groups, likelihood=likelihood, encoder_stem_stride=encoder_stem_stride,
+            encoder_bias_free=encoder_bias_free,
         )
     model.to(device or "cpu")
     discriminator = disc_optimizer = None

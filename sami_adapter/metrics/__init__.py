@@ -10,7 +10,7 @@ from .curvature import trajectory_curvature
 from .dci import completeness_from_importance, dci, dci_importance, disentanglement_from_importance
 from .factor_vae import factor_vae_score
 from .linear_r2 import linear_r2, r2_score
-from .mig import mig
+from .mig import mig, mig_per_factor
 from .modularity import explicitness, modularity, modularity_from_mutual_info
 from .sap import sap, sap_score_matrix
 
@@ -19,6 +19,7 @@ __all__ = [
     "discrete_mutual_info",
     "discrete_entropy",
     "mig",
+    "mig_per_factor",
     "dci",
     "dci_importance",
     "disentanglement_from_importance",

@@ -8,6 +8,12 @@ from ._discretize import check_pair, discrete_entropy, discrete_mutual_info, his
 
 
 def mig(codes: np.ndarray, factors: np.ndarray, num_bins: int = 20) -> float:
+    """Mutual Information Gap: the mean over varying factors of :func:`mig_per_factor` (definition there)."""
+    per_factor = mig_per_factor(codes, factors, num_bins)
+    return float(np.nanmean(per_factor))
+
+
+def mig_per_factor(codes: np.ndarray, factors: np.ndarray, num_bins: int = 20) -> np.ndarray:
     """Mutual Information Gap.
 
     Definition (disentanglement_lib ``mig._compute_mig``): discretise every code dimension into
@@ -27,7 +33,8 @@ def mig(codes: np.ndarray, factors: np.ndarray, num_bins: int = 20) -> float:
         num_bins: bins per code dimension.
 
     Returns:
-        The score, in [0, 1] (1: each factor is captured by exactly one dimension).
+        (K,) the gap of each factor, in [0, 1] (1: the factor is captured by exactly one dimension);
+        NaN for a factor that is constant in the sample. :func:`mig` is their mean.
     """
     codes, factors = check_pair(codes, factors)
     if codes.shape[1] < 2:
@@ -38,4 +45,6 @@ def mig(codes: np.ndarray, factors: np.ndarray, num_bins: int = 20) -> float:
     if not varying.any():
         raise ValueError("every factor is constant in the sample; MIG is undefined.")
     top = np.sort(m, axis=0)[::-1]
-    return float(np.mean((top[0, varying] - top[1, varying]) / entropy[varying]))
+    gaps = np.full(factors.shape[1], np.nan)
+    gaps[varying] = (top[0, varying] - top[1, varying]) / entropy[varying]
+    return gaps
