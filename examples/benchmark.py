@@ -277,7 +277,7 @@ def bench_sampling(size: str, unet, train_scheduler, encoder, args, device: torc
     g = torch.Generator().manual_seed(args.seed + 2)
     z = torch.randn(batch, LATENT_DIM, generator=g).to(device)
     latents = torch.randn((batch, *pipe._sample_shape()), generator=g).to(device)
-    images = (torch.rand((batch, *pipe._sample_shape()), generator=g) * 2 - 1).to(device)
+    images = torch.rand((batch, *pipe._sample_shape()), generator=g).to(device)  # [0, 1], diffusers' image range
 
     calls = {
         # Same z, initial noise, scheduler and steps; sami_scale=0 never calls the encoder.

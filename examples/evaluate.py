@@ -33,6 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _args import add_axis_arguments, add_device_arguments, add_metric_arguments, metric_kwargs, moving_disks_for, select_device  # noqa: E402
 from sami_adapter import SAMIPipeline  # noqa: E402
 from sami_adapter.adapter import read_adapter_config  # noqa: E402
+from sami_adapter.images import model_from_unit  # noqa: E402
 from sami_adapter.data import DATASETS, MOVING  # noqa: E402
 from sami_adapter.evaluation import (  # noqa: E402
     default_timestep_grid,
@@ -162,6 +163,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     save_image_grid(traversal, os.path.join(args.output_dir, "traversals.png"), nrow=args.traversal_steps, scale=4)
     samples = pipe(batch_size=args.num_samples, num_inference_steps=args.num_inference_steps, eta=args.eta,
                    generator=torch.Generator().manual_seed(args.seed + 1), output_type="pt", sami_scale=args.sami_scale).images.cpu()
+    samples = model_from_unit(samples)  # pt output is [0, 1] (diffusers); the grid takes the datasets' [-1, 1]
     save_image_grid(samples, os.path.join(args.output_dir, "samples.png"), nrow=min(8, args.num_samples), scale=4)
     timings["pictures"] = time.perf_counter() - clock
 

@@ -47,6 +47,7 @@ from sami_adapter.adapter import read_adapter_config, resolve_adapter_dir  # noq
 from sami_adapter.data import DATASETS  # noqa: E402
 from sami_adapter.evaluation import characteristic_noise_levels, default_timestep_grid, information_profile  # noqa: E402
 from sami_adapter.report import image_grid, to_jsonable  # noqa: E402
+from sami_adapter.images import model_from_unit, unit_from_model  # noqa: E402
 from sami_adapter.training import ImageFolderDataset, dataset_images  # noqa: E402
 
 KL_THRESHOLD = 0.1  # nats: a dimension below this carries (almost) nothing; the project's "active" rule
@@ -68,7 +69,7 @@ class Explorer:
 
     Args:
         pipe: the loaded :class:`~sami_adapter.SAMIPipeline`.
-        examples: (N, C, H, W) held-out images in [-1, 1], or None when the adapter's data are not
+        examples: (N, C, H, W) held-out images in [0, 1] (the pipeline's range), or None when the adapter's data are not
             a built-in dataset (then only uploads).
         kl: (D,) data-mean clean ``KL(q(z_i | x_0) || N(0, 1))`` in nats.
         noise_timestep: (D,) characteristic noise level ``t*`` of each dimension (NaN: inactive, or
@@ -123,9 +124,9 @@ def _generator(seed: int) -> torch.Generator:
 
 
 def display(images: torch.Tensor, nrow: Optional[int] = None) -> Image.Image:
-    """(N, C, H, W) images in [-1, 1] as one enlarged PIL grid (the project's ``image_grid``)."""
+    """(N, C, H, W) images in [0, 1] as one enlarged PIL grid (the project's ``image_grid``)."""
     scale = max(1, DISPLAY_SIDE // max(images.shape[-2:]))
-    return image_grid(images.detach().cpu(), nrow or images.shape[0], scale=scale)
+    return image_grid(model_from_unit(images.detach().cpu()), nrow or images.shape[0], scale=scale)
 
 
 # ---------------------------------------------------------------------------------------- loading
@@ -139,7 +140,7 @@ def load_examples(adapter_config: Dict[str, Any], pipe: SAMIPipeline, num_exampl
     dataset = DATASETS[name](num_samples=num_examples, resolution=resolution, seed=int(training.get("seed", 0)) + 10_000)
     if dataset.num_channels != pipe.unet.config.in_channels:
         return None
-    return dataset_images(dataset, num_examples)
+    return unit_from_model(dataset_images(dataset, num_examples))  # the datasets' [-1, 1] -> the pipeline's [0, 1]
 
 
 def levels_from_report(path: str, latent_dim: int) -> Optional[Dict[str, Any]]:
@@ -178,7 +179,7 @@ def _cache_key(adapter_dir: str, images: torch.Tensor, grid: Sequence[int], seed
 def measure_levels(pipe: SAMIPipeline, images: torch.Tensor, seed: int = 0, num_levels: int = 21) -> Dict[str, Any]:
     """Clean KL and characteristic noise levels of every dimension on ``images`` (:mod:`sami_adapter.evaluation`)."""
     grid = default_timestep_grid(pipe.scheduler.config.num_train_timesteps, num_levels)
-    profile = information_profile(pipe, images, grid, generator=_generator(seed))
+    profile = information_profile(pipe, model_from_unit(images), grid, generator=_generator(seed))
     levels = characteristic_noise_levels(profile, kl_threshold=KL_THRESHOLD)
     return {"profile": profile, "levels": levels}
 
@@ -234,7 +235,7 @@ def load_explorer(adapter: str, num_examples: int = 256, axes: Optional[str] = N
 
 
 def load_image(file: Union[str, os.PathLike, Image.Image], explorer: Explorer) -> torch.Tensor:
-    """An uploaded picture as the (1, C, H, W) tensor in [-1, 1] that ``encode`` takes.
+    """An uploaded picture as the (1, C, H, W) tensor in [0, 1] that ``encode`` takes.
 
     It is converted and resized like the training images of ``finetune.py --train_data_dir`` (grey
     or RGB to the UNet's channels, short side to the resolution, centre crop). Raises
@@ -269,7 +270,7 @@ def load_image(file: Union[str, os.PathLike, Image.Image], explorer: Explorer) -
         image = ImageFolderDataset([source], height, channels, center_crop=True).load(0, np.random.default_rng(0))
     except (ValueError, OSError) as e:
         raise InputError(f"{label} could not be decoded as an image ({e}). Upload a PNG, JPEG, WebP or BMP picture.") from None
-    return image.unsqueeze(0)
+    return unit_from_model(image.unsqueeze(0))
 
 
 def example_image(explorer: Explorer, index: int) -> torch.Tensor:
@@ -315,7 +316,7 @@ def encode_view(explorer: Explorer, image: torch.Tensor, sami_scale: float = 3.0
 
     Both reconstructions start from the same seeded noise. Returns a dict with ``z`` (D,) the
     posterior mean, ``std`` (D,), ``kl`` (D,) this image's KL to the prior per dimension,
-    ``reconstruction`` and ``reconstruction_scaled`` (1, C, H, W) in [-1, 1], ``pictures`` (input,
+    ``reconstruction`` and ``reconstruction_scaled`` (1, C, H, W) in [0, 1], ``pictures`` (input,
     reconstruction at 1, at ``sami_scale``, as display images) and ``figure`` (the bar chart).
     """
     pipe = explorer.pipe
@@ -343,7 +344,7 @@ def traverse_view(explorer: Explorer, z: Sequence[float], dim: int, value: float
     the same noise, so ``|image - reference|`` shows only what moving ``dim`` changed. Returns
     ``image`` (1, C, H, W), ``z`` (D,) the decoded code, ``change`` the mean absolute pixel change
     from ``reference`` (None without one) and ``pictures`` (the image and, with a reference, the
-    absolute difference on the same [-1, 1] scale: black = unchanged).
+    absolute difference on the same [0, 1] scale: black = unchanged).
     """
     if not 0 <= int(dim) < explorer.latent_dim:
         raise InputError(f"Dimension {dim} does not exist; this code has z0 to z{explorer.latent_dim - 1}.")
@@ -354,7 +355,7 @@ def traverse_view(explorer: Explorer, z: Sequence[float], dim: int, value: float
     if reference is not None:
         difference = (image - reference.cpu()).abs()
         result["change"] = float(difference.mean())
-        result["pictures"].append(display(difference - 1.0))  # |diff| in [0, 2] shown on [-1, 1]: black = 0
+        result["pictures"].append(display(difference))  # black = unchanged
     return result
 
 
@@ -396,10 +397,156 @@ def sample_view(explorer: Explorer, seed: int = 0, num_images: int = 8, sami_sca
 
 
 # ---------------------------------------------------------------------------------------- page
-def build_app(explorer: Explorer):
-    """The Gradio Blocks page wired to the views (every event is queued; one runs at a time)."""
+GRID_RANGE = 2.5  # grid rows span [-2.5, 2.5] prior standard deviations (where the prior has almost all its mass)
+
+
+def grid_view(explorer: Explorer, z: Sequence[float], sami_scale: float = 3.0, seed: int = 0, steps: int = 7) -> Dict[str, Any]:
+    """One traversal row per active dimension (``SAMIPipeline.traverse``), in ``explorer.order``: by
+    characteristic noise level, so the rows go from fine to coarse properties.
+
+    Every row moves its coordinate through ``steps`` values in [-2.5, 2.5], all other coordinates
+    kept at ``z``, every decode from the same seeded noise. Returns ``images`` (rows * steps, C, H, W)
+    in [0, 1], ``rows`` (the dimensions), ``values`` and ``picture`` (one grid, a row per dimension).
+    """
+    if not 2 <= int(steps) <= 15:
+        raise InputError(f"A grid row takes between 2 and 15 values, not {steps}.")
+    if not explorer.order:
+        raise InputError("This adapter has no active dimension (every KL is below the threshold): there is nothing to traverse.")
+    code = torch.as_tensor(np.asarray(z, dtype=np.float32)).view(1, -1)
+    values = np.linspace(-GRID_RANGE, GRID_RANGE, int(steps)).tolist()
+    rows = [explorer.pipe.traverse(code, d, values, **_decode_kwargs(explorer, seed, sami_scale)).images.cpu() for d in explorer.order]
+    images = torch.cat(rows)
+    return {"images": images, "rows": list(explorer.order), "values": values, "picture": display(images, nrow=int(steps))}
+
+
+def interpolation_view(explorer: Explorer, image_a: torch.Tensor, image_b: torch.Tensor, steps: int = 8, sami_scale: float = 3.0,
+                       seed: int = 0) -> Dict[str, Any]:
+    """Decode ``(1 - w) z_a + w z_b`` for ``steps`` evenly spaced ``w`` (``SAMIPipeline.interpolate``), between the
+    posterior means of two images, all from the same seeded noise. Returns ``images`` (steps, C, H, W), ``z``
+    (steps, D) and ``picture`` (image a, the decodes, image b in one row)."""
+    if not 2 <= int(steps) <= 16:
+        raise InputError(f"Interpolate over between 2 and 16 steps, not {steps}.")
+    pipe = explorer.pipe
+    z_a, z_b = pipe.encode(image_a).mean, pipe.encode(image_b).mean
+    out = pipe.interpolate(z_a, z_b, steps=int(steps), **_decode_kwargs(explorer, seed, sami_scale))
+    images = out.images.cpu()
+    row = torch.cat([image_a.cpu(), images, image_b.cpu()])
+    return {"images": images, "z": out.z.double().cpu().numpy(), "picture": display(row, nrow=row.shape[0])}
+
+
+def code_record(explorer: Explorer, z: Sequence[float], sami_scale: float, seed: int) -> Dict[str, Any]:
+    """The current code and everything needed to decode it again, as JSON-ready values."""
+    return {
+        "adapter": explorer.name,
+        "z": [float(v) for v in z],
+        "sami_scale": float(sami_scale),
+        "seed": int(seed),
+        "num_inference_steps": explorer.num_inference_steps,
+        "eta": explorer.eta,
+        "decode": "pipe(z=torch.tensor([z]), sami_scale=sami_scale, num_inference_steps=num_inference_steps, eta=eta, "
+                  "generator=torch.Generator().manual_seed(seed))",
+    }
+
+
+def write_code(explorer: Explorer, state: Optional[Dict[str, Any]], directory: str) -> str:
+    """Write :func:`code_record` of the page state to ``directory/sami-code-<hash>.json``; return its path."""
+    if not state:
+        raise InputError("Encode an image first: there is no code to export yet.")
+    record = code_record(explorer, state["z"], state["scale"], state["seed"])
+    text = json.dumps(record, indent=2)
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(directory, f"sami-code-{hashlib.sha256(text.encode()).hexdigest()[:12]}.json")
+    with open(path, "w") as f:
+        f.write(text)
+    return path
+
+
+def write_thumbnails(explorer: Explorer, directory: str, count: int = 12) -> List[str]:
+    """PNG files of the first ``count`` held-out examples, for the page's example thumbnails."""
+    if explorer.examples is None:
+        return []
+    os.makedirs(directory, exist_ok=True)
+    paths = []
+    for i in range(min(count, explorer.examples.shape[0])):
+        path = os.path.join(directory, f"example-{i}.png")
+        display(explorer.examples[i : i + 1]).save(path)
+        paths.append(path)
+    return paths
+
+
+def _more_tabs(gr, explorer: Explorer, state, scale, seed, files_dir: str) -> None:
+    """The Grid and Interpolate tabs and the code export, inside the page being built."""
+
+    def page_error(e: Exception):
+        return gr.Error(str(e), print_exception=False)
+
+    def on_grid(state, steps, progress=gr.Progress(track_tqdm=True)):
+        if not state:
+            raise gr.Error("Encode an image first (the grid starts from its code).", print_exception=False)
+        try:
+            return grid_view(explorer, state["z"], state["scale"], state["seed"], int(steps))["picture"]
+        except InputError as e:
+            raise page_error(e) from None
+
+    def end_image(upload, index):
+        return load_image(upload, explorer) if upload else example_image(explorer, int(index))
+
+    def on_interpolate(upload_a, index_a, upload_b, index_b, steps, scale, seed, progress=gr.Progress(track_tqdm=True)):
+        try:
+            return interpolation_view(explorer, end_image(upload_a, index_a), end_image(upload_b, index_b), int(steps), scale,
+                                      int(seed))["picture"]
+        except InputError as e:
+            raise page_error(e) from None
+
+    def on_export(state):
+        try:
+            return write_code(explorer, state, os.path.join(files_dir, "codes"))
+        except InputError as e:
+            raise page_error(e) from None
+
+    has_examples = explorer.examples is not None
+    n_examples = explorer.examples.shape[0] if has_examples else 1
+    with gr.Tab("Grid"):
+        gr.Markdown(f"One row per active dimension, from {-GRID_RANGE:g} to {GRID_RANGE:g} prior standard deviations, all other "
+                    "coordinates at the encoded code; rows in the slider order (noise level), every image from the same noise.")
+        with gr.Row():
+            grid_steps = gr.Slider(2, 15, value=7, step=1, label="values per row")
+            grid_button = gr.Button("Decode the grid", variant="primary")
+        grid = gr.Image(label="traversal grid", type="pil", format="png", interactive=False)
+    with gr.Tab("Interpolate"):
+        gr.Markdown("Decode codes on the straight line between the posterior means of two images (held-out examples, or uploads).")
+        with gr.Row():
+            with gr.Column():
+                index_a = gr.Slider(0, n_examples - 1, value=0, step=1, label="image a: held-out example", visible=has_examples)
+                upload_a = gr.File(label="or upload image a", type="filepath")
+            with gr.Column():
+                index_b = gr.Slider(0, n_examples - 1, value=min(1, n_examples - 1), step=1, label="image b: held-out example",
+                                    visible=has_examples)
+                upload_b = gr.File(label="or upload image b", type="filepath")
+        with gr.Row():
+            inter_steps = gr.Slider(2, 16, value=8, step=1, label="steps")
+            inter_button = gr.Button("Decode from a to b", variant="primary")
+        interpolation = gr.Image(label="a, the decodes from a to b, b", type="pil", format="png", interactive=False)
+    with gr.Row():
+        export = gr.Button("Export the current code as JSON")
+        code_file = gr.File(label="code (JSON)", interactive=False)
+    grid_button.click(on_grid, [state, grid_steps], grid, api_name="grid")
+    inter_button.click(on_interpolate, [upload_a, index_a, upload_b, index_b, inter_steps, scale, seed], interpolation,
+                       api_name="interpolate")
+    export.click(on_export, state, code_file, api_name="code")
+
+
+def build_app(explorer: Explorer, files_dir: Optional[str] = None):
+    """The Gradio Blocks page wired to the views (every event is queued; one runs at a time).
+
+    ``files_dir`` holds what the page serves as files: example thumbnails and exported codes.
+    """
     os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
+    import tempfile
+
     import gradio as gr
+
+    files_dir = files_dir or tempfile.mkdtemp(prefix="sami-explore-")
 
     def page_error(e: Exception):
         return gr.Error(str(e), print_exception=False)
@@ -463,6 +610,11 @@ def build_app(explorer: Explorer):
                                   interactive=has_examples)
                 n_examples = explorer.examples.shape[0] if has_examples else 1
                 index = gr.Slider(0, n_examples - 1, value=0, step=1, label="held-out example", visible=has_examples)
+                thumbnails = write_thumbnails(explorer, os.path.join(files_dir, "examples"))
+                if thumbnails:
+                    preview = gr.Image(label="example", type="filepath", height=96, interactive=False)
+                    gr.Examples([[path, i] for i, path in enumerate(thumbnails)], [preview, index], label="held-out examples",
+                                examples_per_page=len(thumbnails))
                 upload = gr.File(label="or upload an image (PNG, JPEG, WebP, BMP)", type="filepath")
                 scale = gr.Slider(0.0, 6.0, value=3.0, step=0.5, label="sami_scale (1 = exact SAMI decoder; > 1 sharpens)")
                 seed = gr.Number(0, precision=0, label="seed (initial noise)")
@@ -499,6 +651,7 @@ def build_app(explorer: Explorer):
                 sample_count = gr.Slider(1, 16, value=8, step=1, label="images")
                 sample_button = gr.Button("Sample z ~ N(0, I)", variant="primary")
             samples = gr.Image(label="samples", type="pil", format="png", interactive=False)
+        _more_tabs(gr, explorer, state, scale, seed, files_dir)
 
         slider_list = [sliders[i] for i in dims]
         encode_button.click(
@@ -511,7 +664,7 @@ def build_app(explorer: Explorer):
         reset.click(on_reset, state, [traversed, difference, state, *slider_list], api_name="reset")
         sample_button.click(on_sample, [sample_seed, sample_count, scale], samples, api_name="sample")
         upload.upload(lambda: "upload", None, source, api_name=False, queue=False)
-        index.release(lambda: "example", None, source, api_name=False, queue=False)
+        index.change(lambda: "example", None, source, api_name=False, queue=False)  # a slider move or an example thumbnail
         if has_examples:
             app.load(on_encode, [source, index, upload, scale, seed],
                      [input_image, exact_image, scaled_image, posterior_plot, multiscale_plot, traversed, difference, state, *slider_list],
@@ -557,9 +710,13 @@ def main(argv: Optional[List[str]] = None) -> None:
         with socket.socket() as s:
             s.bind((args.host, 0))
             port = s.getsockname()[1]
-    app = build_app(explorer)
+    import tempfile
+
+    files_dir = tempfile.mkdtemp(prefix="sami-explore-")
+    app = build_app(explorer, files_dir)
+    # footer_links is Gradio 6's (pyproject pins gradio>=6.17.3,<7: the versions whose page loads nothing from outside).
     app.launch(server_name=args.host, server_port=port, share=args.share, max_file_size=MAX_UPLOAD_BYTES, show_error=True,
-               footer_links=["api"])
+               footer_links=["api"], allowed_paths=[files_dir])
 
 
 if __name__ == "__main__":

@@ -46,6 +46,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from sami_adapter import SAMIEncoder, SAMILossOutput, SAMIPipeline, nested_guidance_bands, sami_loss  # noqa: E402
 from sami_adapter.rate import RateControl, TCDiscriminator, discriminator_loss  # noqa: E402
 from sami_adapter import adapter as adapter_lib  # noqa: E402
+from sami_adapter.card import adapter_model_card  # noqa: E402
+from sami_adapter.hub import upload_to_hub  # noqa: E402
 from sami_adapter import hf_data  # noqa: E402
 from sami_adapter.data import DATASETS  # noqa: E402
 from sami_adapter.evaluation import DISK_DATASETS, NOISE_BANDS, active_dimensions, band_gains  # noqa: E402
@@ -236,6 +238,7 @@ def parse_args(argv=None):
     g.add_argument("--push_to_hub", action="store_true", help="Upload the adapter (with a model card) to the Hub.")
     g.add_argument("--hub_model_id", default=None, help="Hub repo id for --push_to_hub.")
     g.add_argument("--hub_token", default=None, help="Hub token (default: the cached login).")
+    g.add_argument("--hub_private_repo", action="store_true", help="Create the --hub_model_id repo as private (an existing repo keeps its visibility).")
     apply_recipe(p, argv)
     args = p.parse_args(argv)
     if args.recipe is None:
@@ -499,10 +502,23 @@ def build_unet(args):
     return unet, DDPMScheduler.from_config(scheduler_config)
 
 
+def _is_frozen_unet_key(key: str) -> bool:
+    return "trainable_unet." in key and "lora_" not in key
+
+
+def _drop_frozen_unet_weights(module, state_dict, prefix, local_metadata):
+    for key in [k for k in state_dict if k.startswith(prefix) and _is_frozen_unet_key(k[len(prefix):])]:
+        del state_dict[key]
+
+
+def _allow_missing_frozen_unet_weights(module, incompatible_keys):
+    incompatible_keys.missing_keys[:] = [k for k in incompatible_keys.missing_keys if not _is_frozen_unet_key(k)]
+
+
 class SAMIObjective(torch.nn.Module):
     """Encoder (+ UNet) whose forward is the SAMI loss: one forward per backward, as DDP wants."""
 
-    def __init__(self, encoder, unet, train_unet: bool):
+    def __init__(self, encoder, unet, train_unet: bool, lora_only: bool = False):
         super().__init__()
         self.encoder = encoder
         self.train_unet = train_unet
@@ -510,6 +526,9 @@ class SAMIObjective(torch.nn.Module):
             self.trainable_unet = unet
         else:  # kept out of the module tree: DDP does not wrap it and checkpoints do not copy its weights
             object.__setattr__(self, "frozen_unet", unet)
+        if lora_only:  # LoRA: the UNet's frozen base weights come from the base model, so checkpoints leave them out
+            self.register_state_dict_post_hook(_drop_frozen_unet_weights)
+            self.register_load_state_dict_post_hook(_allow_missing_frozen_unet_weights)
 
     @property
     def unet(self):
@@ -613,7 +632,7 @@ def main(argv=None):
     if args.gradient_checkpointing and args.unet_mode != "frozen":  # a frozen UNet runs without autograd: nothing to save
         unet.enable_gradient_checkpointing()
     train_unet = args.unet_mode != "frozen"
-    objective = SAMIObjective(encoder, unet, train_unet)
+    objective = SAMIObjective(encoder, unet, train_unet, lora_only=args.unet_mode == "lora")
     param_groups = [{"params": list(encoder.parameters()), "lr": args.learning_rate}]
     unet_params = [p for p in unet.parameters() if p.requires_grad]
     if unet_params:
@@ -808,7 +827,8 @@ def main(argv=None):
         extra = {"training": {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None)))}, "metrics": report}
         # The adapter first: an evaluation that fails must not cost the trained weights.
         adapter_lib.save_adapter(args.output_dir, model.encoder, base_ref, revision=args.revision, unet=model.unet, unet_mode=args.unet_mode,
-                                 lora_config=lora_config, extra=extra, model_card=model_card(args, report))
+                                 lora_config=lora_config, extra=extra)
+        write_model_card(args)
         logger.info(f"Adapter saved to {args.output_dir} ({train_seconds:.0f} s)")
         if not args.no_report:
             # The report measures in fp32 whatever the training precision, so its numbers compare across runs.
@@ -822,14 +842,12 @@ def main(argv=None):
             disks = args.dataset if args.dataset in DISK_DATASETS and not (args.train_data_dir or args.dataset_name) else None
             report = {**write_report(pipe, images, report_dir, noise_scheduler, seed=args.seed, num_inference_steps=args.num_inference_steps,
                                      eta=args.eval_eta, sami_scale=args.eval_sami_scale, disk_factors=disks), **report}
-            adapter_lib.update_adapter_config(args.output_dir, {"metrics": report}, model_card(args, report))
+            adapter_lib.update_adapter_config(args.output_dir, {"metrics": report})
+            write_model_card(args)
             logger.info(f"Report: {json.dumps(report)}")
         if args.push_to_hub:
-            from huggingface_hub import create_repo, upload_folder
-
-            repo_id = create_repo(args.hub_model_id, exist_ok=True, token=args.hub_token).repo_id
-            upload_folder(repo_id=repo_id, folder_path=args.output_dir, token=args.hub_token,
-                          ignore_patterns=["checkpoint-*", f"{args.logging_dir}/*", ".tmp-*", "latent_cache/*"], commit_message="SAMI adapter")
+            upload_to_hub(args.output_dir, args.hub_model_id, token=args.hub_token, private=args.hub_private_repo,
+                          ignore=[f"{args.logging_dir}/*"])
     # Both ranks leave together: a rank that tears the process group down while rank 0 is still
     # saving makes rank 0 hang at exit.
     accelerator.wait_for_everyone()
@@ -974,33 +992,10 @@ def load_checkpoint(accelerator, path, run_config) -> int:
     return int(meta["step"])
 
 
-def model_card(args, report) -> str:
-    metrics = "\n".join(f"- {k}: {v}" for k, v in report.items() if not isinstance(v, (dict, list)))
-    return f"""---
-library_name: diffusers
-tags: [sami, representation-learning, diffusion, adapter]
-base_model: {args.pretrained_model_name_or_path}
----
-# SAMI adapter
-
-A SAMI (Score-based Autoencoder for Multiscale Inference) encoder for the diffusion model
-`{args.pretrained_model_name_or_path}` (UNet mode: `{args.unet_mode}`), trained with `sami-adapter`.
-
-- data: {args.train_data_dir or args.dataset_name or args.dataset}, {args.resolution or 'native'} px
-- latent dimensions: {args.latent_dim}; beta (KL weight{', ELBO units' if args.weighting == 'elbo' else ', against the unweighted denoising error'}): {args.beta}; weighting: {args.weighting}; free bits: {args.free_bits}
-- steps: {args.max_train_steps} x batch {args.train_batch_size}; seed {args.seed}
-
-## Measured on held-out data
-{metrics}
-
-## Use
-```python
-from sami_adapter import SAMIPipeline
-pipe = SAMIPipeline.from_pretrained("{args.hub_model_id or args.output_dir}")
-z = pipe.encode(images).mean          # codes
-recon = pipe.reconstruct(images).images
-```
-"""
+def write_model_card(args) -> None:
+    """README.md of the adapter from its config (metrics included once the report has run)."""
+    card = adapter_model_card(adapter_lib.read_adapter_config(args.output_dir), args.output_dir, args.hub_model_id)
+    adapter_lib.update_adapter_config(args.output_dir, {}, str(card))
 
 
 if __name__ == "__main__":

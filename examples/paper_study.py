@@ -30,6 +30,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from sami_adapter.data import DATASETS  # noqa: E402
+from sami_adapter.images import unit_from_model  # noqa: E402
 from sami_adapter.evaluation import factor_noise_scales, factor_recoverability, mechanism_table  # noqa: E402
 from sami_adapter.report import _cell, aggregate, mechanism_markdown, plot_mechanism, save_image_grid, traversal_rows, write_json  # noqa: E402
 
@@ -97,7 +98,7 @@ def traversal_grid(row: Dict[str, Any], sweep_dir: str, path: str, steps: int, s
         if os.path.isdir(adapter):
             pipe = SAMIPipeline.from_pretrained(adapter)
             pipe.set_progress_bar_config(disable=True)
-            kl = pipe.encode(dataset.sample(256, np.random.default_rng([seed, 10]))[0]).kl_per_dim().mean(0)
+            kl = pipe.encode(unit_from_model(dataset.sample(256, np.random.default_rng([seed, 10]))[0])).kl_per_dim().mean(0)
             dims = [int(d) for d in torch.argsort(kl, descending=True) if kl[d] > 0.1] or [int(kl.argmax())]
             grid = traversal_rows(pipe, image, dims, values, num_inference_steps=50, seed=seed)
         elif saved:

@@ -3,13 +3,16 @@
     adapter_dir/
       sami_adapter_config.json      base model (repo id or path, revision), UNet mode, training summary
       encoder/                      SAMIEncoder (config.json + diffusion_pytorch_model.safetensors)
-      unet_lora/                    only for --unet_mode lora: pytorch_lora_weights.safetensors + lora_config.json
+      unet_lora/                    only for --unet_mode lora, peft's format: adapter_config.json + adapter_model.safetensors
+                                    (``PeftModel.from_pretrained(base_unet, "unet_lora")``); a text-conditioned UNet
+                                    also gets diffusers' pytorch_lora_weights.safetensors (``pipe.load_lora_weights``)
       unet/                         only for --unet_mode full: the jointly trained UNet
       README.md                     model card
 
 The base UNet is never copied for frozen or LoRA adapters: :func:`load_adapter_components` (what
 ``SAMIPipeline.from_pretrained(adapter_dir)`` calls) resolves it from the reference. Weights are
-always read with safetensors (nothing is unpickled).
+always read with safetensors (nothing is unpickled). Adapters written before the peft format
+(``unet_lora/lora_config.json`` + raw peft keys in ``pytorch_lora_weights.safetensors``) still load.
 """
 
 from __future__ import annotations
@@ -24,7 +27,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 ADAPTER_CONFIG_NAME = "sami_adapter_config.json"
-LORA_DIR, LORA_WEIGHTS_NAME, LORA_CONFIG_NAME = "unet_lora", "pytorch_lora_weights.safetensors", "lora_config.json"
+LORA_DIR = "unet_lora"
+PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME = "adapter_config.json", "adapter_model.safetensors"  # peft's save_pretrained names
+PEFT_PREFIX = "base_model.model."  # PeftModel's key prefix: PeftModel.from_pretrained expects it in the file
+DIFFUSERS_LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"  # diffusers' load_lora_weights default
+LEGACY_LORA_CONFIG_NAME = "lora_config.json"  # the layout before the peft format: raw peft keys + this config
 
 
 def is_adapter_dir(path: str) -> bool:
@@ -48,13 +55,24 @@ def resolve_adapter_dir(name_or_path: str, revision: Optional[str] = None, **hub
         return name_or_path
     if os.path.exists(name_or_path):
         return None
-    from huggingface_hub import hf_hub_download, snapshot_download
-    from huggingface_hub.errors import EntryNotFoundError, HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError
+    from huggingface_hub import hf_hub_download, snapshot_download, try_to_load_from_cache
+    from huggingface_hub.errors import EntryNotFoundError, HFValidationError, LocalEntryNotFoundError
 
     try:
         hf_hub_download(name_or_path, ADAPTER_CONFIG_NAME, revision=revision, **hub_kwargs)
-    except (EntryNotFoundError, RepositoryNotFoundError, LocalEntryNotFoundError, HFValidationError, OSError):
+    except LocalEntryNotFoundError as e:  # first: it is a subclass of EntryNotFoundError
+        # Offline (HF_HUB_OFFLINE, local_files_only) or no connection: a diffusers pipeline already in the cache may
+        # still load; anything else fails here, with the Hub's own reason, not later as a puzzling pipeline error.
+        cached = try_to_load_from_cache(name_or_path, "model_index.json", cache_dir=hub_kwargs.get("cache_dir"), revision=revision)
+        if isinstance(cached, str):
+            return None
+        raise OSError(
+            f"{name_or_path!r} is not a local folder and could not be fetched from the Hub ({e}). Check the connection "
+            "(or unset HF_HUB_OFFLINE / local_files_only), or pass the path of a downloaded adapter."
+        ) from e
+    except (HFValidationError, EntryNotFoundError):  # not a repo id, or a repo without an adapter: a diffusers pipeline
         return None
+    # Authentication (401), gated or missing repos and network errors propagate with huggingface_hub's own message.
     return snapshot_download(name_or_path, revision=revision, **hub_kwargs)
 
 
@@ -68,6 +86,19 @@ def read_adapter_config(adapter_dir: str) -> Dict[str, Any]:
 
 
 UNET_MODES = ("frozen", "lora", "full")
+
+
+def hub_id(base: Optional[str]) -> Optional[str]:
+    """``base`` when it reads as a Hub repo id (``name`` or ``owner/name``), None for a local path."""
+    if not base or os.path.isabs(base) or base.startswith((".", "~")) or os.path.isdir(base):
+        return None
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(base)
+    except HFValidationError:
+        return None
+    return base
 
 
 def resolve_base_path(config: Dict[str, Any], adapter_dir: str) -> str:
@@ -121,15 +152,64 @@ def lora_state_dict(unet: torch.nn.Module) -> Dict[str, torch.Tensor]:
     return {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(unet).items()}
 
 
-def load_lora(unet: torch.nn.Module, lora_dir: str) -> None:
-    """Inject LoRA layers described by ``lora_dir`` into ``unet`` and load their weights."""
-    from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
+def save_lora(lora_dir: str, unet: torch.nn.Module, lora_config: Any, weights: Optional[Dict[str, torch.Tensor]] = None,
+              base_model: Optional[str] = None) -> None:
+    """Write LoRA weights in peft's format and, for a text-conditioned UNet, also in diffusers' format.
 
-    with open(os.path.join(lora_dir, LORA_CONFIG_NAME)) as f:
+    ``adapter_config.json`` + ``adapter_model.safetensors`` (keys prefixed ``base_model.model.``, as
+    ``PeftModel.save_pretrained`` writes them) load with ``PeftModel.from_pretrained(base_unet, lora_dir)``.
+    ``pytorch_lora_weights.safetensors`` (keys prefixed ``unet.``, the LoRA config in its metadata) is
+    written by diffusers' own ``StableDiffusionPipeline.save_lora_weights``, so ``load_lora_weights``
+    reads it. ``weights`` defaults to the LoRA layers injected in ``unet``.
+    """
+    import copy
+
+    from .latent import is_text_conditioned
+
+    weights = lora_state_dict(unet) if weights is None else weights
+    os.makedirs(lora_dir, exist_ok=True)
+    save_file({PEFT_PREFIX + k: v for k, v in weights.items()}, os.path.join(lora_dir, PEFT_WEIGHTS_NAME), metadata={"format": "pt"})
+    config = copy.deepcopy(lora_config)
+    config.base_model_name_or_path = base_model
+    config.inference_mode = True
+    config.save_pretrained(lora_dir)
+    if is_text_conditioned(unet):
+        from diffusers import StableDiffusionPipeline
+
+        metadata = {k: v for k, v in config.to_dict().items() if k in ("r", "lora_alpha", "target_modules", "use_dora", "lora_bias")}
+        StableDiffusionPipeline.save_lora_weights(lora_dir, unet_lora_layers=weights, unet_lora_adapter_metadata=metadata,
+                                                  weight_name=DIFFUSERS_LORA_WEIGHTS_NAME, safe_serialization=True)
+
+
+def read_lora(lora_dir: str) -> tuple:
+    """``(LoraConfig, weights)`` of a saved LoRA, the weights keyed as ``get_peft_model_state_dict`` keys them.
+
+    Reads peft's format, or the layout written before it (``lora_config.json`` + raw keys).
+    """
+    from peft import LoraConfig
+
+    if os.path.isfile(os.path.join(lora_dir, PEFT_CONFIG_NAME)):
+        config = LoraConfig.from_pretrained(lora_dir)
+        state = load_file(os.path.join(lora_dir, PEFT_WEIGHTS_NAME))
+        return config, {(k[len(PEFT_PREFIX):] if k.startswith(PEFT_PREFIX) else k): v for k, v in state.items()}
+    legacy = os.path.join(lora_dir, LEGACY_LORA_CONFIG_NAME)
+    if not os.path.isfile(legacy):
+        raise ValueError(
+            f"{lora_dir} holds no LoRA config ({PEFT_CONFIG_NAME}, or {LEGACY_LORA_CONFIG_NAME} of older adapters); "
+            "the adapter is incomplete, re-save or re-download it."
+        )
+    with open(legacy) as f:
         cfg = json.load(f)
     config = LoraConfig(r=cfg["r"], lora_alpha=cfg["lora_alpha"], target_modules=cfg["target_modules"])
+    return config, load_file(os.path.join(lora_dir, DIFFUSERS_LORA_WEIGHTS_NAME))
+
+
+def load_lora(unet: torch.nn.Module, lora_dir: str) -> None:
+    """Inject LoRA layers described by ``lora_dir`` into ``unet`` and load their weights (either layout)."""
+    from peft import inject_adapter_in_model, set_peft_model_state_dict
+
+    config, state = read_lora(lora_dir)
     inject_adapter_in_model(config, unet)
-    state = load_file(os.path.join(lora_dir, LORA_WEIGHTS_NAME))
     result = set_peft_model_state_dict(unet, state)
     unexpected = list(getattr(result, "unexpected_keys", []))
     if unexpected:
@@ -196,6 +276,15 @@ def _exchange(a: str, b: str) -> bool:
     return False
 
 
+def local_base_abspath(base: Optional[str], adapter_dir: str) -> Optional[str]:
+    """The absolute path of a local base model (relative to the adapter, or to the working directory); None for a Hub id."""
+    if base:
+        for candidate in (os.path.normpath(os.path.join(adapter_dir, base)), base):
+            if os.path.isdir(candidate):
+                return os.path.abspath(candidate)
+    return None
+
+
 def save_adapter(
     output_dir: str,
     encoder: Any,
@@ -206,6 +295,7 @@ def save_adapter(
     lora_config: Any = None,
     extra: Optional[Dict[str, Any]] = None,
     model_card: Optional[str] = None,
+    lora_weights: Optional[Dict[str, torch.Tensor]] = None,
 ) -> str:
     """Write an adapter into ``output_dir``; an older adapter there is replaced only by a complete new one.
 
@@ -223,6 +313,7 @@ def save_adapter(
         unet: the UNet, needed for ``unet_mode`` ``"lora"`` (its LoRA weights are saved) and ``"full"``.
         unet_mode: ``"frozen"``, ``"lora"`` or ``"full"``.
         lora_config: the peft ``LoraConfig`` used (for ``"lora"``).
+        lora_weights: the LoRA weights (``get_peft_model_state_dict`` keys); default: those injected in ``unet``.
         extra: more JSON-serialisable facts for the config (training arguments, metrics).
         model_card: Markdown text for README.md.
 
@@ -238,7 +329,8 @@ def save_adapter(
     check_finite_weights(encoder, "encoder")
     if unet_mode == "full":
         check_finite_weights(unet, "UNet")
-    lora_weights = lora_state_dict(unet) if unet_mode == "lora" else None
+    if unet_mode == "lora" and lora_weights is None:
+        lora_weights = lora_state_dict(unet)
     if lora_weights is not None:
         bad = [k for k, v in lora_weights.items() if v.is_floating_point() and not torch.isfinite(v).all()]
         if bad:
@@ -251,11 +343,9 @@ def save_adapter(
     swapped = False
     try:
         encoder.save_pretrained(os.path.join(tmp, "encoder"))
+        base_abspath = local_base_abspath(base_model_name_or_path, output_dir)
         if unet_mode == "lora":
-            os.makedirs(os.path.join(tmp, LORA_DIR))
-            save_file(lora_weights, os.path.join(tmp, LORA_DIR, LORA_WEIGHTS_NAME))
-            with open(os.path.join(tmp, LORA_DIR, LORA_CONFIG_NAME), "w") as f:
-                json.dump({"r": lora_config.r, "lora_alpha": lora_config.lora_alpha, "target_modules": sorted(lora_config.target_modules)}, f, indent=2)
+            save_lora(os.path.join(tmp, LORA_DIR), unet, lora_config, lora_weights, None if base_abspath else hub_id(base_model_name_or_path))
         elif unet_mode == "full":
             unet.save_pretrained(os.path.join(tmp, "unet"))
         config = {
@@ -265,11 +355,8 @@ def save_adapter(
             "latent_dim": encoder.config.latent_dim,
             **(extra or {}),
         }
-        if base_model_name_or_path:  # a local base is also recorded absolutely, to be found after the adapter moves
-            for candidate in (os.path.normpath(os.path.join(output_dir, base_model_name_or_path)), base_model_name_or_path):
-                if os.path.isdir(candidate):
-                    config["base_model_abspath"] = os.path.abspath(candidate)
-                    break
+        if base_abspath:  # a local base is also recorded absolutely, to be found after the adapter moves
+            config["base_model_abspath"] = base_abspath
         with open(os.path.join(tmp, ADAPTER_CONFIG_NAME), "w") as f:
             json.dump(config, f, indent=2, default=str)
         if model_card:

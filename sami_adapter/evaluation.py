@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from .guidance import encoder_noise_level
+from .images import model_from_unit, unit_from_model
 from .metrics.linear_r2 import r2_score
 from .objective import elbo_constant, sami_loss
 
@@ -128,8 +129,9 @@ def disk_reconstruction_r2(
     for start in range(0, images.shape[0], batch_size):
         x0 = images[start : start + batch_size]
         g = torch.Generator().manual_seed(seed + start)
-        recon.append(pipe.reconstruct(x0, num_inference_steps=num_inference_steps, eta=eta, generator=g, output_type="pt",
-                                    sami_scale=sami_scale).images.cpu())
+        out = pipe.reconstruct(unit_from_model(x0), num_inference_steps=num_inference_steps, eta=eta, generator=g, output_type="pt",
+                               sami_scale=sami_scale)
+        recon.append(model_from_unit(out.images.cpu()))
     recon = torch.cat(recon)
     return {"r2": disk_moment_r2(images, recon, dataset), "reconstructions": recon}
 
@@ -184,7 +186,7 @@ def elbo_bits_per_dim(
         raise ValueError("elbo_bits_per_dim supports unconditional pixel-space pipelines only.")
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     num_train = scheduler.config.num_train_timesteps
-    x0_all = pipe.preprocess(images)
+    x0_all = pipe.preprocess(unit_from_model(images))
     s = int(timesteps_per_image)
     if s < 1:
         raise ValueError(f"timesteps_per_image must be >= 1, got {s}.")
@@ -279,7 +281,7 @@ def information_profile(
     # Running sums per (level, dim) in float64: sum mu, sum mu^2, sum sigma^2, sum KL.
     sums = None
     for start in range(0, n, batch_size):
-        post = pipe.encode(images[start : start + batch_size], timesteps=grid, generator=generator)
+        post = pipe.encode(unit_from_model(images[start : start + batch_size]), timesteps=grid, generator=generator)
         mean, var = post.mean.double().cpu(), post.var.double().cpu()
         kl = post.kl_per_dim().double().cpu()
         part = torch.stack([mean.sum(1), (mean**2).sum(1), var.sum(1), kl.sum(1)])  # (4, K, D)

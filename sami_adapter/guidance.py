@@ -115,6 +115,25 @@ def check_scheduler(scheduler: Any) -> None:
         )
 
 
+def check_first_step(scheduler: Any) -> None:
+    """Raise a ValueError when sampling would start where an epsilon-prediction model has no answer.
+
+    A scheduler with zero terminal SNR (``rescale_betas_zero_snr=True``) has ``alphas_cumprod = 0`` at
+    its last training timestep; with ``timestep_spacing="trailing"`` sampling starts there. The image
+    an epsilon model implies, ``(x_t - s_t eps) / a_t``, divides by ``a_t = 0``: every output is NaN.
+    """
+    if scheduler.config.get("prediction_type", "epsilon") != "epsilon" or len(getattr(scheduler, "timesteps", [])) == 0:
+        return
+    first = int(scheduler.timesteps[0])
+    if float(scheduler.alphas_cumprod[first]) == 0.0:
+        raise ValueError(
+            f"{type(scheduler).__name__} starts at timestep {first}, where alphas_cumprod is 0 (zero terminal SNR, "
+            "rescale_betas_zero_snr=True): an epsilon-prediction model cannot predict the image from pure noise there "
+            "(it divides by a_t = 0), so every image would be NaN. Use a v-prediction model, a scheduler without zero "
+            "terminal SNR (rescale_betas_zero_snr=False), or timestep_spacing='leading', which starts below the last timestep."
+        )
+
+
 def _model_input_sigma(scheduler: Any, index: int) -> torch.Tensor:
     """The sigma by which a sigma scheduler scaled this step's model input (``x / sqrt(1 + sigma^2)``).
 

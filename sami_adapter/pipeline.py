@@ -6,7 +6,7 @@ from __future__ import annotations
 import inspect
 import os
 from dataclasses import dataclass
-from typing import Any, List, Optional, Sequence, Union
+from typing import Any, Callable, List, Optional, Sequence, Union
 
 import numpy as np
 import PIL.Image
@@ -15,8 +15,9 @@ from diffusers import DiffusionPipeline, ImagePipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from .adapter import HUB_KWARGS, check_load_kwargs, has_lora_layers, load_adapter_components, merge_lora, resolve_adapter_dir
+from .hub import save_adapter_from_pipeline, upload_to_hub
 from .encoder import LatentPosterior, SAMIEncoder, check_encoder_fits_unet
-from .guidance import add_noise, apply_guidance, check_scheduler, check_timesteps, encoder_noise_level, posterior_score
+from .guidance import add_noise, apply_guidance, check_first_step, check_scheduler, check_timesteps, encoder_noise_level, posterior_score
 from .images import ImageInput, to_model_range
 from .latent import LATENT_COMPONENTS, images_to_latents, is_text_conditioned, latents_to_images, prompt_batch_size, prompt_conditioning
 from .latent import vae_scale_factor as _vae_scale_factor
@@ -29,7 +30,7 @@ class SAMIPipelineOutput(ImagePipelineOutput):
     """Output of :class:`SAMIPipeline`.
 
     Args:
-        images: PIL images, a numpy array (N, H, W, C) in [0, 1], a tensor (N, C, H, W) in [-1, 1], or
+        images: PIL images, a numpy array (N, H, W, C) in [0, 1], a tensor (N, C, H, W) in [0, 1] (as diffusers), or
             with ``output_type="latent"`` the undecoded UNet-space sample.
         z: (N, latent_dim) the SAMI codes that guided each image.
     """
@@ -116,12 +117,36 @@ class SAMIPipeline(DiffusionPipeline):
             return super().from_pretrained(path, **kwargs)
         check_load_kwargs(kwargs)
         kwargs.pop("revision", None)
-        return cls(**load_adapter_components(adapter_dir, **kwargs))
+        pipe = cls(**load_adapter_components(adapter_dir, **kwargs))
+        pipe._adapter_dir = adapter_dir  # save_pretrained / push_to_hub write the adapter again, not the base
+        return pipe
 
-    def save_pretrained(self, save_directory: Union[str, os.PathLike], **kwargs) -> None:
-        """``DiffusionPipeline.save_pretrained``; a UNet that still carries unmerged LoRA layers
-        (``from_pretrained(adapter, merge_lora=False)``) is saved with the LoRA folded into a copy,
-        so that the saved folder loads back as a plain UNet with the same outputs."""
+    def save_pretrained(self, save_directory: Union[str, os.PathLike], save_base: bool = False, **kwargs) -> None:
+        """Save the pipeline. Loaded from an adapter, it is saved as an adapter again (encoder, LoRA or
+        trained UNet, config with the reference to the base model, model card; :func:`~sami_adapter.adapter.save_adapter`),
+        without the base model's weights unless ``save_base=True``.
+
+        Otherwise (or with ``save_base=True``) this is ``DiffusionPipeline.save_pretrained``; a UNet
+        that still carries unmerged LoRA layers (``from_pretrained(adapter, merge_lora=False)``) is
+        saved with the LoRA folded into a copy, so that the folder loads back as a plain UNet with
+        the same outputs. ``push_to_hub=True`` (with ``repo_id``, ``private``, ``token``,
+        ``commit_message``, ``create_pr``) then uploads the folder, as in diffusers.
+        """
+        if getattr(self, "_adapter_dir", None) is not None and not save_base:
+            push = kwargs.pop("push_to_hub", False)
+            hub = {k: kwargs.pop(k) for k in ("repo_id", "private", "token", "commit_message", "create_pr") if k in kwargs}
+            if kwargs.get("safe_serialization", True):  # safetensors is what an adapter is written in anyway
+                kwargs.pop("safe_serialization", None)
+            if kwargs:
+                raise TypeError(
+                    f"save_pretrained of an adapter got {sorted(kwargs)}; an adapter is written as safetensors as it is. "
+                    "Pass save_base=True to save the whole pipeline with diffusers' options."
+                )
+            repo_id = hub.get("repo_id") or os.path.basename(os.path.normpath(str(save_directory)))
+            save_adapter_from_pipeline(self, str(save_directory), self._adapter_dir, repo_id if push else None)
+            if push:
+                upload_to_hub(str(save_directory), repo_id, **{k: v for k, v in hub.items() if k != "repo_id"})
+            return None
         if not has_lora_layers(self.unet):
             return super().save_pretrained(save_directory, **kwargs)
         import copy
@@ -132,6 +157,40 @@ class SAMIPipeline(DiffusionPipeline):
             return super().save_pretrained(save_directory, **kwargs)
         finally:
             self.register_modules(unet=unet)
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        commit_message: Optional[str] = None,
+        private: Optional[bool] = None,
+        token: Optional[Union[str, bool]] = None,
+        create_pr: bool = False,
+        save_base: bool = False,
+        **kwargs,
+    ) -> Any:
+        """Upload to the Hub repo ``repo_id`` (created if needed), as ``diffusers``' ``push_to_hub``.
+
+        A pipeline loaded from an adapter uploads the adapter only (what :meth:`save_pretrained`
+        writes: encoder, LoRA, config, model card), never the base model's weights unless
+        ``save_base=True``. Authentication and network errors are raised with ``huggingface_hub``'s
+        own message.
+        """
+        if getattr(self, "_adapter_dir", None) is None or save_base:
+            source, self._adapter_dir = getattr(self, "_adapter_dir", None), None  # diffusers' save_pretrained writes everything
+            try:
+                return super().push_to_hub(repo_id, commit_message=commit_message, private=private, token=token, create_pr=create_pr,
+                                           **kwargs)
+            finally:
+                self._adapter_dir = source
+        import tempfile
+
+        from huggingface_hub import create_repo
+
+        repo_id = create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = os.path.join(tmp, "adapter")
+            save_adapter_from_pipeline(self, folder, self._adapter_dir, repo_id)
+            return upload_to_hub(folder, repo_id, token=token, commit_message=commit_message, create_pr=create_pr, create=False)
 
     # ------------------------------------------------------------------ input checks
     @property
@@ -170,22 +229,15 @@ class SAMIPipeline(DiffusionPipeline):
     def preprocess(self, images: ImageInput) -> torch.Tensor:
         """Images -> the UNet's clean input ``x_0`` (N, C, H, W) on the pipeline's device.
 
-        Without a VAE that is the pixels in [-1, 1]; with one, the images (checked to be
-        ``unet.sample_size * vae_scale_factor`` pixels and ``vae.in_channels`` (3) channels) are encoded
-        to the VAE latent mean scaled by ``vae.config.scaling_factor`` (deterministic, no gradient).
-
-        Accepts what :func:`sami_adapter.images.to_model_range` reads: float tensors in [-1, 1], uint8
-        tensors, numpy arrays (N, H, W, C) as uint8 [0, 255], uint16 [0, 65535] or float [0, 1], and
-        PIL images (8-bit, or 16-bit grey); anything else, or values outside their range, raise.
+        Reads images as diffusers' ``VaeImageProcessor`` does (:mod:`sami_adapter.images`): PIL
+        images, numpy arrays (N, H, W, C) and tensors (N, C, H, W) in [0, 1] (uint8/uint16 scaled by
+        their maximum; a float batch with values below 0 is read as [-1, 1], deprecated as in
+        diffusers). Images of another size are resized to the model's (PIL with Lanczos, arrays and
+        tensors with nearest interpolation). Without a VAE ``x_0`` is the pixels in [-1, 1]; with
+        one, the VAE latent mean scaled by ``vae.config.scaling_factor`` (deterministic, no gradient).
         """
-        expected = self._image_shape()
-        images = to_model_range(images, channels=expected[0])
-        taker = f"the VAE (scale factor {self.vae_scale_factor}) of this latent UNet" if self.is_latent else "the UNet"
-        if images.ndim != 4 or tuple(images.shape[1:]) != expected:
-            raise ValueError(
-                f"images have shape {tuple(images.shape)} but {taker} takes (N, {expected[0]}, {expected[1]}, {expected[2]}); "
-                f"resize to {expected[1]}x{expected[2]} and use {expected[0]} channel(s)."
-            )
+        channels, height, width = self._image_shape()
+        images = to_model_range(images, channels=channels, size=(height, width))
         device = self._execution_device
         if self.is_latent:
             return images_to_latents(self.vae, images.to(device)).to(device=device, dtype=self.unet.dtype)
@@ -216,7 +268,10 @@ class SAMIPipeline(DiffusionPipeline):
         ``x_0`` and ``x_t`` below are latents.
 
         Args:
-            images: the clean images (see :meth:`preprocess`).
+            images: the clean images as diffusers takes them (see :meth:`preprocess`): PIL images,
+                numpy arrays (N, H, W, C) or tensors (N, C, H, W) in [0, 1]. Images of another size
+                are resized to the model's (``unet.config.sample_size``, times the VAE scale factor
+                for latent diffusion), as diffusers' ``VaeImageProcessor`` does.
             timesteps: None or 0 for the clean posterior ``q(z | x_0)``; an int ``t`` to encode
                 ``x_t = a_t x_0 + s_t eps``; a sequence of K timesteps to encode every image at every
                 level in one batched call (multiscale inference).
@@ -323,9 +378,21 @@ class SAMIPipeline(DiffusionPipeline):
             negative_prompt, negative_prompt_embeds, do_cfg, self._execution_device,
         )
 
+    _callback_tensor_inputs = ["latents", "z", "prompt_embeds", "negative_prompt_embeds"]
+
+    @property
+    def interrupt(self) -> bool:
+        """Set ``pipe._interrupt = True`` from a ``callback_on_step_end`` to skip the remaining steps (diffusers' convention)."""
+        return getattr(self, "_interrupt", False)
+
+    @property
+    def num_timesteps(self) -> int:
+        return getattr(self, "_num_timesteps", 0)
+
     @torch.no_grad()
     def __call__(
         self,
+        prompt: Optional[PromptInput] = None,
         z: Optional[torch.Tensor] = None,
         batch_size: Optional[int] = None,
         num_inference_steps: int = 50,
@@ -335,37 +402,53 @@ class SAMIPipeline(DiffusionPipeline):
         eta: float = 0.0,
         output_type: str = "pil",
         return_dict: bool = True,
-        prompt: Optional[PromptInput] = None,
         negative_prompt: Optional[PromptInput] = None,
         prompt_embeds: Optional[torch.Tensor] = None,
         negative_prompt_embeds: Optional[torch.Tensor] = None,
         guidance_scale: float = 1.0,
+        num_images_per_prompt: int = 1,
+        callback_on_step_end: Optional[Callable] = None,
+        callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
     ) -> Union[SAMIPipelineOutput, tuple]:
         """Guided sampling.
 
         Args:
-            z: (N, latent_dim) SAMI codes. None draws ``z ~ N(0, I)`` (generation); a posterior mean
-                reconstructs; an edited code traverses.
-            batch_size: number of images when ``z`` is None; defaults to the number of prompts (or 1).
+            prompt: text prompt(s) of a text-conditioned UNet (the first positional argument, as in
+                diffusers); None conditions on the empty prompt. A UNet without text takes none.
+            z: (N, latent_dim) SAMI codes, by keyword. None draws ``z ~ N(0, I)`` (generation); a
+                posterior mean reconstructs; an edited code traverses.
+            batch_size: number of codes to draw when ``z`` is None; defaults to the number of prompts (or 1).
             num_inference_steps: denoising steps.
             sami_scale: multiplies the SAMI posterior score (1, the default, is the exact SAMI
                 decoder; 0 gives the plain unconditional or prompt-conditioned model).
             generator: torch generator(s) for ``z``, the initial noise and stochastic schedulers.
             latents: (N, C, h, w) initial noise of the UNet input (diffusers' meaning); drawn when None.
             eta: DDIM's eta, passed to schedulers that accept it.
-            output_type: ``"pil"``, ``"np"`` (N, H, W, C) in [0, 1], ``"pt"`` (N, C, H, W) in [-1, 1], or
+            output_type: ``"pil"``, ``"np"`` (N, H, W, C) in [0, 1], ``"pt"`` (N, C, H, W) in [0, 1] (diffusers' ranges), or
                 ``"latent"``: the final UNet-space sample, not decoded (scaled VAE latents with a VAE).
             return_dict: return a :class:`SAMIPipelineOutput` instead of a tuple.
-            prompt: text prompt(s) of a text-conditioned UNet; None conditions on the empty prompt.
             negative_prompt: what classifier-free guidance pushes away from (default: the empty prompt).
             prompt_embeds: precomputed ``encoder_hidden_states`` (1 or N, L, D) instead of ``prompt``.
             negative_prompt_embeds: precomputed negative embeddings instead of ``negative_prompt``.
             guidance_scale: classifier-free guidance weight ``w`` (1 = off), diffusers' meaning; only a
                 text-conditioned UNet takes a value other than 1.
+            num_images_per_prompt: images per prompt, or per code when ``z`` is given (each from its own
+                initial noise); without ``z`` every image gets its own drawn code.
+            callback_on_step_end: ``callback(pipe, step_index, timestep, callback_kwargs) -> dict``
+                after each step, as in diffusers (or a ``PipelineCallback``); the tensors it returns
+                replace the pipeline's.
+            callback_on_step_end_tensor_inputs: the tensors given to the callback, from
+                ``pipe._callback_tensor_inputs`` (``latents``, ``z``, ``prompt_embeds``, ``negative_prompt_embeds``).
 
         Returns:
             :class:`SAMIPipelineOutput` with ``images`` and the ``z`` used, or ``(images, z)``.
         """
+        if prompt is not None and not isinstance(prompt, (str, list, tuple)):
+            raise TypeError(
+                f"The first positional argument is prompt (text, as in diffusers), got a {type(prompt).__name__}; "
+                "pass SAMI codes by keyword: pipe(z=codes)."
+            )
+        callback_on_step_end_tensor_inputs = self._check_callback(callback_on_step_end, callback_on_step_end_tensor_inputs)
         if output_type not in ("pil", "np", "pt", "latent"):
             raise ValueError(f"output_type must be 'pil', 'np', 'pt' or 'latent', got {output_type!r}.")
         if guidance_scale != 1 and not self.is_text_conditioned:
@@ -373,31 +456,19 @@ class SAMIPipeline(DiffusionPipeline):
                 f"guidance_scale={guidance_scale} is the classifier-free guidance weight, but this UNet is not text-conditioned. "
                 "The SAMI knob (how strongly z steers sampling) is sami_scale."
             )
-        self.check_inputs(z, batch_size, num_inference_steps, sami_scale, generator, latents, eta, guidance_scale)
-        sami_scale = float(sami_scale)
+        self.check_inputs(z, batch_size, num_inference_steps, sami_scale, generator, latents, eta, guidance_scale, num_images_per_prompt)
         check_scheduler(self.scheduler)
-        device = self._execution_device
-        if z is None:
-            n = batch_size if batch_size is not None else prompt_batch_size(prompt, prompt_embeds)
-            z = randn_tensor((n, self.latent_dim), generator=generator, device=device, dtype=self.encoder.dtype)
-        z = self.check_z(z)
-        do_cfg = guidance_scale != 1
-        cond, uncond = self.encode_prompt(prompt, z.shape[0], prompt_embeds, negative_prompt, negative_prompt_embeds, do_cfg)
+        z, cond, uncond = self._prepare_codes(prompt, z, batch_size, generator, negative_prompt, prompt_embeds, negative_prompt_embeds,
+                                              guidance_scale, num_images_per_prompt)
         shape = (z.shape[0], *self._sample_shape())
         if latents is None:
-            latents = randn_tensor(shape, generator=generator, device=device, dtype=self.unet.dtype)
+            latents = randn_tensor(shape, generator=generator, device=self._execution_device, dtype=self.unet.dtype)
         elif tuple(latents.shape) != shape:
             raise ValueError(f"latents must have shape {shape} (one noise image per code), got {tuple(latents.shape)}.")
-        sample = latents.to(device=device, dtype=self.unet.dtype)
-
-        self.scheduler.set_timesteps(num_inference_steps, device=device)
-        sample = sample * self.scheduler.init_noise_sigma
-        extra = self._extra_step_kwargs(generator, eta)
-        for t in self.progress_bar(self.scheduler.timesteps):
-            model_input = self.scheduler.scale_model_input(sample, t)
-            model_output = self.guided_model_output(model_input, t, z, sami_scale, cond, uncond, guidance_scale)
-            sample = self.scheduler.step(model_output, t, sample, **extra).prev_sample
-
+        tensors = {"latents": latents.to(device=self._execution_device, dtype=self.unet.dtype), "z": z,
+                   "prompt_embeds": cond, "negative_prompt_embeds": uncond}
+        sample = self._denoise(tensors, num_inference_steps, float(sami_scale), guidance_scale, generator, eta,
+                               callback_on_step_end, callback_on_step_end_tensor_inputs)
         if output_type == "latent":
             images = sample
         else:
@@ -405,10 +476,65 @@ class SAMIPipeline(DiffusionPipeline):
             images = self.postprocess(pixels, output_type)
         self.maybe_free_model_hooks()
         if not return_dict:
-            return images, z
-        return SAMIPipelineOutput(images=images, z=z)
+            return images, tensors["z"]
+        return SAMIPipelineOutput(images=images, z=tensors["z"])
 
-    def check_inputs(self, z, batch_size, num_inference_steps, sami_scale, generator, latents, eta, guidance_scale) -> None:
+    def _check_callback(self, callback: Optional[Callable], tensor_inputs: Sequence[str]) -> List[str]:
+        """The tensor names the callback gets (a ``PipelineCallback`` names its own); unknown names raise, as in diffusers."""
+        from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+
+        if isinstance(callback, (PipelineCallback, MultiPipelineCallbacks)):
+            tensor_inputs = callback.tensor_inputs
+        if callback is not None and not callable(callback):
+            raise TypeError(f"callback_on_step_end must be callable (pipe, step_index, timestep, callback_kwargs) -> dict, got {callback!r}.")
+        unknown = [k for k in tensor_inputs if k not in self._callback_tensor_inputs]
+        if unknown:
+            raise ValueError(f"callback_on_step_end_tensor_inputs has {unknown}; this pipeline can pass {self._callback_tensor_inputs}.")
+        return list(tensor_inputs)
+
+    def _prepare_codes(self, prompt, z, batch_size, generator, negative_prompt, prompt_embeds, negative_prompt_embeds,
+                       guidance_scale, num_images_per_prompt) -> tuple:
+        """``(z, prompt_embeds, negative_prompt_embeds)`` for the whole batch: ``num_images_per_prompt`` per code or prompt."""
+        k = int(num_images_per_prompt)
+        if z is None:
+            n = batch_size if batch_size is not None else prompt_batch_size(prompt, prompt_embeds)
+            z = randn_tensor((n * k, self.latent_dim), generator=generator, device=self._execution_device, dtype=self.encoder.dtype)
+        else:
+            z = self.check_z(z).repeat_interleave(k, dim=0)
+
+        def per_image(value):  # each prompt (or embedding) once per image it makes
+            if isinstance(value, (list, tuple)):
+                return [item for item in value for _ in range(k)]
+            if isinstance(value, torch.Tensor) and value.ndim == 3 and value.shape[0] > 1:
+                return value.repeat_interleave(k, dim=0)
+            return value
+
+        cond, uncond = self.encode_prompt(per_image(prompt), z.shape[0], per_image(prompt_embeds), per_image(negative_prompt),
+                                          per_image(negative_prompt_embeds), guidance_scale != 1)
+        return z, cond, uncond
+
+    def _denoise(self, tensors: dict, num_inference_steps: int, sami_scale: float, guidance_scale: float, generator, eta: float,
+                 callback: Optional[Callable], callback_inputs: Sequence[str]) -> torch.Tensor:
+        """The sampling loop over ``tensors["latents"]``; the callback may replace any of ``tensors``."""
+        self.scheduler.set_timesteps(num_inference_steps, device=self._execution_device)
+        check_first_step(self.scheduler)
+        self._num_timesteps, self._interrupt = len(self.scheduler.timesteps), False
+        tensors["latents"] = tensors["latents"] * self.scheduler.init_noise_sigma
+        extra = self._extra_step_kwargs(generator, eta)
+        for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
+            if self.interrupt:
+                continue
+            model_input = self.scheduler.scale_model_input(tensors["latents"], t)
+            model_output = self.guided_model_output(model_input, t, tensors["z"], sami_scale, tensors["prompt_embeds"],
+                                                    tensors["negative_prompt_embeds"], guidance_scale)
+            tensors["latents"] = self.scheduler.step(model_output, t, tensors["latents"], **extra).prev_sample
+            if callback is not None:
+                returned = callback(self, i, t, {name: tensors[name] for name in callback_inputs}) or {}
+                tensors.update({name: value for name, value in returned.items() if name in tensors})
+        return tensors["latents"]
+
+    def check_inputs(self, z, batch_size, num_inference_steps, sami_scale, generator, latents, eta, guidance_scale,
+                     num_images_per_prompt=1) -> None:
         """Raise a ValueError for sampling arguments that would give NaN, noise or a silently different batch."""
 
         def is_int(value):
@@ -418,18 +544,21 @@ class SAMIPipeline(DiffusionPipeline):
             raise ValueError(f"num_inference_steps must be an integer >= 1, got {num_inference_steps!r}.")
         if batch_size is not None and (not is_int(batch_size) or batch_size < 1):
             raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}.")
+        if not is_int(num_images_per_prompt) or num_images_per_prompt < 1:
+            raise ValueError(f"num_images_per_prompt must be an integer >= 1, got {num_images_per_prompt!r}.")
         for name, value in (("sami_scale", sami_scale), ("guidance_scale", guidance_scale)):
             if not isinstance(value, (int, float, np.number)) or isinstance(value, bool) or not np.isfinite(float(value)):
                 raise ValueError(f"{name} must be a finite number, got {value!r}.")
         if not isinstance(eta, (int, float, np.number)) or not 0.0 <= float(eta) <= 1.0:
             raise ValueError(f"eta must be in [0, 1] (0: deterministic DDIM, 1: DDPM-like), got {eta!r}.")
-        n = None
+        n = None  # the number of images
         if z is not None:
             n = self.check_z(z).shape[0]
             if batch_size is not None and batch_size != n:
                 raise ValueError(f"batch_size={batch_size} but z holds {n} codes; leave batch_size out when passing z.")
+            n *= num_images_per_prompt
         elif batch_size is not None:
-            n = batch_size
+            n = batch_size * num_images_per_prompt
         if latents is not None:
             if not torch.isfinite(torch.as_tensor(latents)).all():
                 raise ValueError("latents contain NaN or inf; pass finite initial noise (or leave latents out).")
@@ -440,15 +569,11 @@ class SAMIPipeline(DiffusionPipeline):
 
     @staticmethod
     def postprocess(sample: torch.Tensor, output_type: str) -> Any:
-        """(N, C, H, W) in [-1, 1] -> the requested output type."""
-        sample = sample.clamp(-1, 1)
-        if output_type == "pt":
-            return sample
-        array = ((sample + 1) / 2).float().cpu().permute(0, 2, 3, 1).numpy()
-        if output_type == "np":
-            return array
-        uint8 = (array * 255).round().astype(np.uint8)
-        return [PIL.Image.fromarray(im[..., 0] if im.shape[-1] == 1 else im) for im in uint8]
+        """(N, C, H, W) in [-1, 1] -> what diffusers' ``VaeImageProcessor.postprocess`` returns:
+        ``"pt"`` (N, C, H, W) in [0, 1], ``"np"`` (N, H, W, C) in [0, 1], ``"pil"`` a list of images."""
+        from diffusers.image_processor import VaeImageProcessor
+
+        return VaeImageProcessor(vae_scale_factor=1).postprocess(sample.clamp(-1, 1), output_type=output_type)
 
     # ------------------------------------------------------------------ uses of the code
     def _shared_noise(self, n: int, generator: Optional[torch.Generator], latents: Optional[torch.Tensor]) -> torch.Tensor:
@@ -491,6 +616,11 @@ class SAMIPipeline(DiffusionPipeline):
             raise ValueError(f"traverse takes one code or one image, got a batch of {z.shape[0]}; call it once per item.")
         if not 0 <= dim < self.latent_dim:
             raise ValueError(f"dim must be in [0, {self.latent_dim}), got {dim}.")
+        values = [float(v) for v in np.asarray(values, dtype=np.float64).reshape(-1)]
+        if not values:
+            raise ValueError("values is empty: traverse makes one image per value; pass at least one, e.g. values=[-2, 0, 2].")
+        if not np.isfinite(values).all():
+            raise ValueError(f"values must be finite numbers, got {values}.")
         codes = z.repeat(len(values), 1)
         codes[:, dim] = torch.as_tensor(list(values), device=codes.device, dtype=codes.dtype)
         return self(z=codes, latents=self._shared_noise(len(values), generator, latents), generator=generator, **kwargs)

@@ -46,6 +46,7 @@ from .evaluation import (
     informative_dimensions,
     information_profile,
 )
+from .images import model_from_unit, unit_from_model
 from .metrics import dci, explicitness, factor_alignment, factor_vae_score, linear_r2, mig_per_factor, modularity, sap, trajectory_curvature
 
 
@@ -55,12 +56,20 @@ COUNT_ROWS = ("training steps", "training seconds")  # table rows shown as whole
 EncodeFn = Callable[[torch.Tensor], Union[torch.Tensor, np.ndarray]]
 
 
+def pipeline_input(model: Any, images: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] dataset images as ``model.encode`` takes them: [0, 1] for a SAMIPipeline (diffusers'
+    convention), unchanged for the baselines, which work in the UNet's [-1, 1]."""
+    from .pipeline import SAMIPipeline
+
+    return unit_from_model(images) if isinstance(model, SAMIPipeline) else images
+
+
 def mean_code_fn(model: Any) -> EncodeFn:
     """``images -> model.encode(images).mean`` on the CPU (no gradient), for any model with ``encode``."""
 
     def encode(images: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            return model.encode(images).mean.detach().float().cpu()
+            return model.encode(pipeline_input(model, images)).mean.detach().float().cpu()
 
     return encode
 
@@ -218,7 +227,7 @@ def discover_axes(
     codes = []
     with torch.no_grad():
         for start in range(0, images.shape[0], batch_size):
-            codes.append(pipe.encode(images[start : start + batch_size]).mean.double().cpu().numpy())
+            codes.append(pipe.encode(unit_from_model(images[start : start + batch_size])).mean.double().cpu().numpy())
     out: Dict[str, Any] = {"profile": profile, "levels": levels, "codes": np.concatenate(codes)}
     if factor_values is not None:
         names = list(factor_names) if factor_names is not None else [f"factor{k}" for k in range(np.asarray(factor_values).shape[1])]
@@ -579,7 +588,7 @@ def rate_study_measurements(
     images, _, _ = dataset.sample(num_images, np.random.default_rng([seed, 5]))
     means, logvars = [], []
     for start in range(0, images.shape[0], batch_size):
-        post = model.encode(images[start:start + batch_size].to(model.device))
+        post = model.encode(pipeline_input(model, images[start:start + batch_size].to(model.device)))
         means.append(post.mean.float().cpu())
         logvars.append(post.logvar.float().cpu())
     mean, logvar = torch.cat(means).double(), torch.cat(logvars).double()
@@ -598,8 +607,8 @@ def rate_study_measurements(
         g = torch.Generator().manual_seed(seed)
         if is_sami:
             samples = torch.cat([
-                model(batch_size=min(256, num_prior_samples - start), num_inference_steps=num_inference_steps, eta=1.0, generator=g,
-                      output_type="pt").images.cpu()
+                model_from_unit(model(batch_size=min(256, num_prior_samples - start), num_inference_steps=num_inference_steps, eta=1.0,
+                                      generator=g, output_type="pt").images.cpu())
                 for start in range(0, num_prior_samples, 256)
             ])
             decoded = disk_reconstruction_r2(model, held_out.to(model.device), num_inference_steps=num_inference_steps, seed=seed, eta=1.0,
@@ -723,8 +732,9 @@ def reconstructions(
 ) -> torch.Tensor:
     """Decodes of ``z = mean q(z | x_0)`` of ``images`` (N, C, H, W) in [-1, 1], on the CPU; noise from ``seed``."""
     generator = torch.Generator().manual_seed(seed)
-    return pipe.reconstruct(images, num_inference_steps=num_inference_steps, eta=eta, generator=generator, output_type="pt",
-                            sami_scale=sami_scale).images.cpu()
+    out = pipe.reconstruct(unit_from_model(images), num_inference_steps=num_inference_steps, eta=eta, generator=generator, output_type="pt",
+                           sami_scale=sami_scale)
+    return model_from_unit(out.images.cpu())
 
 
 @torch.no_grad()
@@ -749,8 +759,9 @@ def traversal_rows(
     rows = []
     for d, row_values in zip(dims, per_row):
         generator = torch.Generator().manual_seed(seed)
-        rows.append(pipe.traverse(image[:1], d, list(row_values), num_inference_steps=num_inference_steps, eta=0.0, generator=generator,
-                                  output_type="pt", sami_scale=sami_scale).images.cpu())
+        out = pipe.traverse(unit_from_model(image[:1]), d, list(row_values), num_inference_steps=num_inference_steps, eta=0.0,
+                            generator=generator, output_type="pt", sami_scale=sami_scale)
+        rows.append(model_from_unit(out.images.cpu()))
     return torch.cat(rows)
 
 
@@ -781,7 +792,7 @@ def write_report(
             (``"disks"`` or ``"background_disks"``): the report then gives the reconstruction R² per factor.
     """
     os.makedirs(report_dir, exist_ok=True)
-    model_inputs = pipe.preprocess(images)  # VAE latents for latent diffusion, the images otherwise
+    model_inputs = pipe.preprocess(unit_from_model(images))  # VAE latents for latent diffusion, the images otherwise
     unet_kwargs = {}
     if pipe.is_text_conditioned:
         unet_kwargs = {"encoder_hidden_states": pipe.encode_prompt(batch_size=1)[0]}

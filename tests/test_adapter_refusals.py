@@ -41,10 +41,11 @@ def _lora_adapter(tmp_path):
     return save_adapter(str(tmp_path / "lora"), _encoder(), base, unet=unet, unet_mode="lora", lora_config=config), base
 
 
-def _output(pipe):
+def _output(pipe_or_unet):
+    unet = getattr(pipe_or_unet, "unet", pipe_or_unet)
     x, t = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(3)), torch.tensor([10, 500])
     with torch.no_grad():
-        return pipe.unet(x, t).sample
+        return unet(x, t).sample
 
 
 def test_unet_given_to_a_lora_adapter_gets_the_lora(tmp_path):
@@ -55,6 +56,49 @@ def test_unet_given_to_a_lora_adapter_gets_the_lora(tmp_path):
     plain = UNet2DModel.from_pretrained(base, subfolder="unet")
     with torch.no_grad():
         assert (_output(loaded) - plain(torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(3)), torch.tensor([10, 500])).sample).abs().max() > 1e-3
+
+
+def test_lora_is_saved_in_peft_format_and_loads_with_peft_model(tmp_path):
+    from peft import PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    adapter, base = _lora_adapter(tmp_path)
+    lora_dir = os.path.join(adapter, "unet_lora")
+    assert sorted(os.listdir(lora_dir)) == ["adapter_config.json", "adapter_model.safetensors"]  # no diffusers file: not text-conditioned
+    loaded = SAMIPipeline.from_pretrained(adapter)
+    peft_unet = PeftModel.from_pretrained(UNet2DModel.from_pretrained(base, subfolder="unet"), lora_dir)
+    torch.testing.assert_close(_output(peft_unet), _output(loaded), atol=1e-5, rtol=1e-5)
+    # set_peft_model_state_dict reads the same file into a PeftModel made from the config alone
+    from peft import LoraConfig, get_peft_model
+
+    fresh = get_peft_model(UNet2DModel.from_pretrained(base, subfolder="unet"), LoraConfig.from_pretrained(lora_dir))
+    result = set_peft_model_state_dict(fresh, load_file(os.path.join(lora_dir, "adapter_model.safetensors")))
+    assert not result.unexpected_keys
+    torch.testing.assert_close(_output(fresh), _output(loaded), atol=1e-5, rtol=1e-5)
+    assert get_peft_model_state_dict(fresh).keys() == get_peft_model_state_dict(peft_unet).keys()
+
+
+def test_an_adapter_in_the_old_lora_layout_still_loads(tmp_path):
+    """Before the peft format: raw peft keys in pytorch_lora_weights.safetensors + lora_config.json."""
+    import json
+
+    from peft import LoraConfig
+    from safetensors.torch import load_file, save_file
+
+    adapter, _ = _lora_adapter(tmp_path)
+    new = SAMIPipeline.from_pretrained(adapter)
+    lora_dir = os.path.join(adapter, "unet_lora")
+    config = LoraConfig.from_pretrained(lora_dir)
+    state = {k.removeprefix("base_model.model."): v for k, v in load_file(os.path.join(lora_dir, "adapter_model.safetensors")).items()}
+    for name in os.listdir(lora_dir):
+        os.remove(os.path.join(lora_dir, name))
+    save_file(state, os.path.join(lora_dir, "pytorch_lora_weights.safetensors"))
+    with open(os.path.join(lora_dir, "lora_config.json"), "w") as f:
+        json.dump({"r": config.r, "lora_alpha": config.lora_alpha, "target_modules": sorted(config.target_modules)}, f)
+    torch.testing.assert_close(_output(SAMIPipeline.from_pretrained(adapter)), _output(new))
+    os.remove(os.path.join(lora_dir, "lora_config.json"))
+    with pytest.raises(ValueError, match=r"unet_lora holds no LoRA config \(adapter_config.json, or lora_config.json of older adapters\)"):
+        SAMIPipeline.from_pretrained(adapter)
 
 
 def test_unet_given_to_a_full_adapter_is_refused(tmp_path):
@@ -108,7 +152,13 @@ def test_pickled_weights_are_refused_unless_opted_in(tmp_path):
 def test_a_pipeline_with_unmerged_lora_saves_a_folder_that_loads_back(tmp_path):
     adapter, _ = _lora_adapter(tmp_path)
     unmerged = SAMIPipeline.from_pretrained(adapter, merge_lora=False)
-    unmerged.save_pretrained(tmp_path / "saved")
+    # By default a pipeline loaded from an adapter is saved as an adapter: LoRA only, no base UNet.
+    unmerged.save_pretrained(tmp_path / "adapter-again")
+    assert sorted(os.listdir(tmp_path / "adapter-again" / "unet_lora")) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert not (tmp_path / "adapter-again" / "unet").exists()
+    torch.testing.assert_close(_output(SAMIPipeline.from_pretrained(tmp_path / "adapter-again")), _output(unmerged), atol=1e-5, rtol=1e-5)
+    # save_base=True: the whole pipeline, the LoRA folded into a plain UNet.
+    unmerged.save_pretrained(tmp_path / "saved", save_base=True)
     saved = load_file(tmp_path / "saved" / "unet" / "diffusion_pytorch_model.safetensors")
     assert not any("lora" in k or "base_layer" in k for k in saved)
     reloaded = SAMIPipeline.from_pretrained(tmp_path / "saved")

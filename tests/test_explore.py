@@ -166,13 +166,56 @@ def test_sample_view_is_seeded_pipeline_sampling(explorer):
         explore.sample_view(explorer, num_images=0)
 
 
+def test_grid_view_is_one_traversal_per_active_dimension(explorer):
+    image = explore.example_image(explorer, 2)
+    z = explorer.pipe.encode(image).mean[0].double().numpy()
+    view = explore.grid_view(explorer, z, sami_scale=2.0, seed=3, steps=4)
+    assert view["rows"] == explorer.order
+    np.testing.assert_allclose(view["values"], [-2.5, -2.5 + 5 / 3, 2.5 - 5 / 3, 2.5], rtol=0, atol=1e-12)
+    assert view["images"].shape == (len(explorer.order) * 4, 1, 8, 8)
+    for r, d in enumerate(explorer.order):  # each row is SAMIPipeline.traverse from the same seeded noise
+        direct = explorer.pipe.traverse(torch.as_tensor(z, dtype=torch.float32), d, view["values"], sami_scale=2.0,
+                                        num_inference_steps=explorer.num_inference_steps, eta=explorer.eta,
+                                        generator=torch.Generator().manual_seed(3), output_type="pt").images
+        assert torch.equal(view["images"][4 * r : 4 * r + 4], direct)
+    with pytest.raises(explore.InputError, match="A grid row takes between 2 and 15 values, not 1."):
+        explore.grid_view(explorer, z, steps=1)
+
+
+def test_interpolation_view_runs_between_the_two_codes(explorer):
+    a, b = explore.example_image(explorer, 0), explore.example_image(explorer, 5)
+    view = explore.interpolation_view(explorer, a, b, steps=3, sami_scale=1.0, seed=2)
+    z_a, z_b = (explorer.pipe.encode(x).mean[0].double().numpy() for x in (a, b))
+    np.testing.assert_allclose(view["z"], np.stack([z_a, (z_a + z_b) / 2, z_b]), rtol=1e-5, atol=1e-6)
+    assert view["images"].shape == (3, 1, 8, 8) and 0 <= view["images"].min() and view["images"].max() <= 1
+    with pytest.raises(explore.InputError, match="between 2 and 16 steps, not 1"):
+        explore.interpolation_view(explorer, a, b, steps=1)
+
+
+def test_code_export_decodes_to_the_same_image(explorer, tmp_path):
+    image = explore.example_image(explorer, 1)
+    view = explore.encode_view(explorer, image, sami_scale=2.0, seed=4)
+    state = {"z": view["z"].tolist(), "scale": 2.0, "seed": 4}
+    path = explore.write_code(explorer, state, str(tmp_path))
+    with open(path) as f:
+        record = json.load(f)
+    assert record["z"] == state["z"] and record["sami_scale"] == 2.0 and record["seed"] == 4
+    decoded = explorer.pipe(z=torch.tensor([record["z"]]), sami_scale=record["sami_scale"], num_inference_steps=record["num_inference_steps"],
+                            eta=record["eta"], generator=torch.Generator().manual_seed(record["seed"]), output_type="pt").images
+    torch.testing.assert_close(decoded, view["reconstruction_scaled"])
+    with pytest.raises(explore.InputError, match="Encode an image first"):
+        explore.write_code(explorer, None, str(tmp_path))
+    thumbs = explore.write_thumbnails(explorer, str(tmp_path / "thumbs"), count=3)
+    assert len(thumbs) == 3 and all(Image.open(p).size[0] >= 8 for p in thumbs)
+
+
 def test_load_image_converts_like_training_and_refuses_bad_files(explorer, tmp_path):
     rgb = np.zeros((30, 40, 3), dtype=np.uint8)
     rgb[10:20, 15:25] = 255
     Image.fromarray(rgb).save(tmp_path / "disk.png")
     image = explore.load_image(str(tmp_path / "disk.png"), explorer)
-    assert image.shape == (1, 1, 8, 8) and image.min() >= -1 and image.max() <= 1
-    assert image[0, 0, 4, 4] > 0.9 and image[0, 0, 0, 0] == -1.0  # white centre, black corner, centre-cropped
+    assert image.shape == (1, 1, 8, 8) and image.min() >= 0 and image.max() <= 1  # the pipeline's [0, 1]
+    assert image[0, 0, 4, 4] > 0.95 and image[0, 0, 0, 0] == 0.0  # white centre, black corner, centre-cropped
     assert torch.equal(explore.load_image(Image.fromarray(rgb), explorer), image)
     explore.encode_view(explorer, image, seed=0)  # what an upload gives, encode takes
 
@@ -240,7 +283,9 @@ def test_app_end_to_end_with_gradio_client(app_url, explorer, tmp_path):
     client_module = pytest.importorskip("gradio_client", reason="the end-to-end test needs gradio_client (installed with gradio)")
     client = client_module.Client(app_url + "/", verbose=False)
     endpoints = set(client.view_api(return_format="dict", print_info=False)["named_endpoints"])
-    assert {"/encode", "/traverse_z0", "/traverse_z1", "/traverse_z2", "/reset", "/sample"} <= endpoints
+    assert {"/encode", "/traverse_z0", "/traverse_z1", "/traverse_z2", "/reset", "/sample", "/grid", "/interpolate", "/code"} <= endpoints
+    with pytest.raises(Exception, match="Encode an image first"):
+        client.predict(api_name="/code")
 
     out = client.predict("example", 0, None, 3.0, 0, api_name="/encode")
     inputs, exact, scaled = (_pixels(p) for p in out[:3])
@@ -255,6 +300,16 @@ def test_app_end_to_end_with_gradio_client(app_url, explorer, tmp_path):
     change_on = np.abs(_pixels(decoded_on) - scaled).mean()
     assert change_off < change_on and change_on > 1.0  # mean change in 0-255 pixel units
     assert _pixels(diff_off).max() <= _pixels(diff_on).max()
+
+    # The grid: a row of 5 per active dimension; the code export: the page's current code as JSON.
+    grid = _pixels(client.predict(5, api_name="/grid"))
+    assert grid.shape[0] < grid.shape[1] and grid.std() > 0
+    with open(client.predict(api_name="/code")) as f:
+        record = json.load(f)
+    assert len(record["z"]) == explorer.latent_dim and record["z"][0] == pytest.approx(sliders[0] + 3.0, abs=1e-4)
+    assert record["seed"] == 0 and record["sami_scale"] == 3.0
+    between = _pixels(client.predict(None, 0, None, 1, 4, 3.0, 0, api_name="/interpolate"))
+    assert between.shape[1] > 5 * between.shape[0] and between.std() > 0  # a, four decodes, b in one row
 
     first = _pixels(client.predict(7, 4, 1.0, api_name="/sample"))
     again = _pixels(client.predict(7, 4, 1.0, api_name="/sample"))
@@ -341,6 +396,45 @@ PAGE_STATE = """(() => {
 })()"""
 
 
+CLICK = """((name) => {  // a tab (role=tab: Gradio also keeps hidden copies of tab labels for measuring) or a button
+  const visible = [...document.querySelectorAll('[role=tab], button')].filter(b => b.innerText.trim() === name && b.offsetParent !== null);
+  const button = visible.find(b => b.getAttribute('role') === 'tab') || visible.find(b => b.tabIndex !== -1);
+  if (button) button.click();
+  return !!button;
+})(%s)"""
+
+SHOWN = """((label) => {
+  const block = [...document.querySelectorAll('.block')].find(b => b.offsetParent !== null && b.querySelector('img')
+                                                                  && b.innerText.includes(label));
+  const image = block && block.querySelector('img');
+  if (image) image.scrollIntoView({block: 'center'});  // Gradio's images load lazily: only near the viewport
+  return {shown: !!(image && image.complete && image.naturalWidth > 0 && image.src.includes('file=')),
+          busy: document.querySelectorAll('.eta-bar, .progress-text').length,
+          thumbnails: [...document.querySelectorAll('img')].filter(i => i.src.includes('example-') && i.naturalWidth > 0).length,
+          errors: [...document.querySelectorAll('.toast-body')].map(e => e.innerText).join(' | ')};
+})(%s)"""
+
+
+def _until(browser, session, expression, done, timeout=90):
+    deadline, value = time.time() + timeout, {}
+    while time.time() < deadline:
+        value = browser.send("Runtime.evaluate", session=session, expression=expression, returnByValue=True)["result"].get("value") or {}
+        if done(value):
+            return value
+        time.sleep(0.5)
+    return value
+
+
+def _open_tab_and_run(browser, session, tab, button, label):
+    """Click a tab, then its button; wait until the image labelled ``label`` has loaded and nothing is running."""
+    assert _until(browser, session, CLICK % json.dumps(tab), bool, timeout=10), tab
+    time.sleep(2)  # the tab's content renders, then gets its event handlers: a click before that is lost
+    clicked = _until(browser, session, CLICK % json.dumps(button), bool, timeout=10)
+    buttons = "[...document.querySelectorAll('button')].filter(b => b.offsetParent !== null).map(b => b.innerText.trim()).join(' | ')"
+    assert clicked, (button, browser.send("Runtime.evaluate", session=session, expression=buttons, returnByValue=True)["result"])
+    return _until(browser, session, SHOWN % json.dumps(label), lambda v: v.get("shown") and v.get("busy") == 0)
+
+
 def test_page_in_headless_chromium(request, tmp_path):
     """Open the page, wait until the first example is encoded, screenshot it, check what a person sees.
 
@@ -367,6 +461,9 @@ def test_page_in_headless_chromium(request, tmp_path):
                 time.sleep(0.5)
             time.sleep(0.5)  # let the plot finish painting
             shot = base64.b64decode(browser.send("Page.captureScreenshot", session=session, format="png")["data"])
+            thumbnails = _until(browser, session, SHOWN % json.dumps("held-out examples"), lambda v: v.get("thumbnails", 0) >= 2)
+            grid = _open_tab_and_run(browser, session, "Grid", "Decode the grid", "traversal grid")
+            between = _open_tab_and_run(browser, session, "Interpolate", "Decode from a to b", "the decodes from a to b")
         finally:
             browser.close()
     path = tmp_path / "explorer.png"
@@ -377,6 +474,8 @@ def test_page_in_headless_chromium(request, tmp_path):
     assert state["busy"] == 0
     assert state["sliders"] >= 2 + (0 if adapter else 2)
     assert "SAMI latent explorer" in state["text"]
+    assert thumbnails.get("thumbnails", 0) >= 2, "the held-out example thumbnails did not load"
+    assert grid.get("shown") and between.get("shown"), (grid, between)  # the Grid and Interpolate tabs decode in the page
     assert "loses half its information" in state["text"] or "keeps over half its information" in state["text"]  # slider labels
     with Image.open(path) as picture:
         assert picture.size[0] >= 1000 and np.asarray(picture.convert("L")).std() > 10  # not a blank page

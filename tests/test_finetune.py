@@ -116,8 +116,17 @@ def test_truncated_or_mismatched_checkpoint_fails_clearly_and_changes_nothing(ba
 def test_lora_mode_saves_lora_weights_that_change_the_unet(base_dir, tmp_path):
     out = tmp_path / "lora"
     finetune.main(_args(base_dir, out, "--max_train_steps", "2", "--unet_mode", "lora", "--lora_rank", "2",
-                        "--unet_learning_rate", "0.05", "--no_report"))
-    assert (out / "unet_lora" / "pytorch_lora_weights.safetensors").exists() and not (out / "unet").exists()
+                        "--unet_learning_rate", "0.05", "--checkpointing_steps", "1", "--no_report"))
+    assert sorted(os.listdir(out / "unet_lora")) == ["adapter_config.json", "adapter_model.safetensors"] and not (out / "unet").exists()
+    checkpoint = load_file(str(out / "checkpoint-1" / "model.safetensors"))  # LoRA and encoder only, not the base UNet
+    unet_keys = [k for k in checkpoint if "unet" in k]
+    assert unet_keys and all("lora_" in k for k in unet_keys) and any(k.startswith("encoder.") for k in checkpoint)
+    resumed = tmp_path / "lora-resumed"  # and it resumes: the base weights come from the base model
+    shutil.copytree(out / "checkpoint-1", resumed / "checkpoint-1")
+    finetune.main(_args(base_dir, resumed, "--max_train_steps", "2", "--unet_mode", "lora", "--lora_rank", "2",
+                        "--unet_learning_rate", "0.05", "--checkpointing_steps", "1", "--no_report", "--resume_from_checkpoint", "latest"))
+    a, b = (load_file(str(d / "unet_lora" / "adapter_model.safetensors")) for d in (out, resumed))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     pipe = SAMIPipeline.from_pretrained(str(out))  # LoRA merged into a plain UNet
     from diffusers import UNet2DModel
 

@@ -21,18 +21,18 @@ def pipe():
 
 @pytest.fixture(scope="module")
 def pixels():
-    """(2, 8, 8, 1) uint8 test images and the same in the model range."""
+    """(2, 8, 8, 1) uint8 test images and the same as a [0, 1] tensor (diffusers' image range)."""
     array = np.random.default_rng(0).integers(0, 256, size=(2, 8, 8, 1)).astype(np.uint8)
-    return array, torch.from_numpy(array).permute(0, 3, 1, 2).float() / 127.5 - 1
+    return array, torch.from_numpy(array).permute(0, 3, 1, 2).float() / 255
 
 
-# ---------------------------------------------------------------- images: convert what is unambiguous
+# ---------------------------------------------------------------- images: diffusers' conventions
 def test_every_accepted_image_type_reads_as_the_same_pixels(pipe, pixels):
-    from sami_adapter.images import to_model_range
+    from sami_adapter.images import to_unit_range
 
     array, expected = pixels
     readings = {
-        "float tensor [-1, 1]": expected,
+        "float tensor [0, 1]": expected,
         "uint8 tensor": torch.from_numpy(array).permute(0, 3, 1, 2).contiguous(),
         "uint8 numpy": array,
         "uint16 numpy": array.astype(np.uint16) * 257,  # 255 * 257 = 65535
@@ -43,8 +43,55 @@ def test_every_accepted_image_type_reads_as_the_same_pixels(pipe, pixels):
     }
     reference = pipe.encode(expected).mean
     for name, images in readings.items():
-        torch.testing.assert_close(to_model_range(images, channels=1), expected, atol=1e-6, rtol=0, msg=name)
+        torch.testing.assert_close(to_unit_range(images, channels=1), expected, atol=1e-6, rtol=0, msg=name)
         torch.testing.assert_close(pipe.encode(images).mean, reference, atol=1e-6, rtol=0, msg=name)
+
+
+def test_a_to_tensor_image_encodes_like_the_pil_image(pipe, pixels):
+    array, _ = pixels
+    image = PIL.Image.fromarray(array[0, ..., 0])
+    to_tensor = torch.tensor(np.asarray(image), dtype=torch.float32)[None] / 255  # what torchvision's T.ToTensor() returns (not installed here)
+    torch.testing.assert_close(pipe.encode(to_tensor[None]).mean, pipe.encode(image).mean, atol=0, rtol=0)
+
+
+def test_minus_one_one_tensors_are_read_as_diffusers_reads_them(pipe, pixels):
+    """diffusers' rule: a float batch with a value below 0 is [-1, 1] (deprecated, FutureWarning); else [0, 1]."""
+    from diffusers.image_processor import VaeImageProcessor
+
+    _, x = pixels
+    with pytest.warns(FutureWarning, match=r"value range in \[-1,1\] is deprecated"):
+        old = pipe.encode(x * 2 - 1).mean
+    torch.testing.assert_close(old, pipe.encode(x).mean, atol=1e-6, rtol=0)
+    with pytest.warns(FutureWarning):  # diffusers reads the same batch the same way
+        torch.testing.assert_close(VaeImageProcessor().preprocess(x * 2 - 1), x * 2 - 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pipe.encode(x)  # [0, 1] images: no warning
+        pipe.encode(torch.zeros(1, 1, 8, 8))  # a constant black image is [0, 1]
+
+
+def test_another_size_is_resized_as_diffusers_resizes(pipe, pixels):
+    from diffusers.image_processor import VaeImageProcessor
+
+    array, x = pixels
+    big = torch.nn.functional.interpolate(x, scale_factor=2, mode="nearest")  # 16 px; nearest back down is exact
+    torch.testing.assert_close(pipe.encode(big).mean, pipe.encode(x).mean, atol=1e-6, rtol=0)
+    image = PIL.Image.fromarray(np.kron(array[0, ..., 0], np.ones((3, 3), np.uint8)))  # 24 px PIL: Lanczos, as diffusers
+    lanczos = VaeImageProcessor(vae_scale_factor=1, do_normalize=False).preprocess(image, 8, 8)
+    torch.testing.assert_close(pipe.encode(image).mean, pipe.encode(lanczos).mean, atol=1e-6, rtol=0)
+    sizes = [PIL.Image.fromarray(array[0, ..., 0]), image]  # PIL images of different sizes are each resized
+    assert pipe.encode(sizes).mean.shape == (2, 3)
+
+
+def test_output_types_are_diffusers(pipe):
+    from diffusers.image_processor import VaeImageProcessor
+
+    pt, np_, pil, raw = (pipe(output_type=kind, batch_size=2, num_inference_steps=2, generator=_gen(3)).images
+                         for kind in ("pt", "np", "pil", "latent"))
+    assert pt.shape == (2, 1, 8, 8) and 0 <= pt.min() and pt.max() <= 1
+    torch.testing.assert_close(pt, (raw.clamp(-1, 1) + 1) / 2)
+    np.testing.assert_allclose(np_, VaeImageProcessor().postprocess(raw.clamp(-1, 1), output_type="np"))
+    assert np_.shape == (2, 8, 8, 1) and pil[0].mode == "L" and pil[0].size == (8, 8)
 
 
 def test_a_16_bit_png_file_is_not_read_as_white(tmp_path, pixels):
@@ -58,32 +105,24 @@ def test_a_16_bit_png_file_is_not_read_as_white(tmp_path, pixels):
         deep = ImageFolderDataset([str(tmp_path / "deep.png")], 8, channels).load(0, np.random.default_rng(0))
         plain = ImageFolderDataset([str(tmp_path / "plain.png")], 8, channels).load(0, np.random.default_rng(0))
         torch.testing.assert_close(deep, plain, atol=1e-5, rtol=0)
-        torch.testing.assert_close(plain[0], expected[0, 0])
+        torch.testing.assert_close(plain[0], expected[0, 0] * 2 - 1)  # the datasets yield the UNet's [-1, 1]
 
 
 # ---------------------------------------------------------------- images: refuse what is not
 @pytest.mark.parametrize("images, error, message", [
-    (torch.full((1, 1, 8, 8), 200.0), ValueError, r"image tensors must lie in \[-1, 1\], got values in \[200, 200\].*uint8"),
-    (np.full((1, 8, 8, 1), 2.0), ValueError, r"numpy float images must lie in \[0, 1\].*torch tensor"),
-    (np.full((1, 8, 8, 1), -0.5), ValueError, r"numpy float images must lie in \[0, 1\]"),
+    (torch.full((1, 1, 8, 8), 200.0), ValueError, r"float images must lie in \[0, 1\].*got values in \[200, 200\].*uint8"),
+    (np.full((1, 8, 8, 1), 2.0), ValueError, r"float images must lie in \[0, 1\]"),
+    (np.full((1, 8, 8, 1), -1.5), ValueError, r"float images must lie in \[0, 1\] \(or, deprecated as in diffusers, \[-1, 1\]\)"),
     (np.zeros((1, 8, 8, 1), dtype=np.int32), TypeError, "uint8 .0, 255., uint16 .0, 65535. or float .0, 1."),
-    (torch.zeros((1, 1, 8, 8), dtype=torch.int64), TypeError, r"float in \[-1, 1\] or uint8"),
+    (torch.zeros((1, 1, 8, 8), dtype=torch.int64), TypeError, r"float in \[0, 1\] or uint8"),
     (torch.full((1, 1, 8, 8), float("nan")), ValueError, "NaN or inf"),
+    (torch.zeros((1, 3, 8, 8)), ValueError, r"images have 3 channel\(s\).*the model takes 1; pass 1-channel images"),
+    (np.zeros((8, 8, 3), np.float32), ValueError, r"images have 3 channel\(s\)"),  # one (H, W, C) image, as diffusers reads it
     ([PIL.Image.fromarray(np.zeros((8, 8), np.float32), mode="F")], ValueError, "mode F"),
 ])
 def test_ambiguous_or_out_of_range_images_are_refused_naming_the_range(pipe, images, error, message):
     with pytest.raises(error, match=message):
         pipe.encode(images)
-
-
-def test_a_float_tensor_in_0_1_is_read_as_minus1_1_with_a_warning(pipe):
-    x = torch.rand(1, 1, 8, 8, generator=_gen())
-    with pytest.warns(UserWarning, match=r"lie in \[0, 1\].*x \* 2 - 1"):
-        pipe.encode(x)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        pipe.encode(x * 2 - 1)  # ordinary [-1, 1] images: no warning
-        pipe.encode(torch.zeros(1, 1, 8, 8))  # a constant image: nothing to warn about
 
 
 # ---------------------------------------------------------------- knobs

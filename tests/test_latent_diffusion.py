@@ -103,7 +103,13 @@ def latent_pipeline(prediction_type: str = "epsilon", text: bool = True) -> SAMI
 
 
 def pixels(n: int, seed: int = 0) -> torch.Tensor:
+    """Images in the VAE's [-1, 1]."""
     return torch.rand(n, 3, PIXEL_SIZE, PIXEL_SIZE, generator=_gen(seed)) * 2 - 1
+
+
+def images(n: int, seed: int = 0) -> torch.Tensor:
+    """The same images in [0, 1], as the pipeline (like diffusers) takes them."""
+    return (pixels(n, seed) + 1) / 2
 
 
 @pytest.fixture(scope="module")
@@ -148,6 +154,7 @@ def test_encode_goes_through_the_vae_latent_mean():
     assert latents.shape == (2, LATENT_CHANNELS, LATENT_SIZE, LATENT_SIZE)
     raw = pipe.vae.encode(x).latent_dist.mean
     torch.testing.assert_close(latents, raw * pipe.vae.config.scaling_factor)
+    x = images(2)
     torch.testing.assert_close(pipe.preprocess(x), latents)
 
     post = pipe.encode(x)
@@ -162,9 +169,10 @@ def test_encode_goes_through_the_vae_latent_mean():
 
 def test_pixel_checks_use_the_vae_resolution():
     pipe = latent_pipeline()
-    with pytest.raises(ValueError, match="resize to 16x16"):
-        pipe.encode(torch.zeros(1, 3, LATENT_SIZE, LATENT_SIZE))  # latent-sized pixels
-    with pytest.raises(ValueError, match="use 3 channel"):
+    small = images(1)[..., ::2, ::2]  # latent-sized pixels are resized to the VAE's resolution, as diffusers does
+    big = torch.nn.functional.interpolate(small, size=(PIXEL_SIZE, PIXEL_SIZE), mode="nearest")
+    torch.testing.assert_close(pipe.encode(small).mean, pipe.encode(big).mean)
+    with pytest.raises(ValueError, match="the model takes 3; pass 3-channel images"):
         pipe.encode(torch.zeros(1, LATENT_CHANNELS, PIXEL_SIZE, PIXEL_SIZE))
     with pytest.raises(ValueError, match="NaN or inf"):
         pipe.encode(torch.full((1, 3, PIXEL_SIZE, PIXEL_SIZE), float("nan")))
@@ -175,18 +183,18 @@ def test_sample_and_traverse_in_pixels(prediction_type):
     pipe = latent_pipeline(prediction_type)
     out = pipe(prompt="a red cat", guidance_scale=3.0, batch_size=2, num_inference_steps=2, generator=_gen(), output_type="pt")
     assert out.images.shape == (2, 3, PIXEL_SIZE, PIXEL_SIZE) and out.z.shape == (2, LATENT_DIM)
-    assert torch.isfinite(out.images).all() and out.images.abs().max() <= 1
+    assert torch.isfinite(out.images).all() and 0 <= out.images.min() and out.images.max() <= 1  # diffusers' [0, 1]
     latent = pipe(prompt="a red cat", guidance_scale=3.0, batch_size=2, num_inference_steps=2, generator=_gen(), output_type="latent").images
     assert latent.shape == (2, LATENT_CHANNELS, LATENT_SIZE, LATENT_SIZE)
-    torch.testing.assert_close(out.images, latents_to_images(pipe.vae, latent).clamp(-1, 1))
+    torch.testing.assert_close(out.images, (latents_to_images(pipe.vae, latent).clamp(-1, 1) + 1) / 2)
     pil = pipe(prompt=["a", "b", "c"], num_inference_steps=2, generator=_gen()).images  # batch from the prompts
     assert len(pil) == 3 and pil[0].size == (PIXEL_SIZE, PIXEL_SIZE) and pil[0].mode == "RGB"
 
-    trav = pipe.traverse(pixels(1), dim=1, values=[-2, 0, 2], num_inference_steps=2, output_type="pt", generator=_gen())
+    trav = pipe.traverse(images(1), dim=1, values=[-2, 0, 2], num_inference_steps=2, output_type="pt", generator=_gen())
     assert trav.images.shape == (3, 3, PIXEL_SIZE, PIXEL_SIZE)
     assert torch.equal(trav.z[:, 1], torch.tensor([-2.0, 0.0, 2.0]))
-    rec = pipe.reconstruct(pixels(2), prompt="a cat", num_inference_steps=2, output_type="pt", generator=_gen())
-    torch.testing.assert_close(rec.z, pipe.encode(pixels(2)).mean)
+    rec = pipe.reconstruct(images(2), prompt="a cat", num_inference_steps=2, output_type="pt", generator=_gen())
+    torch.testing.assert_close(rec.z, pipe.encode(images(2)).mean)
 
 
 def test_no_prompt_is_the_empty_prompt_and_knobs():
@@ -316,6 +324,16 @@ def test_training_step_lora_then_adapter_round_trip(base_dir, tmp_path):
     a, b = (_fixed_call(p) for p in (pipe, loaded))
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
+    # diffusers reads the same LoRA: StableDiffusionPipeline.load_lora_weights on the base gives the adapter's UNet
+    sd = StableDiffusionPipeline.from_pretrained(base_dir, safety_checker=None, requires_safety_checker=False)
+    sd.load_lora_weights(os.path.join(adapter, "unet_lora"))
+    x, hidden = torch.randn(2, LATENT_CHANNELS, LATENT_SIZE, LATENT_SIZE, generator=_gen(5)), _batch(pipe)[1]
+    with torch.no_grad():
+        expected = loaded.unet(x, 500, encoder_hidden_states=hidden).sample
+        torch.testing.assert_close(sd.unet(x, 500, encoder_hidden_states=hidden).sample, expected, atol=1e-5, rtol=1e-4)
+        plain = UNet2DConditionModel.from_pretrained(base_dir, subfolder="unet")(x, 500, encoder_hidden_states=hidden).sample
+    assert (plain - expected).abs().max() > 1e-4  # the LoRA changes the UNet, so the match above means something
+
 
 # ---------------------------------------------------------------- saving and loading
 def _assert_no_base_weights(adapter_dir: str) -> None:
@@ -340,7 +358,7 @@ def test_frozen_adapter_round_trip_loads_the_base_components(base_dir, tmp_path)
     assert isinstance(loaded.vae, AutoencoderKL) and isinstance(loaded.text_encoder, CLIPTextModel)
     assert isinstance(loaded.unet, UNet2DConditionModel) and loaded.tokenizer is not None
     assert torch.equal(_fixed_call(pipe), _fixed_call(loaded))
-    assert torch.equal(pipe.encode(pixels(2)).mean, loaded.encode(pixels(2)).mean)
+    assert torch.equal(pipe.encode(images(2)).mean, loaded.encode(images(2)).mean)
     # explicit components win over the base's
     vae = tiny_vae()
     assert SAMIPipeline.from_pretrained(adapter, vae=vae).vae is vae

@@ -46,5 +46,5 @@ def test_the_sami_knob_is_sami_scale_everywhere():
                     takers.append(f"{path}:{node.name}")
             elif isinstance(node, ast.keyword) and node.arg in ("guidance_scale", "cfg_scale"):
                 takers.append(f"{path}:{node.lineno} passes {node.arg}=")
-    assert sorted(takers) == ["sami_adapter/pipeline.py:__call__", "sami_adapter/pipeline.py:check_inputs",
-                              "sami_adapter/pipeline.py:guided_model_output"], takers
+    assert sorted(takers) == ["sami_adapter/pipeline.py:__call__", "sami_adapter/pipeline.py:_denoise", "sami_adapter/pipeline.py:_prepare_codes",
+                              "sami_adapter/pipeline.py:check_inputs", "sami_adapter/pipeline.py:guided_model_output"], takers

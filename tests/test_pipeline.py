@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from diffusers import DDPMScheduler, DiffusionPipeline, DPMSolverMultistepScheduler, EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler, KDPM2DiscreteScheduler
+from diffusers import DDIMScheduler, DDPMScheduler, DiffusionPipeline, DPMSolverMultistepScheduler, EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler, KDPM2DiscreteScheduler
 from tiny import tiny_encoder, tiny_pipeline, tiny_unet
 
 from sami_adapter import SAMIEncoder, SAMIPipeline, apply_guidance, guided_output, sami_loss
@@ -62,7 +62,7 @@ def test_guidance_scale_is_cfg_and_refused_without_text_conditioning():
 
 def test_encode_single_and_multiscale():
     pipe = tiny_pipeline()
-    x = torch.rand(4, 1, 8, 8) * 2 - 1
+    x = torch.rand(4, 1, 8, 8)
     post = pipe.encode(x)
     assert post.mean.shape == (4, 3) and post.logvar.shape == (4, 3)
     multi = pipe.encode(x, timesteps=[0, 100, 900], generator=_gen())
@@ -75,7 +75,7 @@ def test_encode_single_and_multiscale():
 
 def test_reconstruct_traverse_interpolate():
     pipe = tiny_pipeline()
-    x = torch.rand(2, 1, 8, 8) * 2 - 1
+    x = torch.rand(2, 1, 8, 8)
     rec = pipe.reconstruct(x, num_inference_steps=3, output_type="pt", generator=_gen())
     assert rec.images.shape == (2, 1, 8, 8)
     torch.testing.assert_close(rec.z, pipe.encode(x).mean)
@@ -102,7 +102,7 @@ def test_scheduler_swap(scheduler_cls):
     with torch.no_grad():
         for t in scheduler.timesteps:
             sample = scheduler.step(pipe.unet(scheduler.scale_model_input(sample, t), t).sample, t, sample, **kwargs).prev_sample
-    torch.testing.assert_close(off, sample.clamp(-1, 1))
+    torch.testing.assert_close(off, (sample.clamp(-1, 1) + 1) / 2)  # pt output in [0, 1], as diffusers
     guided = pipe(z=z, latents=noise, num_inference_steps=4, generator=_gen(), output_type="pt").images
     assert torch.isfinite(guided).all() and (guided - off).abs().max() > 1e-4
 
@@ -161,9 +161,9 @@ def test_push_to_hub_uploads_the_saved_pipeline(tmp_path, monkeypatch):
 # ---------------------------------------------------------------- bad input
 def test_bad_images_raise():
     pipe = tiny_pipeline()
-    with pytest.raises(ValueError, match="resize to 8x8"):
-        pipe.encode(torch.zeros(1, 1, 16, 16))
-    with pytest.raises(ValueError, match="1 channel"):
+    with pytest.raises(ValueError, match=r"image tensors must be \(N, C, H, W\) or \(C, H, W\), got shape \(2, 1, 1, 8, 8\)"):
+        pipe.encode(torch.zeros(2, 1, 1, 8, 8))
+    with pytest.raises(ValueError, match="the model takes 1"):
         pipe.encode(torch.zeros(1, 3, 8, 8))
     with pytest.raises(ValueError, match="NaN or inf"):
         pipe.encode(torch.full((1, 1, 8, 8), float("nan")))
@@ -229,3 +229,84 @@ def test_encoder_posterior_and_time_blind_option():
     torch.testing.assert_close(post.kl(), 3 * 0.5 * (np.exp(-1) - 1 + 1) * torch.ones(2))
     with pytest.raises(ValueError, match="expects input of shape"):
         enc(torch.zeros(2, 3, 8, 8), 0)
+
+
+# ---------------------------------------------------------------- diffusers' calling conventions
+def test_prompt_is_the_first_positional_argument_and_z_a_keyword():
+    from test_latent_diffusion import latent_pipeline
+
+    pipe = latent_pipeline()
+    z = torch.randn(1, pipe.latent_dim, generator=_gen(1))
+    positional = pipe("a red cat", z=z, num_inference_steps=2, generator=_gen(), output_type="pt").images
+    keyword = pipe(prompt="a red cat", z=z, num_inference_steps=2, generator=_gen(), output_type="pt").images
+    assert torch.equal(positional, keyword)
+    with pytest.raises(TypeError, match=r"first positional argument is prompt .* got a Tensor; pass SAMI codes by keyword: pipe\(z=codes\)"):
+        tiny_pipeline()(torch.zeros(1, 3))
+
+
+def test_num_images_per_prompt_repeats_each_code_and_prompt():
+    pipe = tiny_pipeline()
+    z = torch.randn(2, 3, generator=_gen(1))
+    out = pipe(z=z, num_images_per_prompt=3, num_inference_steps=2, generator=_gen(), output_type="pt")
+    assert out.images.shape == (6, 1, 8, 8) and torch.equal(out.z, z.repeat_interleave(3, dim=0))
+    assert not torch.equal(out.images[0], out.images[1])  # same code, its own initial noise
+    noise = torch.randn(6, 1, 8, 8, generator=_gen(2))
+    each = pipe(z=z.repeat_interleave(3, dim=0), latents=noise, num_inference_steps=2, output_type="pt").images
+    torch.testing.assert_close(pipe(z=z, latents=noise, num_images_per_prompt=3, num_inference_steps=2, output_type="pt").images, each)
+    assert pipe(num_images_per_prompt=4, num_inference_steps=1, output_type="pt").images.shape == (4, 1, 8, 8)
+    with pytest.raises(ValueError, match="num_images_per_prompt must be an integer >= 1, got 0"):
+        pipe(num_images_per_prompt=0)
+
+    from test_latent_diffusion import latent_pipeline
+
+    text = latent_pipeline()
+    out = text(["a cat", "a dog"], num_images_per_prompt=2, num_inference_steps=1, generator=_gen(), output_type="latent")
+    assert out.images.shape[0] == 4 and out.z.shape == (4, text.latent_dim)
+
+
+def test_callback_on_step_end_has_diffusers_signature_and_can_replace_tensors():
+    pipe = tiny_pipeline()
+    z, noise = torch.randn(2, 3, generator=_gen(1)), torch.randn(2, 1, 8, 8, generator=_gen(2))
+    seen = []
+
+    def record(p, step_index, timestep, callback_kwargs):
+        assert p is pipe and set(callback_kwargs) == {"latents", "z"}
+        seen.append((step_index, int(timestep), callback_kwargs["latents"].clone()))
+        return {}
+
+    final = pipe(z=z, latents=noise, num_inference_steps=3, output_type="latent", callback_on_step_end=record,
+                 callback_on_step_end_tensor_inputs=["latents", "z"]).images
+    assert [s for s, _, _ in seen] == [0, 1, 2] and [t for _, t, _ in seen] == pipe.scheduler.timesteps.tolist()
+    assert torch.equal(seen[-1][2], final) and pipe.num_timesteps == 3
+
+    def zero_code(p, step_index, timestep, callback_kwargs):  # the returned tensors replace the pipeline's
+        return {"z": torch.zeros_like(callback_kwargs["z"])} if step_index == 0 else {}
+
+    switched = pipe(z=z, latents=noise, num_inference_steps=3, output_type="latent", callback_on_step_end=zero_code,
+                    callback_on_step_end_tensor_inputs=["z"]).images
+    assert not torch.equal(switched, final) and torch.isfinite(switched).all()
+
+    def stop(p, step_index, timestep, callback_kwargs):
+        p._interrupt = True
+        return {}
+
+    stopped = pipe(z=z, latents=noise, num_inference_steps=3, output_type="latent", callback_on_step_end=stop).images
+    assert torch.equal(stopped, seen[0][2])  # diffusers' interrupt: the remaining steps are skipped
+    with pytest.raises(ValueError, match=r"callback_on_step_end_tensor_inputs has \['noise'\]; this pipeline can pass"):
+        pipe(z=z, num_inference_steps=1, callback_on_step_end=record, callback_on_step_end_tensor_inputs=["noise"])
+
+
+def test_empty_traversal_and_a_zero_terminal_snr_epsilon_scheduler_are_refused():
+    pipe = tiny_pipeline()
+    with pytest.raises(ValueError, match=r"values is empty: traverse makes one image per value; pass at least one, e.g. values=\[-2, 0, 2\]"):
+        pipe.traverse(torch.zeros(3), dim=0, values=[])
+    zero_snr = dict(rescale_betas_zero_snr=True, timestep_spacing="trailing")
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, **zero_snr)
+    with pytest.raises(ValueError, match=r"starts at timestep 999, where alphas_cumprod is 0 .*Use a v-prediction model, a scheduler "
+                                         r"without zero terminal SNR \(rescale_betas_zero_snr=False\), or timestep_spacing='leading'"):
+        pipe(batch_size=1, num_inference_steps=4)
+    v_pipe = tiny_pipeline(prediction_type="v_prediction")  # what the message offers works
+    v_pipe.scheduler = DDIMScheduler.from_config(v_pipe.scheduler.config, **zero_snr)
+    assert torch.isfinite(v_pipe(batch_size=1, num_inference_steps=4, output_type="latent", generator=_gen()).images).all()
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, rescale_betas_zero_snr=True, timestep_spacing="leading")
+    assert torch.isfinite(pipe(batch_size=1, num_inference_steps=4, output_type="latent", generator=_gen()).images).all()
