@@ -12,3 +12,22 @@ torch.set_num_threads(1)
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    """Each in-process training run starts like a new process (accelerate keeps a process-wide singleton)."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory):
+    """A tiny 8 px grey 'pretrained' UNet saved as a diffusers directory with unet/ and scheduler/."""
+    from tiny import save_tiny_base
+
+    torch.manual_seed(0)
+    return save_tiny_base(tmp_path_factory.mktemp("base"))

@@ -2,36 +2,20 @@
 
 import json
 import os
-import shutil
 
 import pytest
 import torch
-from diffusers import DDPMScheduler
-from tiny import tiny_encoder, tiny_unet
+from tiny import hub_cache, save_tiny_base, tiny_encoder
 
 from sami_adapter import SAMIPipeline
 from sami_adapter.adapter import LOAD_KWARGS, save_adapter
 
 
-def _base(path):
-    """A tiny pixel-space base model in diffusers' pipeline layout (unet/ and scheduler/)."""
-    tiny_unet().save_pretrained(os.path.join(path, "unet"))
-    DDPMScheduler(num_train_timesteps=1000).save_pretrained(os.path.join(path, "scheduler"))
-    return path
-
-
-def _hub_cache(cache_dir, repo_id, folder, commit="0123456789abcdef0123456789abcdef01234567"):
-    """Put ``folder`` into ``cache_dir`` the way huggingface_hub stores a downloaded model repo."""
-    repo = os.path.join(cache_dir, "models--" + repo_id.replace("/", "--"))
-    shutil.copytree(folder, os.path.join(repo, "snapshots", commit))
-    os.makedirs(os.path.join(repo, "refs"))
-    with open(os.path.join(repo, "refs", "main"), "w") as f:
-        f.write(commit)
 
 
 @pytest.fixture()
 def adapter(tmp_path):
-    base = _base(str(tmp_path / "base"))
+    base = save_tiny_base(str(tmp_path / "base"))
     encoder = tiny_encoder()
     with torch.no_grad():
         encoder.head.weight.normal_(0, 0.3)
@@ -41,11 +25,11 @@ def adapter(tmp_path):
 def test_cache_dir_and_local_files_only_reach_the_adapter_and_its_base(tmp_path):
     """An adapter repo and its base repo that exist only in a private Hub cache load offline through it."""
     cache = str(tmp_path / "cache")
-    _base(str(tmp_path / "base"))
-    _hub_cache(cache, "sami-test/tiny-base", str(tmp_path / "base"))
+    save_tiny_base(str(tmp_path / "base"))
+    hub_cache(cache, "sami-test/tiny-base", str(tmp_path / "base"))
     encoder = tiny_encoder()
     save_adapter(str(tmp_path / "adapter"), encoder, base_model_name_or_path="sami-test/tiny-base")
-    _hub_cache(cache, "sami-test/tiny-adapter", str(tmp_path / "adapter"))
+    hub_cache(cache, "sami-test/tiny-adapter", str(tmp_path / "adapter"))
 
     pipe = SAMIPipeline.from_pretrained("sami-test/tiny-adapter", cache_dir=cache, local_files_only=True, token=False)
     assert pipe.unet.config.sample_size == 8 and pipe.latent_dim == encoder.config.latent_dim
@@ -53,7 +37,7 @@ def test_cache_dir_and_local_files_only_reach_the_adapter_and_its_base(tmp_path)
     assert pipe.scheduler.config.num_train_timesteps == 1000
     # A cache that holds the adapter but not its base: the error names the base.
     other = str(tmp_path / "other-cache")
-    _hub_cache(other, "sami-test/tiny-adapter", str(tmp_path / "adapter"))
+    hub_cache(other, "sami-test/tiny-adapter", str(tmp_path / "adapter"))
     with pytest.raises((OSError, ValueError), match="sami-test/tiny-base"):
         SAMIPipeline.from_pretrained("sami-test/tiny-adapter", cache_dir=other, local_files_only=True)
 

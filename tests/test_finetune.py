@@ -4,52 +4,23 @@ import hashlib
 import json
 import os
 import shutil
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
-from scripts import load_example
-from tiny import tiny_unet
+from scripts import launch_two_processes, load_example
+from tiny import finetune_args as _args
 
 from sami_adapter import SAMIPipeline
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPT = os.path.join(ROOT, "examples", "finetune.py")
 
 
 finetune = load_example("finetune")
 
 
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
-    """Each in-process run starts like a new process (accelerate keeps a process-wide singleton)."""
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-
-
-@pytest.fixture(scope="module")
-def base_dir(tmp_path_factory):
-    """A tiny 8 px 'pretrained' UNet saved as a diffusers directory with unet/ and scheduler/."""
-    from diffusers import DDPMScheduler
-
-    d = tmp_path_factory.mktemp("base")
-    torch.manual_seed(0)
-    tiny_unet(sample_size=8).save_pretrained(d / "unet")
-    DDPMScheduler(num_train_timesteps=1000).save_pretrained(d / "scheduler")
-    return str(d)
-
-
-def _args(base, out, *extra):
-    return ["--pretrained_model_name_or_path", base, "--output_dir", str(out), "--resolution", "8", "--train_batch_size", "4",
-            "--latent_dim", "3", "--encoder_channels", "8,16", "--report_to", "none", "--num_eval_images", "4",
-            "--num_inference_steps", "2", "--logging_steps", "1", "--validation_steps", "0", "--seed", "3", "--num_threads", "1", *extra]
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
 def _encoder_weights(out):
@@ -175,35 +146,11 @@ def test_image_folder_training(base_dir, tmp_path):
 
 def test_two_process_ddp_matches_one_process_at_twice_the_batch(base_dir, tmp_path):
     """gloo DDP on CPU: the double backward goes through DDP; both ranks end with the same weights."""
-    # A clean environment: in-process runs earlier in the session leave accelerate/torch.distributed
-    # variables in os.environ that must not leak into the launched ranks.
-    keep = ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "HF_HOME", "HF_HUB_CACHE", "VIRTUAL_ENV")
-    env = {k: v for k, v in os.environ.items() if k in keep}
-    env.update({"ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT, "HF_HUB_OFFLINE": "1"})
     common = ["--max_train_steps", "3", "--no_report"]  # the default flags, free bits included
     ddp_out, single_out = tmp_path / "ddp", tmp_path / "single"
-    import socket
-
-    with socket.socket() as sock:  # a free port, so a busy default rendezvous port cannot stall the test
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-              "--main_process_port", str(port), "--mixed_precision", "no", "--dynamo_backend", "no", SCRIPT]
     ddp_args = _args(base_dir, ddp_out, *common)
     ddp_args[ddp_args.index("--train_batch_size") + 1] = "2"
-    import psutil
-
-    log_path = tmp_path / "ddp.log"
-    with open(log_path, "w") as log:  # a file, not a pipe: a stuck rank cannot block the reader
-        proc = subprocess.Popen(launch + ddp_args, env=env, stdout=log, stderr=subprocess.STDOUT)
-        try:
-            proc.wait(timeout=300)
-        except subprocess.TimeoutExpired:
-            for child in psutil.Process(proc.pid).children(recursive=True) + [psutil.Process(proc.pid)]:
-                child.kill()  # the launcher and both ranks, so no worker outlives the test
-            proc.wait()
-            pytest.fail(f"2-process DDP run did not exit within 300 s: {log_path.read_text()[-3000:]}")
-    assert proc.returncode == 0, f"2-process DDP run failed: {log_path.read_text()[-3000:]}"
+    launch_two_processes(ddp_args, tmp_path / "ddp.log")
     assert (ddp_out / "sami_adapter_config.json").exists()
     finetune.main(_args(base_dir, single_out, *common))
     config = json.loads((ddp_out / "sami_adapter_config.json").read_text())
@@ -369,6 +316,8 @@ def test_paper_recipe_sets_its_defaults_and_explicit_flags_win():
     assert explicit.beta == 0.5 and explicit.free_bits == 0.25 and explicit.beta_final == pytest.approx(1e-4 * 256)
     default = finetune.parse_args([])
     assert default.recipe == "adapter" and default.unet_mode == "frozen" and default.beta == 0.01 and not default.bias_free_encoder
+    frozen = finetune.parse_args(["--recipe", "adapter", "--dataset", "background_disks"])  # the shipped base of that dataset
+    assert frozen.pretrained_model_name_or_path.endswith(os.path.join("models", "ddpm-background-disks-16"))
     assert "paper: --unet_mode full" in finetune.recipe_help()
 
 

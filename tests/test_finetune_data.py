@@ -13,7 +13,8 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
-from scripts import load_example
+from scripts import launch_two_processes, load_example
+from tiny import finetune_args as _args
 from tiny import tiny_unet
 
 from sami_adapter import SAMIPipeline, sami_loss
@@ -23,32 +24,7 @@ from sami_adapter.training import ImageFolderDataset, StepBatches, StepItems, St
 finetune = load_example("finetune")
 
 
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
-    """Each in-process run starts like a new process (accelerate keeps a process-wide singleton)."""
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-
-
-@pytest.fixture(scope="module")
-def base_dir(tmp_path_factory):
-    """A tiny 8 px grey 'pretrained' UNet saved as a diffusers directory with unet/ and scheduler/."""
-    from diffusers import DDPMScheduler
-
-    d = tmp_path_factory.mktemp("base")
-    torch.manual_seed(0)
-    tiny_unet(sample_size=8).save_pretrained(d / "unet")
-    DDPMScheduler(num_train_timesteps=1000).save_pretrained(d / "scheduler")
-    return str(d)
-
-
-def _args(base, out, *extra):
-    return ["--pretrained_model_name_or_path", base, "--output_dir", str(out), "--resolution", "8", "--train_batch_size", "4",
-            "--latent_dim", "3", "--encoder_channels", "8,16", "--report_to", "none", "--num_eval_images", "4",
-            "--num_inference_steps", "2", "--logging_steps", "1", "--validation_steps", "0", "--seed", "3", "--num_threads", "1", *extra]
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
 def _encoder_weights(out):
@@ -359,37 +335,11 @@ def test_every_new_flag_is_in_help(capsys):
 
 def test_two_processes_with_workers_match_one_process_on_file_data(base_dir, tmp_path):
     """gloo DDP on CPU, each rank decoding only its own shard in a worker: the weights equal one process at twice the batch."""
-    import socket
-    import subprocess
-    import sys
-
-    import psutil
-
     folder = _image_folder(tmp_path / "imgs", n=7)
-    keep = ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "HF_HOME", "HF_HUB_CACHE", "HF_DATASETS_CACHE", "VIRTUAL_ENV")
-    env = {k: v for k, v in os.environ.items() if k in keep}
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env.update({"ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "PYTHONPATH": root, "HF_HUB_OFFLINE": "1"})
-    with socket.socket() as sock:  # a free port, so a busy default rendezvous port cannot stall the test
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
     common = ("--train_data_dir", str(folder), "--random_flip", "--max_train_steps", "3", "--no_report")
     ddp_args = _args(base_dir, tmp_path / "ddp", *common, "--dataloader_num_workers", "1")
     ddp_args[ddp_args.index("--train_batch_size") + 1] = "2"
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-              "--main_process_port", str(port), "--mixed_precision", "no", "--dynamo_backend", "no",
-              os.path.join(root, "examples", "finetune.py")]
-    log_path = tmp_path / "ddp.log"
-    with open(log_path, "w") as log:  # a file, not a pipe: a stuck rank cannot block the reader
-        proc = subprocess.Popen(launch + ddp_args, env=env, stdout=log, stderr=subprocess.STDOUT)
-        try:
-            proc.wait(timeout=300)
-        except subprocess.TimeoutExpired:
-            for child in psutil.Process(proc.pid).children(recursive=True) + [psutil.Process(proc.pid)]:
-                child.kill()
-            proc.wait()
-            pytest.fail(f"2-process run did not exit within 300 s: {log_path.read_text()[-3000:]}")
-    assert proc.returncode == 0, f"2-process run failed: {log_path.read_text()[-3000:]}"
+    launch_two_processes(ddp_args, tmp_path / "ddp.log")
     finetune.main(_args(base_dir, tmp_path / "single", *common))
     a, b = _encoder_weights(tmp_path / "ddp"), _encoder_weights(tmp_path / "single")
     for k in a:

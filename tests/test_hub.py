@@ -9,11 +9,10 @@ import shutil
 import huggingface_hub
 import pytest
 import torch
-from diffusers import DDPMScheduler
 from huggingface_hub import ModelCard
 from safetensors import safe_open
 from scripts import load_example
-from tiny import tiny_encoder, tiny_unet
+from tiny import hub_cache, save_tiny_base, tiny_encoder
 
 from sami_adapter import SAMIEncoder, SAMIPipeline
 from sami_adapter.adapter import save_adapter
@@ -75,18 +74,6 @@ def _default_adapter(tmp_path):
     return out, encoder
 
 
-def _base(path):
-    tiny_unet().save_pretrained(os.path.join(path, "unet"))
-    DDPMScheduler(num_train_timesteps=1000).save_pretrained(os.path.join(path, "scheduler"))
-    return path
-
-
-def _hub_cache(cache_dir, repo_id, folder, commit="0123456789abcdef0123456789abcdef01234567"):
-    repo = os.path.join(cache_dir, "models--" + repo_id.replace("/", "--"))
-    shutil.copytree(folder, os.path.join(repo, "snapshots", commit))
-    os.makedirs(os.path.join(repo, "refs"))
-    with open(os.path.join(repo, "refs", "main"), "w") as f:
-        f.write(commit)
 
 
 def test_pushing_the_default_adapter_uploads_the_adapter_not_the_base(tmp_path, hub):
@@ -110,7 +97,7 @@ def test_pushing_the_default_adapter_uploads_the_adapter_not_the_base(tmp_path, 
 
 def test_a_hub_base_is_the_cards_base_model_and_save_base_pushes_everything(tmp_path, hub, monkeypatch):
     cache = str(tmp_path / "cache")
-    _hub_cache(cache, "sami-test/tiny-base", _base(str(tmp_path / "base")))
+    hub_cache(cache, "sami-test/tiny-base", save_tiny_base(str(tmp_path / "base")))
     save_adapter(str(tmp_path / "adapter"), tiny_encoder(), base_model_name_or_path="sami-test/tiny-base")
     pipe = SAMIPipeline.from_pretrained(str(tmp_path / "adapter"), cache_dir=cache, local_files_only=True)
     pipe.push_to_hub("me/tiny")
@@ -171,7 +158,7 @@ def test_finetune_pushes_a_private_repo_without_checkpoints(tmp_path, hub):
     from accelerate.state import AcceleratorState
 
     finetune = load_example("finetune")
-    base = _base(str(tmp_path / "base"))
+    base = save_tiny_base(str(tmp_path / "base"))
     out = tmp_path / "run"
     AcceleratorState._reset_state(reset_partial_state=True)
     try:

@@ -1,6 +1,9 @@
-"""Tiny models built in code for fast tests."""
+"""Tiny models built in code for fast tests, and the small folders tests build around them."""
 
-from diffusers import DDIMScheduler, UNet2DModel
+import os
+import shutil
+
+from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
 
 from sami_adapter import SAMIEncoder, SAMIPipeline
 
@@ -41,3 +44,26 @@ def tiny_pipeline(latent_dim: int = 3, prediction_type: str = "epsilon", random_
     pipe = SAMIPipeline(unet=tiny_unet(), scheduler=DDIMScheduler(clip_sample=False, prediction_type=prediction_type), encoder=encoder)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def save_tiny_base(path, sample_size: int = 8) -> str:
+    """A tiny pixel-space 'pretrained' base model in diffusers' pipeline layout (unet/ and scheduler/) at ``path``."""
+    tiny_unet(sample_size=sample_size).save_pretrained(os.path.join(path, "unet"))
+    DDPMScheduler(num_train_timesteps=1000).save_pretrained(os.path.join(path, "scheduler"))
+    return str(path)
+
+
+def hub_cache(cache_dir, repo_id, folder, commit="0123456789abcdef0123456789abcdef01234567"):
+    """Put ``folder`` into ``cache_dir`` the way huggingface_hub stores a downloaded model repo."""
+    repo = os.path.join(cache_dir, "models--" + repo_id.replace("/", "--"))
+    shutil.copytree(folder, os.path.join(repo, "snapshots", commit))
+    os.makedirs(os.path.join(repo, "refs"))
+    with open(os.path.join(repo, "refs", "main"), "w") as f:
+        f.write(commit)
+
+
+def finetune_args(base, out, *extra):
+    """examples/finetune.py flags of a tiny, fast run on an 8 px base."""
+    return ["--pretrained_model_name_or_path", base, "--output_dir", str(out), "--resolution", "8", "--train_batch_size", "4",
+            "--latent_dim", "3", "--encoder_channels", "8,16", "--report_to", "none", "--num_eval_images", "4",
+            "--num_inference_steps", "2", "--logging_steps", "1", "--validation_steps", "0", "--seed", "3", "--num_threads", "1", *extra]

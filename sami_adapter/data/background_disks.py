@@ -25,7 +25,7 @@ from typing import Dict
 import numpy as np
 import torch
 
-from .base import FactorDataset, pixel_centres, uniform_in_bins
+from .base import FactorDataset, pixel_centres
 
 RADIUS_FRACTION = 5.0 / 32.0
 BACKGROUND_RANGE = (0.2, 0.8)
@@ -58,13 +58,9 @@ class BackgroundDisks(FactorDataset):
     factor_sizes = (16, 16, 8)
     num_channels = 1
 
-    def values_from_indices(self, indices: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    def factor_ranges(self):
         r = disk_radius(self.resolution)
-        ranges = [(r, self.resolution - r), (r, self.resolution - r), BACKGROUND_RANGE]
-        return np.stack(
-            [uniform_in_bins(indices[:, k], size, lo, hi, rng) for k, (size, (lo, hi)) in enumerate(zip(self.factor_sizes, ranges))],
-            axis=1,
-        )
+        return [(r, self.resolution - r), (r, self.resolution - r), BACKGROUND_RANGE]
 
     def render(self, values: np.ndarray) -> torch.Tensor:
         return render_background_disks(values, self.resolution)

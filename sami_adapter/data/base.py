@@ -8,7 +8,7 @@ Each factor is continuous (``factor_values``) and also has a discrete index in
 
 from __future__ import annotations
 
-from typing import Dict, Optional, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -47,9 +47,15 @@ class FactorDataset(Dataset):
     def num_factors(self) -> int:
         return len(self.factor_sizes)
 
-    def values_from_indices(self, indices: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        """Continuous factor values (N, K) for integer indices (N, K)."""
+    def factor_ranges(self) -> Sequence[Tuple[float, float]]:
+        """``(low, high)`` of each continuous factor at this resolution (for the default :meth:`values_from_indices`)."""
         raise NotImplementedError
+
+    def values_from_indices(self, indices: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """Continuous factor values (N, K) for integer indices (N, K): by default each drawn uniformly inside
+        its bin of ``factor_sizes[k]`` equal bins of :meth:`factor_ranges`."""
+        return np.stack([uniform_in_bins(indices[:, k], size, lo, hi, rng)
+                         for k, (size, (lo, hi)) in enumerate(zip(self.factor_sizes, self.factor_ranges()))], axis=1)
 
     def render(self, values: np.ndarray) -> torch.Tensor:
         """Images (N, C, H, W) in [-1, 1] for factor values (N, K)."""

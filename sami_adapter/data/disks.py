@@ -23,7 +23,7 @@ from typing import Dict
 import numpy as np
 import torch
 
-from .base import FactorDataset, pixel_centres, uniform_in_bins
+from .base import FactorDataset, pixel_centres
 
 POSITION_RANGE = (0.25, 0.75)
 RADIUS_RANGE = (0.08, 0.22)
@@ -50,18 +50,10 @@ class Disks(FactorDataset):
     factor_sizes = (16, 16, 8, 8)
     num_channels = 1
 
-    def values_from_indices(self, indices: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    def factor_ranges(self):
         res = self.resolution
-        lows_highs = [
-            (POSITION_RANGE[0] * res, POSITION_RANGE[1] * res),
-            (POSITION_RANGE[0] * res, POSITION_RANGE[1] * res),
-            (RADIUS_RANGE[0] * res, RADIUS_RANGE[1] * res),
-            BRIGHTNESS_RANGE,
-        ]
-        return np.stack(
-            [uniform_in_bins(indices[:, k], size, lo, hi, rng) for k, (size, (lo, hi)) in enumerate(zip(self.factor_sizes, lows_highs))],
-            axis=1,
-        )
+        position = (POSITION_RANGE[0] * res, POSITION_RANGE[1] * res)
+        return [position, position, (RADIUS_RANGE[0] * res, RADIUS_RANGE[1] * res), BRIGHTNESS_RANGE]
 
     def render(self, values: np.ndarray) -> torch.Tensor:
         return render_disks(values, self.resolution)
