@@ -206,12 +206,13 @@ def test_evaluate_script_end_to_end(tiny_adapters, tmp_path):
     report = load_example("evaluate").main([
         tiny_adapters[0], "--output_dir", str(out), "--num_images", "12", "--num_inference_steps", "2", "--num_reconstructions", "3",
         "--num_samples", "2", "--traversal_steps", "3", "--num_noise_levels", "4", "--elbo_images", "3", "--elbo_timesteps", "2",
-        "--num_threads", "1", "--sami_scale", "2", *TINY_METRICS,
+        "--num_threads", "1", "--sami_scale", "2", "--probe_steps", "20", *TINY_METRICS,
     ])
     text = (out / "report.md").read_text()
-    for needle in ("sami_scale 2;", "| MIG |", "DCI disentanglement", "linear R² x", "bits/dim", "trajectory curvature", "t* (0.5 of I_i(0))"):
+    for needle in ("sami_scale 2;", "| MIG |", "DCI disentanglement", "linear R² x", "bits/dim", "trajectory curvature", "t* (0.5 of I_i(0))",
+                   "## The mechanism", "| MIG x |", "noise scale of the factor"):
         assert needle in text
-    for png in ("reconstructions.png", "traversals.png", "information_profile.png", "samples.png"):
+    for png in ("reconstructions.png", "traversals.png", "information_profile.png", "samples.png", "mechanism.png"):
         assert (out / png).stat().st_size > 0
     saved = json.loads((out / "report.json").read_text())  # strict JSON: no NaN/Infinity tokens
     assert saved["dataset"] == "disks" and saved["trajectories"] is not None and report["latent_dim"] == 3
