@@ -241,8 +241,6 @@ def parse_args(argv=None):
     g.add_argument("--hub_private_repo", action="store_true", help="Create the --hub_model_id repo as private (an existing repo keeps its visibility).")
     apply_recipe(p, argv)
     args = p.parse_args(argv)
-    if args.recipe is None:
-        args.recipe = DATASET_RECIPES.get(args.dataset, "adapter")
     if args.pretrained_model_name_or_path is None and args.unet_mode != "full":
         args.pretrained_model_name_or_path = DEFAULT_BASES.get(args.dataset, DEFAULT_BASE)
     if args.unet_learning_rate is None:
@@ -258,7 +256,8 @@ def parse_args(argv=None):
 def apply_recipe(parser, argv) -> None:
     """Set the defaults of ``--recipe`` (or of the dataset's default recipe) on ``parser``."""
     known, _ = parser.parse_known_args(argv)
-    preset = dict(RECIPES[known.recipe or DATASET_RECIPES.get(known.dataset, "adapter")])
+    name = known.recipe or DATASET_RECIPES.get(known.dataset, "adapter")
+    preset = {"recipe": name, **RECIPES[name]}
     if "beta_per_pixel" in preset:
         lo, hi = preset.pop("beta_per_pixel")
         channels = DATASETS[known.dataset].num_channels if not (known.train_data_dir or known.dataset_name) else 1
@@ -335,8 +334,7 @@ def check_args(args) -> str | None:
         return f"--train_data_dir {args.train_data_dir!r} is not a directory"
     if args.bias_free_encoder and not args.time_blind_encoder:
         return "--bias_free_encoder needs --time_blind_encoder (a timestep embedding adds a constant to the features)"
-    if args.pretrained_model_name_or_path and not os.path.exists(args.pretrained_model_name_or_path) and \
-            os.path.isabs(args.pretrained_model_name_or_path) and args.pretrained_model_name_or_path in DEFAULT_BASES.values():
+    if args.pretrained_model_name_or_path in DEFAULT_BASES.values() and not os.path.isdir(args.pretrained_model_name_or_path):
         return (f"the shipped base {args.pretrained_model_name_or_path} is missing; rebuild it with "
                 f"python examples/pretrain_unet.py --dataset {args.dataset} --output_dir {args.pretrained_model_name_or_path}")
     if args.push_to_hub and not args.hub_model_id:

@@ -96,22 +96,23 @@ def traversal_grid(row: Dict[str, Any], sweep_dir: str, path: str, steps: int, s
     values = torch.linspace(-2.0, 2.0, steps).tolist()
     with torch.no_grad():
         if os.path.isdir(adapter):
-            pipe = SAMIPipeline.from_pretrained(adapter)
-            pipe.set_progress_bar_config(disable=True)
-            kl = pipe.encode(unit_from_model(dataset.sample(256, np.random.default_rng([seed, 10]))[0])).kl_per_dim().mean(0)
-            dims = [int(d) for d in torch.argsort(kl, descending=True) if kl[d] > 0.1] or [int(kl.argmax())]
-            grid = traversal_rows(pipe, image, dims, values, num_inference_steps=50, seed=seed)
+            model = SAMIPipeline.from_pretrained(adapter)
+            model.set_progress_bar_config(disable=True)
+            encode = lambda x: model.encode(unit_from_model(x))  # noqa: E731
         elif saved:
             model = BetaVAE.from_pretrained(saved[0])
-            kl = model.encode(dataset.sample(256, np.random.default_rng([seed, 10]))[0]).kl_per_dim().mean(0)
-            dims = [int(d) for d in torch.argsort(kl, descending=True) if kl[d] > 0.1] or [int(kl.argmax())]
-            mean = model.encode(image).mean
-            codes = mean.repeat(len(dims) * steps, 1)
+            encode = model.encode
+        else:
+            return False
+        kl = encode(dataset.sample(256, np.random.default_rng([seed, 10]))[0]).kl_per_dim().mean(0)
+        dims = [int(d) for d in torch.argsort(kl, descending=True) if kl[d] > 0.1] or [int(kl.argmax())]
+        if isinstance(model, SAMIPipeline):
+            grid = traversal_rows(model, image, dims, values, num_inference_steps=50, seed=seed)
+        else:
+            codes = encode(image).mean.repeat(len(dims) * steps, 1)
             for r, d in enumerate(dims):
                 codes[r * steps:(r + 1) * steps, d] = torch.tensor(values)
             grid = model.decode(codes).cpu()
-        else:
-            return False
     save_image_grid(grid, path, nrow=steps, scale=4)
     return True
 

@@ -487,10 +487,10 @@ def factor_recoverability(
     r2 = np.zeros((len(grid), len(dataset.factor_names)))
     pixels = int(np.prod(test_images.shape[1:]))
     for level, (a, s) in enumerate(zip(alpha.tolist(), sigma.tolist())):
-        probe = torch.nn.Sequential(torch.nn.Linear(pixels, hidden_dim), torch.nn.SiLU(), torch.nn.Linear(hidden_dim, hidden_dim),
-                                    torch.nn.SiLU(), torch.nn.Linear(hidden_dim, len(dataset.factor_names)))
-        torch.manual_seed(seed + level)
-        probe.apply(lambda m: m.reset_parameters() if isinstance(m, torch.nn.Linear) else None)
+        with torch.random.fork_rng(devices=[]):  # a seeded initialisation that leaves the caller's RNG alone
+            torch.manual_seed(seed + level)
+            probe = torch.nn.Sequential(torch.nn.Linear(pixels, hidden_dim), torch.nn.SiLU(), torch.nn.Linear(hidden_dim, hidden_dim),
+                                        torch.nn.SiLU(), torch.nn.Linear(hidden_dim, len(dataset.factor_names)))
         optimizer = torch.optim.Adam(probe.parameters(), lr=learning_rate)
         for step in range(num_steps):
             images, _, values = dataset.sample(batch_size, rng)
