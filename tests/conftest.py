@@ -1,10 +1,14 @@
 import os
+import tempfile
 import sys
 
 import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
+# A fresh `datasets` cache per test session: pytest reuses temporary paths across sessions, and a cached
+# imagefolder from an earlier session would point at images that no longer exist.
+os.environ.setdefault("HF_DATASETS_CACHE", tempfile.mkdtemp(prefix="sami-test-datasets-"))
 # Tiny test models run fastest on one thread (thread hand-offs dominate, worse on a loaded machine).
 torch.set_num_threads(1)
 
