@@ -120,7 +120,8 @@ def parse_baseline(spec: str) -> Dict[str, Any]:
 def baseline_rate_control(kind: str, params: Dict[str, float]) -> Optional[RateControl]:
     """The rate terms a baseline kind adds to ``beta * KL``."""
     if kind == "capacity-vae":
-        return RateControl(capacity=params["capacity"], capacity_on="kl", capacity_weight=params.get("gamma", 100.0))
+        return RateControl(capacity=params["capacity"], capacity_on="kl", capacity_weight=params.get("gamma", 100.0),
+                           capacity_ramp_steps=int(params.get("ramp", 0)))
     if kind == "beta-tcvae":
         return RateControl(tc_weight=params.get("tc_weight", 5.0), tc_estimator="minibatch")
     if kind == "factor-vae":
@@ -369,7 +370,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
                 params = spec["params"]
                 runs.append((spec, lambda sp=spec, pa=params: train_beta_vae(
                     train_data, beta=pa.get("beta", 1.0), max_seconds=budget, max_steps=args.max_steps, lr=args.lr, seed=seed,
-                    rate=baseline_rate_control(sp["kind"], pa), capacity_ramp_steps=int(pa.get("ramp", 0)),
+                    rate=baseline_rate_control(sp["kind"], pa),
                     likelihood=pa.get("likelihood", "bernoulli"), encoder_bias_free=bool(pa.get("bias_free", 0)), **shared)))
         for spec, train in runs:
             name = spec["label"]

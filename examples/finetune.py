@@ -44,7 +44,7 @@ from tqdm.auto import tqdm
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from sami_adapter import SAMIEncoder, SAMILossOutput, SAMIPipeline, nested_guidance_bands, sami_loss  # noqa: E402
-from sami_adapter.rate import RateControl, TCDiscriminator, discriminator_loss  # noqa: E402
+from sami_adapter.rate import RateControl, TCDiscriminator, discriminator_step  # noqa: E402
 from sami_adapter import adapter as adapter_lib  # noqa: E402
 from sami_adapter.card import adapter_model_card  # noqa: E402
 from sami_adapter.hub import upload_to_hub  # noqa: E402
@@ -123,6 +123,12 @@ def parse_args(argv=None):
     g.add_argument("--bias_free_encoder", action="store_true",
                    help="The paper's bias-free encoder: no additive constant before the head (no biases, normalisation without mean "
                         "or offset) plus a middle block; needs --time_blind_encoder.")
+    g.add_argument("--init_encoder", default=None,
+                   help="Start from another model's encoder: a folder saved by compare.py --save_models (a β-VAE / β-TCVAE) or an "
+                        "adapter. Its architecture replaces the --encoder_* flags; --latent_dim must match.")
+    g.add_argument("--anchor_weight", type=float, default=10.0,
+                   help="With --init_encoder: weight of || mu(x_0) - mu_init(x_0) ||^2, annealed linearly to 0 over --anchor_steps.")
+    g.add_argument("--anchor_steps", type=int, default=0, help="With --init_encoder: steps over which the anchor is annealed away (0: no anchor).")
     g.add_argument("--noise_bands", default=None,
                    help="Noise bands of the guidance: 'nested' (dimension i guides only below T (D - i) / D) or one upper timestep per "
                         "dimension, comma-separated. Default: every dimension guides at every noise level.")
@@ -168,13 +174,16 @@ def parse_args(argv=None):
     g.add_argument("--beta_final", type=float, default=None,
                    help="Beta schedule: after the warm-up, move beta geometrically from --beta to this value by the last step (default: constant).")
     g = p.add_argument_group("rate control (price the information in z, not the prior mismatch)")
-    g.add_argument("--capacity", type=float, default=None,
-                   help="Capacity target C in nats: adds --capacity_weight * |R - C|, R chosen by --capacity_on (Burgess et al. 2018).")
+    g.add_argument("--capacity", type=capacity_arg, default=None,
+                   help="Capacity target C in nats: adds --capacity_weight * |R - C|, R chosen by --capacity_on (Burgess et al. 2018). "
+                        "Comma-separated values (one per dimension) put one target on each dimension's own rate; unequal targets "
+                        "make the posterior widths differ, which breaks the rotation symmetry of an equal-rate code.")
     g.add_argument("--capacity_on", default="information", choices=["information", "kl"],
                    help="information: an upper bound on I(x; z) (total KL minus the moment-matched aggregate mismatch), which an "
                         "input-independent posterior cannot meet; kl: the total KL, as Burgess et al.")
     g.add_argument("--capacity_weight", type=float, default=1.0, help="Weight of the capacity term.")
-    g.add_argument("--capacity_ramp_steps", type=int, default=0, help="Ramp C linearly from 0 to --capacity over this many steps.")
+    g.add_argument("--capacity_ramp_steps", type=int, default=0, help="Ramp C linearly to --capacity over this many steps.")
+    g.add_argument("--capacity_start", type=float, default=0.0, help="The ramp's first value, as a fraction of --capacity (0: from zero).")
     g.add_argument("--mismatch_weight", type=float, default=0.0,
                    help="Weight of KL(N(m, S) || N(0, I)) of the batch's moment-matched aggregate posterior (mean, scale, correlations).")
     g.add_argument("--tc_weight", type=float, default=0.0, help="Weight of the total correlation of the code (added to --beta on TC).")
@@ -183,8 +192,6 @@ def parse_args(argv=None):
                         "minibatch-weighted sampling.")
     g.add_argument("--tc_on", default="sample", choices=["sample", "mean"],
                    help="TC of z ~ q(z|x) (sample) or of the posterior means (mean, discriminator only).")
-    g.add_argument("--mi_weight", type=float, default=0.0, help="β-TCVAE: extra weight on the index-code mutual information.")
-    g.add_argument("--dwkl_weight", type=float, default=0.0, help="β-TCVAE: extra weight on the dimension-wise KL.")
     g.add_argument("--discriminator_learning_rate", type=float, default=1e-4, help="Adam learning rate of the TC discriminator.")
     g.add_argument("--intervention_weight", type=float, default=0.0,
                    help="Weight of the per-dimension intervention loss: moving the denoised estimate along one dimension's guidance "
@@ -304,8 +311,14 @@ def check_args(args) -> str | None:
     for name in ("kl_warmup_steps", "latent_noise_warmup_steps", "lr_warmup_steps", "validation_steps"):
         if getattr(args, name) < 0:
             return bad(name, getattr(args, name), "an integer >= 0")
-    if args.capacity_ramp_steps < 0:
-        return bad("capacity_ramp_steps", args.capacity_ramp_steps, "an integer >= 0")
+    if args.anchor_steps < 0 or not (math.isfinite(args.anchor_weight) and args.anchor_weight >= 0):
+        return bad("anchor_steps" if args.anchor_steps < 0 else "anchor_weight",
+                   args.anchor_steps if args.anchor_steps < 0 else args.anchor_weight, "a number >= 0")
+    if args.anchor_steps and not args.init_encoder:
+        return "--anchor_steps needs --init_encoder: the anchor holds the code of the encoder the run starts from."
+    if isinstance(args.capacity, tuple) and len(args.capacity) != args.latent_dim:
+        return (f"--capacity has {len(args.capacity)} per-dimension targets but --latent_dim is {args.latent_dim}; "
+                "give one value or one per dimension.")
     for name in ("intervention_weight",):
         if not (math.isfinite(getattr(args, name)) and getattr(args, name) >= 0):
             return bad(name, getattr(args, name), "a finite number >= 0")
@@ -467,10 +480,43 @@ def collapse_warning(kl_per_dim: list[float], gain: float, step: int, max_steps:
 def rate_control_from_args(args):
     """The RateControl of the flags, or None when no rate flag is set."""
     control = RateControl(capacity=args.capacity, capacity_on=args.capacity_on, capacity_weight=args.capacity_weight,
-                          mismatch_weight=args.mismatch_weight, tc_weight=args.tc_weight, tc_estimator=args.tc_estimator, tc_on=args.tc_on,
-                          mi_weight=args.mi_weight, dwkl_weight=args.dwkl_weight)
-    active = control.capacity is not None or any(v > 0 for v in (control.mismatch_weight, control.tc_weight, control.mi_weight, control.dwkl_weight))
+                          capacity_ramp_steps=args.capacity_ramp_steps, capacity_start=args.capacity_start,
+                          mismatch_weight=args.mismatch_weight, tc_weight=args.tc_weight, tc_estimator=args.tc_estimator, tc_on=args.tc_on)
+    active = control.capacity is not None or control.mismatch_weight > 0 or control.tc_weight > 0
     return control if active else None
+
+
+def capacity_arg(value: str):
+    """``--capacity``: one number of nats, or comma-separated numbers (one target per dimension)."""
+    try:
+        values = [float(v) for v in value.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of nats or comma-separated numbers (one per dimension), got {value!r}") from None
+    return values[0] if len(values) == 1 else tuple(values)
+
+
+def load_init_encoder(path: str, latent_dim: int) -> SAMIEncoder:
+    """The encoder of a saved β-VAE / β-TCVAE (``compare.py --save_models``) or of an adapter, for ``--init_encoder``."""
+    config_path = os.path.join(path, "config.json")
+    if os.path.isfile(os.path.join(path, "encoder", "config.json")):
+        encoder = SAMIEncoder.from_pretrained(os.path.join(path, "encoder"))
+    elif os.path.isfile(config_path) and json.load(open(config_path)).get("_class_name") == "BetaVAE":
+        from sami_adapter.baselines.beta_vae import BetaVAE
+
+        encoder = BetaVAE.from_pretrained(path).encoder
+    else:
+        raise SystemExit(f"--init_encoder {path!r} is neither an adapter (encoder/config.json) nor a baseline saved by "
+                         "compare.py --save_models (config.json of a BetaVAE); point it at one of those folders.")
+    if encoder.config.latent_dim != latent_dim:
+        raise SystemExit(f"--init_encoder has a {encoder.config.latent_dim}-dimensional code but --latent_dim is {latent_dim}; "
+                         f"pass --latent_dim {encoder.config.latent_dim}.")
+    return encoder
+
+
+@torch.no_grad()
+def anchor_codes(anchor, clean: torch.Tensor) -> torch.Tensor:
+    """The anchor encoder's posterior means of the clean images (its own noise level 0)."""
+    return anchor(clean, torch.zeros(clean.shape[0], dtype=torch.long, device=clean.device)).mean
 
 
 def parse_noise_bands(value, latent_dim, num_train_timesteps=1000):
@@ -616,6 +662,14 @@ def main(argv=None):
         time_conditioning=not args.time_blind_encoder, init_logvar=args.encoder_init_logvar, min_logvar=args.encoder_min_logvar,
         guidance_bands=args.guidance_bands, bias_free=args.bias_free_encoder,
     )
+    anchor = None
+    if args.init_encoder:  # its architecture replaces the flags', so the adapter's metadata says what was trained
+        encoder = load_init_encoder(args.init_encoder, args.latent_dim)
+        args.time_blind_encoder, args.bias_free_encoder = not encoder.config.time_conditioning, encoder.config.bias_free
+        args.encoder_channels = ",".join(str(c) for c in encoder.config.block_out_channels)
+        args.encoder_stem_stride = encoder.config.stem_stride
+        if args.anchor_steps:
+            anchor = load_init_encoder(args.init_encoder, args.latent_dim).requires_grad_(False).eval().to(accelerator.device)
     if args.gradient_checkpointing:
         encoder.enable_gradient_checkpointing()
     lora_config = None
@@ -716,9 +770,7 @@ def main(argv=None):
                                    with_images=loader is None)
         micro_size = args.train_batch_size * world
         parts = []
-        capacity = None
-        if args.capacity is not None:
-            capacity = args.capacity * min(1.0, (step + 1) / args.capacity_ramp_steps) if args.capacity_ramp_steps else args.capacity
+        anchor_weight = args.anchor_weight * max(0.0, 1.0 - step / args.anchor_steps) if anchor is not None else 0.0
         for micro in range(args.gradient_accumulation_steps):
             local = {k: v[micro * micro_size : (micro + 1) * micro_size].chunk(world)[rank].to(accelerator.device) for k, v in step_batch.items()}
             captions = next_items(loader, step, local, accelerator.device) if loader is not None else None
@@ -733,7 +785,8 @@ def main(argv=None):
             with accelerator.accumulate(objective), accelerator.autocast():
                 out = SAMILossOutput(**objective(clean, noise_scheduler, unet_kwargs=unet_kwargs, beta=beta, weighting=args.weighting, timesteps=local["timesteps"],
                                 timestep_probs=timestep_probs, noise=local["noise"], latent_noise=local["latent_noise"] * noise_scale,
-                                free_bits=args.free_bits, kl_reference=kl_reference, rate=args.rate, capacity=capacity,
+                                free_bits=args.free_bits, kl_reference=kl_reference, rate=args.rate, step=step,
+                                anchor_mean=anchor_codes(anchor, clean) if anchor_weight > 0 else None, anchor_weight=anchor_weight,
                                 tc_discriminator=accelerator.unwrap_model(discriminator) if discriminator is not None else None,
                                 intervention_weight=args.intervention_weight, intervention_dims=local["intervention_dims"]))
                 stop_if_diverged(accelerator, step + 1, "loss", out.loss.detach(), args.output_dir)
@@ -745,15 +798,11 @@ def main(argv=None):
                 optimizer.step()
                 lr_scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
-            if discriminator is not None:  # after the encoder step; the encoder's TC term also left gradients here
+            if discriminator is not None:
                 with accelerator.accumulate(discriminator):
-                    disc_optimizer.zero_grad(set_to_none=True)
                     codes = out.posterior_mean if args.tc_on == "mean" else out.latents
                     g = torch.Generator().manual_seed(int(np.random.default_rng([args.seed, step, micro, 3]).integers(0, 2**62)))
-                    disc_loss = discriminator_loss(discriminator, codes, g)
-                    accelerator.backward(disc_loss)
-                    disc_optimizer.step()
-                    disc_optimizer.zero_grad(set_to_none=True)
+                    disc_loss = discriminator_step(discriminator, disc_optimizer, codes, g, backward=accelerator.backward)
             scalars = {k: v for k, v in (out.rate or {}).items() if v.ndim == 0}
             if out.rate is not None:
                 scalars.update({f"mismatch_dim_{i}": v for i, v in enumerate(out.rate["mismatch_per_dim"])})

@@ -46,6 +46,11 @@ only. The loss is the share of that change that lands in the other dimensions,
 averaged over samples with ``t < T/2`` (where ``a_t`` is not small) and a random ``i`` per sample. The
 posterior variances in the denominator make it the share of a change that is large against the code's
 own uncertainty, and keep its gradient bounded while the guidance is still near zero.
+
+A warm start from another model's encoder (a β-TCVAE's, whose frame is aligned with the factors) can
+be held by an anchor on the clean code, ``anchor_weight * E || mu(x_0) - mu_anchor(x_0) ||^2``, annealed
+to zero: the SAMI loss is rotation-neutral where the rates are equal, so an aligned frame can survive
+once the anchor is gone, and nothing else would choose it.
 """
 
 from __future__ import annotations
@@ -155,10 +160,12 @@ def sami_loss(
     unet_kwargs: Optional[Dict[str, Any]] = None,
     kl_reference: Optional[torch.Tensor] = None,
     rate: Optional[RateControl] = None,
-    capacity: Optional[float] = None,
+    step: int = 0,
     tc_discriminator: Optional[torch.nn.Module] = None,
     intervention_weight: float = 0.0,
     intervention_dims: Optional[torch.Tensor] = None,
+    anchor_mean: Optional[torch.Tensor] = None,
+    anchor_weight: float = 0.0,
 ) -> SAMILossOutput:
     """One Monte Carlo estimate of the SAMI objective (module docstring).
 
@@ -191,11 +198,13 @@ def sami_loss(
             gradients of the parts equal the gradient of the whole batch. Default: this batch's own.
         rate: :class:`~sami_adapter.rate.RateControl` terms added to the loss (capacity on the
             information, aggregate-posterior mismatch, TC, the β-TCVAE split).
-        capacity: this step's capacity target (a ramp of ``rate.capacity``); default ``rate.capacity``.
+        step: the optimiser step, for the rate control's capacity schedule (``rate.at(step)``).
         tc_discriminator: the :class:`~sami_adapter.rate.TCDiscriminator` when ``rate`` uses it (train
             it separately with its ``loss``).
         intervention_weight: weight of the per-dimension intervention loss (module docstring).
         intervention_dims: (B,) the dimension moved for each sample (default: drawn with ``generator``).
+        anchor_mean: (B, D) a reference encoder's posterior means of ``clean_images`` (module docstring).
+        anchor_weight: weight of the anchor term (this step's value of its schedule).
     """
     if weighting not in ("elbo", "simple"):
         raise ValueError(f"weighting must be 'elbo' or 'simple', got {weighting!r}.")
@@ -257,13 +266,16 @@ def sami_loss(
     loss = diffusion_loss + beta * kl_term
     rate_out = None
     if rate is not None:
-        rate_out = rate_terms(rate, posterior.mean, posterior.logvar, z, kl_per_dim.sum(), capacity=capacity, discriminator=tc_discriminator)
+        rate_out = rate_terms(rate, posterior.mean, posterior.logvar, z, kl_per_dim.sum(), step=step, discriminator=tc_discriminator)
         loss = loss + rate_out.pop("loss")
     intervention = None
     if intervention_weight > 0:
         intervention = _intervention_loss(encoder, z, noisy, timesteps, eps_theta.detach(), alpha, sigma, num_train_timesteps,
                                           intervention_dims, generator)
         loss = loss + intervention_weight * intervention
+
+    if anchor_mean is not None and anchor_weight > 0:
+        loss = loss + anchor_weight * ((posterior.mean.float() - anchor_mean.float()) ** 2).sum(1).mean()
 
     negative_elbo = None
     if weighting == "elbo":

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Dict, Optional
+from typing import Callable, Dict, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -202,9 +202,18 @@ class RateControl:
 
     Args:
         capacity: target ``C`` in nats for the quantity named by ``capacity_on``; the loss adds
-            ``capacity_weight * |value - C|`` (Burgess et al. 2018). None: no target.
+            ``capacity_weight * |value - C|`` (Burgess et al. 2018). A sequence of D targets puts one
+            on each dimension instead (``capacity_weight * sum_d |value_d - C_d|``, with the per-dimension
+            value: the KL of dimension d, or for ``"information"`` that KL minus the dimension's
+            moment-matched marginal mismatch). Unequal targets make the rates, and with them the
+            posterior widths, differ between dimensions, which a rotation of the code then changes
+            (equal rates leave the KL and the guidance rotation-neutral). None: no target.
         capacity_on: ``"information"`` (:func:`information_upper_bound`; cannot be met by mismatch)
             or ``"kl"`` (the batch-mean KL, as Burgess et al.).
+        capacity_ramp_steps: move the target linearly from ``capacity_start * C`` to ``C`` over this
+            many steps (0: ``C`` from the first step); :meth:`at` gives the target at a step.
+        capacity_start: the ramp's first value as a fraction of ``C``. Above 0, a priced run never
+            sits at the collapsed point ``C = 0`` it would have to escape.
         capacity_weight: weight of the capacity term.
         mismatch_weight: weight of :func:`moment_matched_kl` (aggregate posterior vs prior).
         tc_weight: weight of the TC estimate.
@@ -212,19 +221,17 @@ class RateControl:
             ``"minibatch"`` (:func:`minibatch_decomposition`).
         tc_on: ``"sample"`` (TC of ``z ~ q(z|x)``) or ``"mean"`` (TC of the posterior means, the code
             the metrics read; only for the discriminator).
-        mi_weight, dwkl_weight: weights of the index-code MI and dimension-wise KL of the minibatch
-            decomposition (β-TCVAE's alpha - 1 and gamma - 1 when added to ``beta = 1``).
     """
 
-    capacity: Optional[float] = None
+    capacity: Optional[Union[float, Sequence[float]]] = None
     capacity_on: str = "information"
     capacity_weight: float = 1.0
+    capacity_ramp_steps: int = 0
+    capacity_start: float = 0.0
     mismatch_weight: float = 0.0
     tc_weight: float = 0.0
     tc_estimator: str = "discriminator"
     tc_on: str = "sample"
-    mi_weight: float = 0.0
-    dwkl_weight: float = 0.0
 
     def __post_init__(self):
         if self.capacity_on not in ("information", "kl"):
@@ -235,12 +242,32 @@ class RateControl:
             raise ValueError(f"tc_on must be 'sample' or 'mean', got {self.tc_on!r}.")
         if self.tc_on == "mean" and self.tc_estimator != "discriminator":
             raise ValueError("tc_on='mean' needs tc_estimator='discriminator' (the minibatch estimator needs posterior widths).")
-        for name in ("capacity_weight", "mismatch_weight", "tc_weight", "mi_weight", "dwkl_weight"):
+        for name in ("capacity_weight", "mismatch_weight", "tc_weight"):
             value = getattr(self, name)
             if not math.isfinite(value) or value < 0:
                 raise ValueError(f"{name} must be a finite number >= 0, got {value}.")
-        if self.capacity is not None and (not math.isfinite(self.capacity) or self.capacity < 0):
-            raise ValueError(f"capacity must be a finite number of nats >= 0, got {self.capacity}.")
+        if self.capacity is not None:
+            values = [self.capacity] if isinstance(self.capacity, (int, float)) else list(self.capacity)
+            if not values or any(not math.isfinite(v) or v < 0 for v in values):
+                raise ValueError(f"capacity must be a finite number of nats >= 0, got {self.capacity}.")
+            if not isinstance(self.capacity, (int, float)):
+                self.capacity = tuple(float(v) for v in values)
+        if self.capacity_ramp_steps < 0:
+            raise ValueError(f"capacity_ramp_steps must be an integer >= 0, got {self.capacity_ramp_steps}.")
+        if not 0 <= self.capacity_start <= 1:
+            raise ValueError(f"capacity_start must be a fraction of the target in [0, 1], got {self.capacity_start}.")
+
+    def at(self, step: int) -> Optional[Union[float, tuple]]:
+        """The capacity target at optimiser step ``step`` (0-based): ``C * (c0 + (1 - c0) * min(1, (step + 1) / ramp))``
+        with ``c0 = capacity_start``; per dimension when ``capacity`` is a sequence. None without a target."""
+        if self.capacity is None:
+            return None
+        fraction = 1.0
+        if self.capacity_ramp_steps:
+            fraction = self.capacity_start + (1.0 - self.capacity_start) * min(1.0, (step + 1) / self.capacity_ramp_steps)
+        if isinstance(self.capacity, tuple):
+            return tuple(c * fraction for c in self.capacity)
+        return self.capacity * fraction
 
     @property
     def needs_discriminator(self) -> bool:
@@ -249,18 +276,18 @@ class RateControl:
 
     @property
     def uses_decomposition(self) -> bool:
-        return self.mi_weight > 0 or self.dwkl_weight > 0 or (self.tc_weight > 0 and self.tc_estimator == "minibatch")
+        return self.tc_weight > 0 and self.tc_estimator == "minibatch"
 
 
 def rate_terms(control: RateControl, mean: torch.Tensor, logvar: torch.Tensor, z: torch.Tensor, kl: torch.Tensor,
-               capacity: Optional[float] = None, discriminator: Optional[TCDiscriminator] = None) -> Dict[str, torch.Tensor]:
+               step: int = 0, discriminator: Optional[TCDiscriminator] = None) -> Dict[str, torch.Tensor]:
     """The loss terms of ``control`` on one batch, plus what they measure.
 
     Args:
         control: the weights.
         mean, logvar, z: (B, D) posterior parameters of the batch and the codes drawn from them.
         kl: the batch-mean ``KL(q(z|x) || N(0, I))`` (scalar).
-        capacity: the target at this step (a ramped ``control.capacity``); default ``control.capacity``.
+        step: the optimiser step, for the capacity schedule (:meth:`RateControl.at`).
         discriminator: the :class:`TCDiscriminator`, when ``control.needs_discriminator``.
 
     Returns:
@@ -275,16 +302,22 @@ def rate_terms(control: RateControl, mean: torch.Tensor, logvar: torch.Tensor, z
     out["mismatch_per_dim"] = moment_matched_kl(mean.detach(), logvar.detach(), per_dim=True)
     if control.mismatch_weight > 0:
         loss = loss + control.mismatch_weight * mismatch
-    target = control.capacity if capacity is None else capacity
-    if target is not None:
+    target = control.at(step)
+    if isinstance(target, tuple):
+        if len(target) != mean.shape[1]:
+            raise ValueError(f"RateControl has {len(target)} per-dimension capacities for a {mean.shape[1]}-dimensional code; give one per dimension.")
+        value = LatentPosterior(torch.cat([mean, logvar], dim=-1)).kl_per_dim().mean(0)
+        if control.capacity_on == "information":
+            value = value - moment_matched_kl(mean, logvar, per_dim=True)
+        loss = loss + control.capacity_weight * (value - value.new_tensor(target)).abs().sum()
+        out["capacity"] = torch.tensor(float(sum(target)))
+    elif target is not None:
         value = information if control.capacity_on == "information" else kl
         loss = loss + control.capacity_weight * (value - target).abs()
         out["capacity"] = torch.tensor(float(target))
     if control.uses_decomposition:
         parts = minibatch_decomposition(z, mean, logvar)
-        loss = loss + control.mi_weight * parts["mi"] + control.dwkl_weight * parts["dwkl"]
-        if control.tc_estimator == "minibatch":
-            loss = loss + control.tc_weight * parts["tc"]
+        loss = loss + control.tc_weight * parts["tc"]
         out.update({k: v.detach() for k, v in parts.items()})
     if control.needs_discriminator:
         if discriminator is None:
@@ -294,3 +327,20 @@ def rate_terms(control: RateControl, mean: torch.Tensor, logvar: torch.Tensor, z
         out["tc"] = tc.detach()
     out["loss"] = loss
     return out
+
+
+def discriminator_step(discriminator, optimizer, codes: torch.Tensor, generator: Optional[torch.Generator] = None,
+                       backward: Optional[Callable[[torch.Tensor], None]] = None) -> torch.Tensor:
+    """One optimiser step of a :class:`TCDiscriminator` on this step's (detached) codes; returns its loss.
+
+    SAMI and the baselines call it in one order: after the model's own step, so the model's TC term
+    was computed with the discriminator its loss saw. The model's backward pass also left gradients
+    in the discriminator (its TC term); they are cleared first. ``backward``: ``accelerator.backward``
+    under Accelerate (default ``loss.backward()``).
+    """
+    optimizer.zero_grad(set_to_none=True)
+    loss = discriminator_loss(discriminator, codes, generator)
+    (backward or torch.Tensor.backward)(loss)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.detach()

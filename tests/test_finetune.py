@@ -336,3 +336,44 @@ def test_paper_recipe_trains_from_scratch_and_loads_with_the_paper_encoder(tmp_p
     assert pipe.encoder.config.bias_free and not pipe.encoder.config.time_conditioning
     report = json.loads((out / "report" / "report.json").read_text())
     assert set(report["reconstruction_r2"]) == {"x", "y", "background"}
+
+
+def test_warm_start_from_a_baseline_encoder_with_an_annealed_anchor(base_dir, tmp_path):
+    """--init_encoder takes a saved β-VAE's encoder (its architecture included): at step 0 the
+    adapter's encoder is the baseline's; the anchor, at full weight, keeps the clean code close to
+    it, and a run without the anchor moves further; per-dimension capacities and a ramp start ride along."""
+    from sami_adapter.baselines.beta_vae import BetaVAE
+
+    torch.manual_seed(0)
+    vae = BetaVAE(in_channels=1, sample_size=8, latent_dim=3, encoder_channels=(8, 16), hidden_dim=16, encoder_bias_free=True)
+    with torch.no_grad():
+        vae.encoder.head.weight.normal_(0, 0.3)
+    vae.save_pretrained(tmp_path / "btcvae")
+    rate = ("--beta", "0", "--free_bits", "0", "--capacity", "2,1,0.5", "--capacity_ramp_steps", "4", "--capacity_start", "0.5")
+    runs = {}
+    for name, extra in (("anchored", ("--anchor_steps", "100", "--anchor_weight", "1000")), ("free", ())):
+        out = tmp_path / name
+        finetune.main(_args(base_dir, out, "--max_train_steps", "3", "--no_report", "--learning_rate", "1e-2",
+                            "--init_encoder", str(tmp_path / "btcvae"), *rate, *extra))
+        runs[name] = SAMIPipeline.from_pretrained(str(out)).encoder
+        logs = [json.loads(line) for line in open(out / "logs" / "train_log.jsonl")]
+        assert [round(entry["capacity"], 4) for entry in logs[:2]] == [2.1875, 2.625]  # 3.5 * (0.5 + 0.5 * (s + 1) / 4)
+    assert runs["free"].config.bias_free and not runs["free"].config.time_conditioning
+    x = torch.rand(16, 1, 8, 8) * 2 - 1
+    zero = torch.zeros(16, dtype=torch.long)
+    with torch.no_grad():
+        start = vae.encoder(x, zero).mean
+        moved = {k: float((enc(x, zero).mean - start).pow(2).sum(1).mean()) for k, enc in runs.items()}
+    assert 0 < moved["anchored"] < moved["free"], moved
+
+
+def test_init_encoder_errors(base_dir, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        finetune.parse_args(_args(base_dir, tmp_path / "x", "--anchor_steps", "5"))
+    assert "--anchor_steps needs --init_encoder" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        finetune.parse_args(_args(base_dir, tmp_path / "x", "--capacity", "1,2"))
+    assert "--capacity has 2 per-dimension targets but --latent_dim is 3" in capsys.readouterr().err
+    os.makedirs(tmp_path / "empty")
+    with pytest.raises(SystemExit, match="is neither an adapter"):
+        finetune.main(_args(base_dir, tmp_path / "y", "--init_encoder", str(tmp_path / "empty"), "--max_train_steps", "1", "--no_report"))

@@ -11,6 +11,7 @@ from sami_adapter import RateControl, SAMIEncoder, nested_guidance_bands, poster
 from sami_adapter.rate import (
     TCDiscriminator,
     discriminator_loss,
+    discriminator_step,
     information_upper_bound,
     minibatch_decomposition,
     mixture_information,
@@ -300,5 +301,49 @@ def test_sami_loss_reports_rate_terms_and_adds_them():
     expected = 0.5 * priced.rate["mismatch"] + (priced.rate["information_upper"] - 2.0).abs()
     torch.testing.assert_close(priced.loss, plain.loss + expected, atol=1e-5, rtol=1e-5)
     assert priced.rate["mismatch_per_dim"].shape == (3,)
-    ramped = sami_loss(unet, enc, scheduler, x0, rate=control, capacity=0.5, **kwargs)
+    ramped = sami_loss(unet, enc, scheduler, x0, rate=RateControl(capacity=2.0, capacity_ramp_steps=4), step=0, **kwargs)
     assert float(ramped.rate["capacity"]) == 0.5
+
+
+def test_capacity_schedule_starts_where_asked_and_reaches_the_target():
+    """``at(step) = C (c0 + (1 - c0) min(1, (step + 1) / ramp))``, per dimension when C is a sequence."""
+    assert [RateControl(capacity=4.0, capacity_ramp_steps=4).at(s) for s in (0, 1, 3, 9)] == [1.0, 2.0, 4.0, 4.0]
+    assert [RateControl(capacity=4.0, capacity_ramp_steps=4, capacity_start=0.5).at(s) for s in (0, 3)] == [2.5, 4.0]
+    assert RateControl(capacity=[2, 1], capacity_ramp_steps=2).at(0) == (1.0, 0.5)
+    assert RateControl().at(5) is None
+    with pytest.raises(ValueError, match=r"capacity_start must be a fraction of the target in \[0, 1\], got 2"):
+        RateControl(capacity=1.0, capacity_start=2)
+
+
+def test_per_dimension_capacities_price_each_dimension_against_its_own_target():
+    """On the KL: ``sum_d |KL_d - C_d|`` with the closed-form Gaussian KL per dimension; on the
+    information: each KL_d minus that dimension's moment-matched marginal mismatch."""
+    g = torch.Generator().manual_seed(0)
+    mean, logvar = torch.randn(64, 3, generator=g), torch.randn(64, 3, generator=g) * 0.3 - 1
+    kl_d = (0.5 * (mean**2 + logvar.exp() - 1 - logvar)).mean(0)
+    targets = (2.0, 0.5, 0.1)
+    on_kl = rate_terms(RateControl(capacity=targets, capacity_on="kl"), mean, logvar, mean, kl_d.sum())
+    torch.testing.assert_close(on_kl["loss"], (kl_d - torch.tensor(targets)).abs().sum())
+    info_d = kl_d - moment_matched_kl(mean, logvar, per_dim=True)
+    on_info = rate_terms(RateControl(capacity=targets), mean, logvar, mean, kl_d.sum())
+    torch.testing.assert_close(on_info["loss"], (info_d - torch.tensor(targets)).abs().sum())
+    assert float(on_info["capacity"]) == pytest.approx(2.6)
+    with pytest.raises(ValueError, match="2 per-dimension capacities for a 3-dimensional code"):
+        rate_terms(RateControl(capacity=(1.0, 1.0)), mean, logvar, mean, kl_d.sum())
+
+
+def test_discriminator_step_clears_the_models_gradients_and_steps_once():
+    """The model's TC term leaves gradients in the discriminator; one step uses only its own loss."""
+    torch.manual_seed(0)
+    disc = TCDiscriminator(latent_dim=2, hidden_dim=8, num_layers=1)
+    opt = torch.optim.SGD(disc.parameters(), lr=0.1)
+    codes, g = torch.randn(16, 2), torch.Generator().manual_seed(1)
+    expected = TCDiscriminator(latent_dim=2, hidden_dim=8, num_layers=1)
+    expected.load_state_dict(disc.state_dict())
+    discriminator_loss(expected, codes, torch.Generator().manual_seed(1)).backward()
+    disc.tc(codes * 3).backward()  # stale gradients from the model's own loss
+    loss = discriminator_step(disc, opt, codes, g)
+    for p, q in zip(disc.parameters(), expected.parameters()):
+        torch.testing.assert_close(p, q - 0.1 * q.grad)
+        assert p.grad is None
+    assert loss.requires_grad is False

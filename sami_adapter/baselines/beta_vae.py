@@ -32,7 +32,7 @@ from torch import nn
 
 from ..data.base import FactorDataset
 from ..encoder import LatentPosterior, SAMIEncoder
-from ..rate import RateControl, TCDiscriminator, discriminator_loss, rate_terms
+from ..rate import RateControl, TCDiscriminator, discriminator_step, rate_terms
 from .common import TrainingBudget, resolve_dataset, train_loop
 
 
@@ -173,17 +173,18 @@ class BetaVAE(ModelMixin, ConfigMixin):
         return (sq / (2 * std**2) + 0.5 * math.log(2 * math.pi * std**2)).sum(1)
 
     def loss(self, images: torch.Tensor, beta: float = 1.0, generator: Optional[torch.Generator] = None,
-             rate: Optional[RateControl] = None, capacity: Optional[float] = None,
+             rate: Optional[RateControl] = None, step: int = 0,
              discriminator: Optional[TCDiscriminator] = None) -> Dict[str, torch.Tensor]:
         """Batch means of ``loss = -log p(x | z) + beta KL (+ rate terms)``, ``reconstruction``, ``kl`` (nats
-        per image), ``z`` (the codes drawn, detached) and the rate measurements when ``rate`` is given."""
+        per image), ``z`` (the codes drawn, detached) and the rate measurements when ``rate`` is given;
+        ``step`` is the optimiser step of ``rate``'s capacity schedule."""
         post = self.posterior(images)
         z = post.sample(generator=generator)
         nll = self.negative_log_likelihood(images, self.decoder_output(z)).mean()
         kl = post.kl().mean()
         out = {"loss": nll + beta * kl, "reconstruction": nll, "kl": kl}
         if rate is not None:
-            terms = rate_terms(rate, post.mean, post.logvar, z, kl, capacity=capacity, discriminator=discriminator)
+            terms = rate_terms(rate, post.mean, post.logvar, z, kl, step=step, discriminator=discriminator)
             out["loss"] = out["loss"] + terms.pop("loss")
             out.update({k: v for k, v in terms.items() if v.ndim == 0})
         out["z"], out["mean"] = z.detach(), post.mean.detach()
@@ -209,7 +210,6 @@ def train_beta_vae(
     device: Optional[Union[str, torch.device]] = None,
     log_every: int = 50,
     rate: Optional[RateControl] = None,
-    capacity_ramp_steps: int = 0,
     encoder_bias_free: bool = False,
 ) -> BetaVAE:
     """Train a :class:`BetaVAE` on fresh samples of ``dataset`` until the step or wall-clock budget is spent.
@@ -232,8 +232,8 @@ def train_beta_vae(
         device: where to train (default: CPU).
         log_every: steps between entries of ``model.training_log["history"]``.
         rate: optional :class:`~sami_adapter.rate.RateControl` (capacity-controlled β-VAE, β-TCVAE,
-            FactorVAE); a discriminator, when it needs one, is trained alongside on the previous step's codes.
-        capacity_ramp_steps: ramp the capacity target linearly from 0 over this many steps.
+            FactorVAE), its capacity schedule included; a discriminator, when it needs one, takes one
+            :func:`~sami_adapter.rate.discriminator_step` after each model step, on that step's codes.
         encoder_bias_free: use the SAMI paper's bias-free encoder.
 
     Returns:
@@ -254,28 +254,23 @@ def train_beta_vae(
             torch.manual_seed(seed + 1)
             discriminator = TCDiscriminator(latent_dim=latent_dim).to(device or "cpu")
         disc_optimizer = torch.optim.Adam(discriminator.parameters(), lr=1e-4, betas=(0.5, 0.9))
-    state = {"step": 0, "codes": None}
+    state = {"step": 0}
 
     def step_loss(images, g):
-        # The discriminator learns from the previous step's codes first: stepping it after this
-        # step's loss is built would change weights that loss still needs for its backward pass.
-        if discriminator is not None and state["codes"] is not None:
-            disc_optimizer.zero_grad(set_to_none=True)
-            discriminator_loss(discriminator, state["codes"], g).backward()
-            disc_optimizer.step()
-        target = None
-        if rate is not None and rate.capacity is not None:
-            target = rate.capacity * min(1.0, (state["step"] + 1) / capacity_ramp_steps) if capacity_ramp_steps else rate.capacity
-        terms = model.loss(images, beta=beta, generator=g, rate=rate, capacity=target, discriminator=discriminator)
+        terms = model.loss(images, beta=beta, generator=g, rate=rate, step=state["step"], discriminator=discriminator)
         state["step"] += 1
         state["codes"] = terms.pop("mean") if rate is not None and rate.tc_on == "mean" else terms["z"]
         terms.pop("z", None), terms.pop("mean", None)
         return terms
 
+    def after_step(g):
+        if discriminator is not None:
+            discriminator_step(discriminator, disc_optimizer, state["codes"], g)
+
     log = train_loop(
         model, step_loss, data, TrainingBudget(max_steps, max_seconds),
-        batch_size, lr, seed, progress=progress, desc=f"beta-VAE (beta={beta:g})", log_every=log_every,
+        batch_size, lr, seed, progress=progress, desc=f"beta-VAE (beta={beta:g})", log_every=log_every, after_step=after_step,
     )
     model.training_log = {**log.as_dict(), "beta": beta, "likelihood": likelihood,
-                          "rate": None if rate is None else dict(vars(rate)), "capacity_ramp_steps": capacity_ramp_steps}
+                          "rate": None if rate is None else dict(vars(rate))}
     return model

@@ -79,12 +79,14 @@ def train_loop(
     desc: str = "train",
     log_every: int = 50,
     max_grad_norm: float = 10.0,
+    after_step: Optional[Callable[[torch.Generator], None]] = None,
 ) -> TrainingLog:
     """Adam on ``step_loss(images, generator)["loss"]`` over fresh seeded batches until the budget is spent.
 
     Batch ``k`` is ``StepBatches(dataset, batch_size, seed).images(k)`` (a function of ``(seed, k)``)
     and the loss's random draws use a generator seeded by ``(seed, k)``: a run is reproducible up to
-    where the wall clock stops it.
+    where the wall clock stops it. ``after_step(generator)`` runs after each optimiser step (an
+    adversary's own step), with the step's generator.
     """
     from tqdm.auto import tqdm
 
@@ -107,6 +109,8 @@ def train_loop(
         if max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
         optimizer.step()
+        if after_step is not None:
+            after_step(g)
         step += 1
         for key, value in terms.items():
             window.setdefault(key, []).append(float(value.detach()))
