@@ -224,10 +224,22 @@ class SAMIEncoder(ModelMixin, ConfigMixin):
             inputs = (h, temb) if isinstance(block, (ResnetBlock2D, BiasFreeResnetBlock)) else (h,)
             h = self._gradient_checkpointing_func(block, *inputs) if checkpointed else block(*inputs)
         h = torch.nn.functional.silu(self.norm_out(h))
-        h = self.proj(self.pool(h).flatten(1))
+        h = self.proj(self._pool(h).flatten(1))
         if temb is not None:
             h = h + self.time_to_hidden(temb)
         return h
+
+    def _pool(self, h: torch.Tensor) -> torch.Tensor:
+        # The same average as self.pool: AdaptiveAvgPool2d's CPU backward is slow, and the guidance
+        # differentiates through this every sampling step. Identity when the map already has the
+        # output size; a plain average pool when the sizes divide.
+        out = self.pool.output_size
+        height, width = h.shape[-2:]
+        if (height, width) == (out, out):
+            return h
+        if height % out == 0 and width % out == 0:
+            return torch.nn.functional.avg_pool2d(h, (height // out, width // out))
+        return self.pool(h)
 
     def forward(self, sample: torch.Tensor, timestep: Union[torch.Tensor, float, int] = 0) -> LatentPosterior:
         """Posterior ``q(z | sample, timestep)``.
