@@ -48,7 +48,20 @@ load average, torch/diffusers versions, device) is printed and saved with the re
 1 MB = 2^20 bytes. Results go to ``--output_dir`` as ``benchmark.json`` and ``benchmark.md`` (written
 after each size, so a long run keeps what it has measured).
 
-Floors: guided sampling <= 1.25x unguided (demo) and <= 1.10x (cifar); encoding one
+**Part three, the explorer** (``--explorer_adapter DIR``): the time of one traversal answer of
+``examples/explore.py`` (``traverse_view``: one image decoded at the explorer's default steps), interleaved
+with the same answer at 25 steps, the old default. Floor: 0.5 s median.
+
+**Precision and compilation** (``--dtype``, ``--compile``): ``bf16`` / ``fp16`` run every timed call
+under ``torch.autocast`` (fp32 weights, as Accelerate's mixed precision trains), on CPU and GPU alike;
+``--compile`` wraps the UNet in ``torch.compile`` for every variant and the encoder for sampling (its
+training needs a double backward, which compiled graphs do not support). Compilation happens in the
+warm-up rounds, so use ``--warmup`` >= 1 with it.
+
+    python examples/benchmark.py --device cuda --dtype bf16 --compile   # a GPU, one command
+    python examples/benchmark.py --sizes demo --device cpu --dtype bf16
+
+Floors: guided sampling <= 1.15x unguided (demo) and <= 1.03x (cifar); encoding one
 image >= 50x faster than a 50-step sample; the frozen adapter's training step <= 0.8x plain fine-tuning
 (demo) and <= 0.5x (cifar). ``--check`` makes the exit status 1 when one is missed.
 
@@ -92,8 +105,8 @@ DEFAULT_SAMPLE_BATCH = {"demo": 16, "cifar": 4, "tiny": 4}
 DEFAULT_TRAIN_BATCH = {"demo": 64, "cifar": 16, "tiny": 8}
 # guided/unguided sampling (at most), 50-step sample / one-image encode (at least), frozen adapter / plain step (at most).
 FLOORS = {
-    "demo": {"guided_over_unguided": 1.25, "sample50_over_encode": 50.0, "adapter_over_plain": 0.8},
-    "cifar": {"guided_over_unguided": 1.10, "sample50_over_encode": 50.0, "adapter_over_plain": 0.5},
+    "demo": {"guided_over_unguided": 1.15, "sample50_over_encode": 50.0, "adapter_over_plain": 0.8},
+    "cifar": {"guided_over_unguided": 1.03, "sample50_over_encode": 50.0, "adapter_over_plain": 0.5},
     "tiny": {},
 }
 # google/ddpm-cifar10-32's unet/config.json (random weights are used; only the architecture matters here).
@@ -154,9 +167,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--skip_training", action="store_true", help="Skip part two.")
     p.add_argument("--no_memory", action="store_true", help="Skip the peak-memory measurement of part two.")
     p.add_argument("--device", default="auto", help="'auto' (cuda when available, else cpu), 'cpu', 'cuda' or 'cuda:N'.")
+    p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES),
+                   help="Compute precision: fp32, or bf16 / fp16 autocast around every timed call (fp32 weights).")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the UNet (every variant) and the encoder (sampling; training needs a double backward through it).")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: every core available to this process).")
     p.add_argument("--seed", type=int, default=0, help="Seed of the weights, batch, noise and codes.")
     p.add_argument("--output_dir", default="benchmark", help="Where benchmark.json and benchmark.md are written.")
+    p.add_argument("--explorer_adapter", default=None,
+                   help="An adapter directory: also time one traversal answer of examples/explore.py (part three).")
     p.add_argument("--check", action="store_true", help="Exit with status 1 when a floor is missed.")
     p.add_argument("--no_progress", action="store_true", help="Hide the progress bars.")
     args = p.parse_args(argv)
@@ -176,7 +195,32 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
         p.error(f"--device {args.device}: CUDA is not available here; use --device cpu")
+    if args.dtype == "fp16" and torch.device(args.device).type == "cpu":
+        p.error("--dtype fp16 needs a GPU (CPU autocast is bf16); use --dtype bf16 on CPU")
+    if args.compile and args.warmup < 1:
+        p.error("--compile compiles during the warm-up: give --warmup >= 1")
     return args
+
+
+DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def with_precision(fn: Callable[[], Any], args, device: torch.device) -> Callable[[], Any]:
+    """``fn`` run under ``torch.autocast`` at ``--dtype`` (unchanged for fp32)."""
+    dtype = DTYPES[args.dtype]
+    if dtype is None:
+        return fn
+
+    def call():
+        with torch.autocast(device.type, dtype=dtype):
+            return fn()
+
+    return call
+
+
+def maybe_compile(module: torch.nn.Module, args) -> torch.nn.Module:
+    """``torch.compile(module)`` with ``--compile`` (attributes such as ``config`` stay reachable)."""
+    return torch.compile(module) if args.compile else module
 
 
 # ----------------------------------------------------------------------------- models
@@ -272,7 +316,8 @@ def bench_sampling(size: str, unet, train_scheduler, encoder, args, device: torc
     batch = args.sample_batch_size or DEFAULT_SAMPLE_BATCH[size]
     steps = args.num_inference_steps
     scheduler = DDIMScheduler.from_config(train_scheduler.config, clip_sample=False)
-    pipe = SAMIPipeline(unet=unet, scheduler=scheduler, encoder=encoder).to(device)
+    pipe = SAMIPipeline(unet=unet.to(device), scheduler=scheduler, encoder=encoder.to(device))
+    pipe.unet, pipe.encoder = maybe_compile(pipe.unet, args), maybe_compile(pipe.encoder, args)
     pipe.set_progress_bar_config(disable=True)
     g = torch.Generator().manual_seed(args.seed + 2)
     z = torch.randn(batch, LATENT_DIM, generator=g).to(device)
@@ -285,8 +330,8 @@ def bench_sampling(size: str, unet, train_scheduler, encoder, args, device: torc
         "unguided": lambda: pipe(z=z, latents=latents, num_inference_steps=steps, sami_scale=0.0, output_type="pt"),
     }
     # One encode call takes milliseconds: time `inner` calls per round, enough for ~0.1 s.
-    pipe.encode(images)
-    one = _timed(lambda: pipe.encode(images), device)
+    with_precision(lambda: pipe.encode(images), args, device)()
+    one = _timed(with_precision(lambda: pipe.encode(images), args, device), device)
     inner = int(min(1000, max(1, math.ceil(0.1 / max(one, 1e-6)))))
 
     def encode_round():
@@ -294,6 +339,7 @@ def bench_sampling(size: str, unet, train_scheduler, encoder, args, device: torc
             pipe.encode(images)
 
     calls["encode"] = encode_round
+    calls = {name: with_precision(fn, args, device) for name, fn in calls.items()}
     times = _interleaved_times(calls, args, device, f"{size}: sampling")
 
     guided = _median(times["guided"]) / batch
@@ -339,19 +385,22 @@ def training_batch(unet, scheduler, batch_size: int, seed: int, device: torch.de
     }
 
 
-def build_variant(name: str, unet, encoder, scheduler, batch: Dict[str, torch.Tensor], lora_rank: int = 4, lr: float = 1e-4):
+def build_variant(name: str, unet, encoder, scheduler, batch: Dict[str, torch.Tensor], lora_rank: int = 4, lr: float = 1e-4,
+                  compile_unet: bool = False):
     """``(step, modules)``: one optimisation step of the variant, and the models it holds.
 
     Takes ownership of ``unet`` and ``encoder`` (pass copies to keep the originals untouched).
+    ``compile_unet``: the step calls ``torch.compile(unet)`` (after LoRA is added).
     """
     if name == "plain":
         unet.requires_grad_(True).train()
         optimizer = torch.optim.AdamW(unet.parameters(), lr=lr)
+        net = torch.compile(unet) if compile_unet else unet
 
         def plain_step():
             optimizer.zero_grad(set_to_none=True)
             noisy = scheduler.add_noise(batch["images"], batch["noise"], batch["timesteps"])
-            loss = F.mse_loss(unet(noisy, batch["timesteps"]).sample.float(), batch["noise"].float())
+            loss = F.mse_loss(net(noisy, batch["timesteps"]).sample.float(), batch["noise"].float())
             loss.backward()
             optimizer.step()
             return loss.detach()
@@ -371,10 +420,11 @@ def build_variant(name: str, unet, encoder, scheduler, batch: Dict[str, torch.Te
     train_unet = name != "frozen"
     params = list(encoder.parameters()) + [p for p in unet.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr)
+    net = torch.compile(unet) if compile_unet else unet
 
     def sami_step():
         optimizer.zero_grad(set_to_none=True)
-        out = sami_loss(unet, encoder, scheduler, batch["images"], train_unet=train_unet, timesteps=batch["timesteps"],
+        out = sami_loss(net, encoder, scheduler, batch["images"], train_unet=train_unet, timesteps=batch["timesteps"],
                         noise=batch["noise"], latent_noise=batch["latent_noise"], **LOSS_KWARGS)
         out.loss.backward()
         optimizer.step()
@@ -389,8 +439,9 @@ def bench_training(size: str, unet, scheduler, encoder, args, device: torch.devi
     batch = training_batch(unet, scheduler, batch_size, args.seed, device)
     steps, info = {}, {}
     for name in VARIANTS:
-        step, modules = build_variant(name, copy.deepcopy(unet).to(device), copy.deepcopy(encoder).to(device), scheduler, batch, args.lora_rank)
-        steps[name] = step
+        step, modules = build_variant(name, copy.deepcopy(unet).to(device), copy.deepcopy(encoder).to(device), scheduler, batch, args.lora_rank,
+                                      compile_unet=args.compile)
+        steps[name] = with_precision(step, args, device)
         info[name] = {"trainable_params": _num_params(modules, trainable_only=True), "model_mb": _model_mb(modules)}
     gc.collect()
     times = _interleaved_times({name: steps[name] for name in VARIANTS}, args, device, f"{size}: training")
@@ -410,6 +461,31 @@ def bench_training(size: str, unet, scheduler, encoder, args, device: torch.devi
     else:
         result["floors"], result["passed"] = {}, {}
     return result
+
+
+# ----------------------------------------------------------------------------- part three: the explorer
+EXPLORER_FLOOR_S = 0.5
+
+
+def bench_explorer(adapter: str, args, device: torch.device) -> Dict[str, Any]:
+    """Median time of one traversal answer (``explore.traverse_view``) at the explorer's default steps and at 25."""
+    explore = runpy.run_path(os.path.join(REPO_ROOT, "examples", "explore.py"), run_name="sami_benchmark_explore")
+    explorer = explore["load_explorer"](adapter, num_examples=16, device=str(device))
+    explorer.pipe.set_progress_bar_config(disable=True)
+    default_steps = explorer.num_inference_steps
+    z = [0.0] * explorer.latent_dim
+
+    def answer(steps):
+        def call():
+            explorer.num_inference_steps = steps
+            explore["traverse_view"](explorer, z, 0, 1.5, sami_scale=3.0, seed=0)
+        return call
+
+    times = _interleaved_times({f"{default_steps} steps": answer(default_steps), "25 steps": answer(25)}, args, device, "explorer")
+    explorer.num_inference_steps = default_steps
+    median = _median(times[f"{default_steps} steps"])
+    return {"adapter": adapter, "default_steps": default_steps, "s_per_answer": median, "s_per_answer_25_steps": _median(times["25 steps"]),
+            "floors": {"s_per_answer": EXPLORER_FLOOR_S}, "passed": {"s_per_answer": median <= EXPLORER_FLOOR_S}, "raw_s_per_call": times}
 
 
 # ----------------------------------------------------------------------------- part two: peak memory
@@ -600,6 +676,12 @@ def tables(results: Dict[str, Any]) -> str:
                     f"| {v['trainable_params']:,} | {_fmt(v.get('peak_mb'), '.1f')} | {_fmt(v.get('step_mb'), '.1f')} |"
                 )
         lines.append("")
+    if "explorer" in results:
+        e = results["explorer"]
+        lines += ["### Part three: the explorer (one traversal answer, 16 px)", "",
+                  "| adapter | default steps | s per answer | floor | s per answer at 25 steps |", "|---|---|---|---|---|",
+                  f"| `{os.path.basename(os.path.normpath(e['adapter']))}` | {e['default_steps']} | {e['s_per_answer']:.3f} "
+                  f"| {_verdict(e['passed'], 's_per_answer', EXPLORER_FLOOR_S, '<=')} | {e['s_per_answer_25_steps']:.3f} |", ""]
     return "\n".join(lines)
 
 
@@ -612,6 +694,7 @@ def write_outputs(results: Dict[str, Any], output_dir: str) -> None:
         f"torch threads: {m['torch_threads']}; load average at start {m['load_average_at_start']}; "
         f"torch {m['torch']}, diffusers {m['diffusers']}, peft {m['peft']}, Python {m['python']}, {m['platform']}.", "",
         f"Command: `python examples/benchmark.py {' '.join(results['argv'])}`", "",
+        f"Precision: {results['dtype']}{' (autocast)' if results['dtype'] != 'fp32' else ''}; torch.compile: {'yes' if results['compile'] else 'no'}.", "",
         f"Times are medians of {results['args']['repeats']} interleaved rounds after {results['args']['warmup']} warm-up round(s). "
         "Peak MB: memory of the variant (weights + gradients + optimizer state + activations) at its peak over two steps, "
         "without interpreter and libraries; step MB: what the step adds to the loaded weights "
@@ -626,7 +709,9 @@ def write_outputs(results: Dict[str, Any], output_dir: str) -> None:
 
 
 def all_passed(results: Dict[str, Any]) -> bool:
-    return all(ok for r in results["sizes"].values() for part in ("sampling", "training") if part in r for ok in r[part]["passed"].values())
+    parts = [r[part] for r in results["sizes"].values() for part in ("sampling", "training") if part in r]
+    parts += [results["explorer"]] if "explorer" in results else []
+    return all(ok for part in parts for ok in part["passed"].values())
 
 
 # ----------------------------------------------------------------------------- main
@@ -638,7 +723,7 @@ def main(argv=None) -> Dict[str, Any]:
     machine = machine_info(device, args.threads)
     print(f"machine: {machine['device_name']} | {machine['processor']} | {machine['cores_available']}/{machine['cpu_count']} cores, "
           f"torch threads: {args.threads} | load {machine['load_average_at_start']} | torch {machine['torch']}, diffusers {machine['diffusers']}")
-    results: Dict[str, Any] = {"machine": machine, "argv": argv, "args": vars(args), "sizes": {}}
+    results: Dict[str, Any] = {"machine": machine, "argv": argv, "args": vars(args), "dtype": args.dtype, "compile": args.compile, "sizes": {}}
     for size in args.sizes:
         unet, scheduler = build_unet(size, args.demo_weights, args.seed)
         encoder = build_encoder(unet, size, args.seed)
@@ -661,6 +746,8 @@ def main(argv=None) -> Dict[str, Any]:
         gc.collect()
         results["machine"]["load_average_at_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
         write_outputs(results, args.output_dir)
+    if args.explorer_adapter:
+        results["explorer"] = bench_explorer(args.explorer_adapter, args, device)
     print()
     print(tables(results))
     results["all_passed"] = all_passed(results)

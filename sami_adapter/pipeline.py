@@ -359,7 +359,8 @@ class SAMIPipeline(DiffusionPipeline):
                 model_output = self.unet(sample, t, encoder_hidden_states=prompt_embeds.to(self.unet.dtype)).sample
         if z is None or sami_scale == 0:
             return model_output
-        score = posterior_score(self.encoder, z, sample.to(self.encoder.dtype), t)
+        # The first parameter's dtype: ModelMixin.dtype walks every parameter, a cost paid each step.
+        score = posterior_score(self.encoder, z, sample.to(next(self.encoder.parameters()).dtype), t)
         return apply_guidance(model_output, score.to(model_output.dtype), self.scheduler, t, sample, sami_scale)
 
     def encode_prompt(

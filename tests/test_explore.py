@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from scripts import load_example
 from tiny import tiny_unet
 
 from sami_adapter import SAMIEncoder
@@ -234,7 +235,7 @@ def test_load_image_converts_like_training_and_refuses_bad_files(explorer, tmp_p
 
 def test_command_line_flags():
     args = explore.parse_args(["sami-disks-adapter"])
-    assert args.share is False and args.host == "127.0.0.1" and args.num_inference_steps == 25 and args.num_threads == 1
+    assert args.share is False and args.host == "127.0.0.1" and args.num_inference_steps == 12 and args.num_threads == 1
     assert explore.parse_args(["a", "--share", "True", "--port", "0"]).share is True
     with pytest.raises(SystemExit):
         explore.parse_args(["a", "--share", "maybe"])
@@ -492,3 +493,17 @@ def test_page_in_headless_chromium(request, tmp_path):
 @contextmanager
 def _shared(request):
     yield request.getfixturevalue("app_url")
+
+
+def test_benchmark_times_the_explorer_answer_under_bf16_autocast(adapter_dir, tmp_path):
+    """examples/benchmark.py part three on the tiny adapter, with --dtype bf16 on the CPU."""
+    benchmark = load_example("benchmark")
+    results = benchmark.main(["--sizes", "tiny", "--skip_training", "--num_inference_steps", "2", "--repeats", "1", "--warmup", "0",
+                              "--threads", "1", "--device", "cpu", "--dtype", "bf16", "--no_progress", "--output_dir", str(tmp_path),
+                              "--explorer_adapter", adapter_dir])
+    assert results["dtype"] == "bf16" and results["sizes"]["tiny"]["sampling"]["guided_s_per_image"] > 0
+    e = results["explorer"]
+    assert e["default_steps"] == explore.EXPLORER_STEPS == 12 and e["s_per_answer"] > 0 and e["s_per_answer_25_steps"] > 0
+    assert set(e["passed"]) == {"s_per_answer"}
+    table = (tmp_path / "benchmark.md").read_text()
+    assert "Precision: bf16 (autocast)" in table and "Part three: the explorer" in table
