@@ -174,6 +174,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: every core available to this process).")
     p.add_argument("--seed", type=int, default=0, help="Seed of the weights, batch, noise and codes.")
     p.add_argument("--output_dir", default="benchmark", help="Where benchmark.json and benchmark.md are written.")
+    p.add_argument("--profile", action="store_true",
+                   help="Also profile (torch.profiler) one guided sampling call and one frozen-adapter training step per size, "
+                        "and put the top operators by self time into benchmark.md.")
     p.add_argument("--explorer_adapter", default=None,
                    help="An adapter directory: also time one traversal answer of examples/explore.py (part three).")
     p.add_argument("--check", action="store_true", help="Exit with status 1 when a floor is missed.")
@@ -463,6 +466,39 @@ def bench_training(size: str, unet, scheduler, encoder, args, device: torch.devi
     return result
 
 
+# ----------------------------------------------------------------------------- profiles
+PROFILE_ROWS = 12
+
+
+def profile_table(fn: Callable[[], Any], device: torch.device, rows: int = PROFILE_ROWS) -> Dict[str, Any]:
+    """The operators of one call of ``fn`` by self time (torch.profiler, CPU and CUDA activities), top ``rows``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    fn()  # warm
+    with profile(activities=activities) as prof:
+        fn()
+        _sync(device)
+    events = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
+    total = sum(e.self_cpu_time_total for e in events) or 1.0
+    top = [{"op": e.key, "self_ms": e.self_cpu_time_total / 1e3, "share": e.self_cpu_time_total / total, "calls": e.count} for e in events[:rows]]
+    return {"total_ms": total / 1e3, "top": top}
+
+
+def bench_profiles(size: str, unet, scheduler, encoder, args, device: torch.device) -> Dict[str, Any]:
+    """Profiles of one guided DDIM call (``--num_inference_steps`` steps) and one frozen-adapter training step."""
+    batch = args.sample_batch_size or DEFAULT_SAMPLE_BATCH[size]
+    pipe = SAMIPipeline(unet=copy.deepcopy(unet).eval().to(device), scheduler=DDIMScheduler.from_config(scheduler.config, clip_sample=False),
+                        encoder=copy.deepcopy(encoder).eval().to(device))
+    pipe.set_progress_bar_config(disable=True)
+    g = torch.Generator().manual_seed(args.seed + 2)
+    z = torch.randn(batch, LATENT_DIM, generator=g).to(device)
+    sample = with_precision(lambda: pipe(z=z, num_inference_steps=args.num_inference_steps, output_type="pt"), args, device)
+    train_batch = training_batch(unet, scheduler, args.train_batch_size or DEFAULT_TRAIN_BATCH[size], args.seed, device)
+    step, _ = build_variant("frozen", copy.deepcopy(unet).to(device), copy.deepcopy(encoder).to(device), scheduler, train_batch, args.lora_rank)
+    return {"guided_sampling": profile_table(sample, device), "frozen_training_step": profile_table(with_precision(step, args, device), device)}
+
+
 # ----------------------------------------------------------------------------- part three: the explorer
 EXPLORER_FLOOR_S = 0.5
 
@@ -676,6 +712,12 @@ def tables(results: Dict[str, Any]) -> str:
                     f"| {v['trainable_params']:,} | {_fmt(v.get('peak_mb'), '.1f')} | {_fmt(v.get('step_mb'), '.1f')} |"
                 )
         lines.append("")
+    for size, r in results["sizes"].items():
+        for what, prof in r.get("profiles", {}).items():
+            lines += [f"### Profile: {size}, {what.replace('_', ' ')} (torch.profiler, self time, total {prof['total_ms']:.0f} ms)", "",
+                      "| operator | self ms | share | calls |", "|---|---|---|---|"]
+            lines += [f"| `{row['op']}` | {row['self_ms']:.1f} | {row['share']:.1%} | {row['calls']} |" for row in prof["top"]]
+            lines.append("")
     if "explorer" in results:
         e = results["explorer"]
         lines += ["### Part three: the explorer (one traversal answer, 16 px)", "",
@@ -734,6 +776,8 @@ def main(argv=None) -> Dict[str, Any]:
         print(f"[{size}] UNet {entry['unet_params']:,} parameters ({entry['unet_weights']} weights), encoder {entry['encoder_params']:,}")
         if not args.skip_sampling:
             entry["sampling"] = bench_sampling(size, copy.deepcopy(unet).eval(), scheduler, copy.deepcopy(encoder).eval(), args, device)
+        if args.profile:
+            entry["profiles"] = bench_profiles(size, unet, scheduler, encoder, args, device)
         if not args.skip_training:
             entry["training"] = bench_training(size, unet, scheduler, encoder, args, device)
             if not args.no_memory:

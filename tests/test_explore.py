@@ -500,10 +500,12 @@ def test_benchmark_times_the_explorer_answer_under_bf16_autocast(adapter_dir, tm
     benchmark = load_example("benchmark")
     results = benchmark.main(["--sizes", "tiny", "--skip_training", "--num_inference_steps", "2", "--repeats", "1", "--warmup", "0",
                               "--threads", "1", "--device", "cpu", "--dtype", "bf16", "--no_progress", "--output_dir", str(tmp_path),
-                              "--explorer_adapter", adapter_dir])
+                              "--explorer_adapter", adapter_dir, "--profile"])
+    profiles = results["sizes"]["tiny"]["profiles"]
+    assert set(profiles) == {"guided_sampling", "frozen_training_step"} and all(p["top"][0]["self_ms"] > 0 for p in profiles.values())
     assert results["dtype"] == "bf16" and results["sizes"]["tiny"]["sampling"]["guided_s_per_image"] > 0
     e = results["explorer"]
     assert e["default_steps"] == explore.EXPLORER_STEPS == 12 and e["s_per_answer"] > 0 and e["s_per_answer_25_steps"] > 0
     assert set(e["passed"]) == {"s_per_answer"}
     table = (tmp_path / "benchmark.md").read_text()
-    assert "Precision: bf16 (autocast)" in table and "Part three: the explorer" in table
+    assert "Precision: bf16 (autocast)" in table and "Part three: the explorer" in table and "### Profile: tiny, guided sampling" in table
