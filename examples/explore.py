@@ -20,7 +20,7 @@ and matplotlib figures; use them from Python or a notebook without a browser:
 Every decode and encode is a call to :class:`~sami_adapter.SAMIPipeline` (``reconstruct``,
 ``traverse``, ``encode``, ``__call__``); the app adds no sampling or encoding of its own.
 
-Traversal sliders come one per active dimension (clean KL > 0.1 nats), ordered by the noise level
+Traversal sliders come one per active dimension (clean KL above ``ACTIVE_KL_NATS``), ordered by the noise level
 at which the dimension loses half its information (its *characteristic noise level*, see
 :mod:`sami_adapter.evaluation`): read from an evaluation report (``examples/evaluate.py``) in the
 adapter directory or given with ``--axes``, else measured once on held-out examples and cached.
@@ -45,12 +45,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from sami_adapter import SAMIPipeline  # noqa: E402
 from sami_adapter.adapter import read_adapter_config, resolve_adapter_dir  # noqa: E402
 from sami_adapter.data import DATASETS  # noqa: E402
-from sami_adapter.evaluation import characteristic_noise_levels, default_timestep_grid, information_profile  # noqa: E402
+from sami_adapter.evaluation import ACTIVE_KL_NATS, characteristic_noise_levels, default_timestep_grid, information_profile  # noqa: E402
 from sami_adapter.report import image_grid, to_jsonable  # noqa: E402
 from sami_adapter.images import model_from_unit, unit_from_model  # noqa: E402
 from sami_adapter.training import ImageFolderDataset, dataset_images  # noqa: E402
 
-KL_THRESHOLD = 0.1  # nats: a dimension below this carries (almost) nothing; the project's "active" rule
 MULTISCALE_TIMESTEPS = (0, 100, 250, 400, 550, 700, 850)
 MAX_UPLOAD_PIXELS = 25_000_000  # checked from the file header, before anything is decoded
 MAX_UPLOAD_BYTES = 20 * 1024 * 1024
@@ -180,7 +179,7 @@ def measure_levels(pipe: SAMIPipeline, images: torch.Tensor, seed: int = 0, num_
     """Clean KL and characteristic noise levels of every dimension on ``images`` (:mod:`sami_adapter.evaluation`)."""
     grid = default_timestep_grid(pipe.scheduler.config.num_train_timesteps, num_levels)
     profile = information_profile(pipe, model_from_unit(images), grid, generator=_generator(seed))
-    levels = characteristic_noise_levels(profile, kl_threshold=KL_THRESHOLD)
+    levels = characteristic_noise_levels(profile, kl_threshold=ACTIVE_KL_NATS)
     return {"profile": profile, "levels": levels}
 
 
@@ -600,7 +599,7 @@ def build_app(explorer: Explorer, files_dir: Optional[str] = None):
     title = f"SAMI latent explorer: {explorer.name}"
     with gr.Blocks(title=title) as app:
         gr.Markdown(
-            f"## {title}\n{explorer.latent_dim}-dimensional code, {len(explorer.order)} active (KL > {KL_THRESHOLD} nats). "
+            f"## {title}\n{explorer.latent_dim}-dimensional code, {len(explorer.order)} active (KL > {ACTIVE_KL_NATS} nats). "
             f"Decoding: {explorer.num_inference_steps} DDIM steps, eta {explorer.eta:g}. Noise levels {explorer.axes_source}."
         )
         state = gr.State(None)
@@ -635,7 +634,7 @@ def build_app(explorer: Explorer, files_dir: Optional[str] = None):
                     for i in explorer.order:
                         sliders[i] = gr.Slider(-SLIDER_RANGE, SLIDER_RANGE, value=0.0, step=0.05, label=explorer.dimension_label(i))
                     if explorer.inactive:
-                        with gr.Accordion(f"inactive dimensions (KL < {KL_THRESHOLD} nats): moving them should change nothing",
+                        with gr.Accordion(f"inactive dimensions (KL < {ACTIVE_KL_NATS} nats): moving them should change nothing",
                                           open=False):
                             for i in explorer.inactive:
                                 sliders[i] = gr.Slider(-SLIDER_RANGE, SLIDER_RANGE, value=0.0, step=0.05, label=explorer.dimension_label(i))

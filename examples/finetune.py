@@ -50,7 +50,7 @@ from sami_adapter.card import adapter_model_card  # noqa: E402
 from sami_adapter.hub import upload_to_hub  # noqa: E402
 from sami_adapter import hf_data  # noqa: E402
 from sami_adapter.data import DATASETS  # noqa: E402
-from sami_adapter.evaluation import DISK_DATASETS, NOISE_BANDS, active_dimensions, band_gains  # noqa: E402
+from sami_adapter.evaluation import ACTIVE_KL_NATS, DISK_DATASETS, NOISE_BANDS, active_dimensions, band_gains  # noqa: E402
 from sami_adapter.latent import LatentCache, images_to_latents, load_latent_components, prompt_embeddings, vae_scale_factor  # noqa: E402
 from sami_adapter.training import (  # noqa: E402
     ImageFolderDataset,
@@ -106,7 +106,7 @@ def parse_args(argv=None):
                    help="Diffusers UNet repo id or directory (a pipeline with unet/ or a bare UNet), e.g. google/ddpm-cifar10-32. "
                         "Default: the embedded 16 px disks UNet (models/ddpm-disks-16); with --unet_mode full and no base, a UNet is trained from scratch.")
     g.add_argument("--revision", default=None, help="Hub revision of the base model.")
-    g.add_argument("--unet_mode", default="frozen", choices=["frozen", "lora", "full"],
+    g.add_argument("--unet_mode", default="frozen", choices=adapter_lib.UNET_MODES,
                    help="frozen: train only the encoder; lora: also LoRA on the UNet (peft); full: train UNet and encoder jointly.")
     g.add_argument("--lora_rank", type=int, default=4, help="LoRA rank.")
     g.add_argument("--lora_target_modules", default=None,
@@ -463,7 +463,7 @@ def stop_if_diverged(accelerator, step: int, what: str, value: torch.Tensor, out
         )
 
 
-def collapse_warning(kl_per_dim: list[float], gain: float, step: int, max_steps: int, threshold: float = 0.1) -> str | None:
+def collapse_warning(kl_per_dim: list[float], gain: float, step: int, max_steps: int, threshold: float = ACTIVE_KL_NATS) -> str | None:
     """A message when the code carries (almost) nothing: every dimension's KL below ``threshold``
     nats, or guidance that does not lower the denoising error. None when all is well."""
     if step < max(50, 0.05 * max_steps):

@@ -31,7 +31,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from sami_adapter.data import DATASETS  # noqa: E402
 from sami_adapter.images import unit_from_model  # noqa: E402
-from sami_adapter.evaluation import factor_noise_scales, factor_recoverability, mechanism_table  # noqa: E402
+from sami_adapter.evaluation import ACTIVE_KL_NATS, factor_noise_scales, factor_recoverability, mechanism_table  # noqa: E402
 from sami_adapter.report import _cell, aggregate, mechanism_markdown, plot_mechanism, save_image_grid, traversal_rows, write_json  # noqa: E402
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -105,7 +105,7 @@ def traversal_grid(row: Dict[str, Any], sweep_dir: str, path: str, steps: int, s
         else:
             return False
         kl = encode(dataset.sample(256, np.random.default_rng([seed, 10]))[0]).kl_per_dim().mean(0)
-        dims = [int(d) for d in torch.argsort(kl, descending=True) if kl[d] > 0.1] or [int(kl.argmax())]
+        dims = [int(d) for d in torch.argsort(kl, descending=True) if kl[d] > ACTIVE_KL_NATS] or [int(kl.argmax())]
         if isinstance(model, SAMIPipeline):
             grid = traversal_rows(model, image, dims, values, num_inference_steps=50, seed=seed)
         else:

@@ -96,7 +96,12 @@ def guidance_gain(
     }
 
 
-def active_dimensions(kl_per_dim: Sequence[float], threshold: float = 0.1) -> list:
+# nats: a code dimension whose data-mean KL to the prior is below this carries (almost) nothing. The one
+# "active" rule of every report, table, warning and explorer page.
+ACTIVE_KL_NATS = 0.1
+
+
+def active_dimensions(kl_per_dim: Sequence[float], threshold: float = ACTIVE_KL_NATS) -> list:
     """Indices of code dimensions whose data-averaged KL to the prior exceeds ``threshold`` nats.
 
     KL alone also counts a dimension whose posterior is narrower than the prior but ignores the
@@ -341,7 +346,7 @@ def characteristic_noise_levels(
     profile: Dict[str, Any],
     fraction: float = 0.5,
     active: Optional[Sequence[int]] = None,
-    kl_threshold: float = 0.1,
+    kl_threshold: float = ACTIVE_KL_NATS,
 ) -> Dict[str, Any]:
     """The noise level at which each active dimension's information first falls below ``fraction`` of its clean value.
 

@@ -28,6 +28,11 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Union
 import torch
 from safetensors.torch import load_file, save_file
 
+from .adapter import hub_kwargs
+
+# A prompt: one text, or one per image.
+PromptInput = Union[str, Sequence[str]]
+
 LATENT_COMPONENTS = ("vae", "text_encoder", "tokenizer")
 _ALLOWED_LIBRARIES = ("diffusers", "transformers")
 
@@ -239,7 +244,7 @@ def load_latent_components(
     Raises:
         ValueError: a component's class comes from a library other than diffusers or transformers.
     """
-    index = _read_model_index(base, revision, **{k: v for k, v in kwargs.items() if k in ("cache_dir", "local_files_only", "token")})
+    index = _read_model_index(base, revision, **hub_kwargs(kwargs))
     loaded: Dict[str, Any] = {}
     for name in components:
         entry = index.get(name)

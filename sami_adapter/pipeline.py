@@ -14,15 +14,13 @@ import torch
 from diffusers import DiffusionPipeline, ImagePipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-from .adapter import HUB_KWARGS, check_load_kwargs, has_lora_layers, load_adapter_components, merge_lora, resolve_adapter_dir
+from .adapter import check_load_kwargs, hub_kwargs, has_lora_layers, load_adapter_components, merge_lora, resolve_adapter_dir
 from .hub import save_adapter_from_pipeline, upload_to_hub
 from .encoder import LatentPosterior, SAMIEncoder, check_encoder_fits_unet
 from .guidance import add_noise, apply_guidance, check_first_step, check_scheduler, check_timesteps, encoder_noise_level, posterior_score
 from .images import ImageInput, to_model_range
-from .latent import LATENT_COMPONENTS, images_to_latents, is_text_conditioned, latents_to_images, prompt_batch_size, prompt_conditioning
+from .latent import LATENT_COMPONENTS, PromptInput, images_to_latents, is_text_conditioned, latents_to_images, prompt_batch_size, prompt_conditioning
 from .latent import vae_scale_factor as _vae_scale_factor
-
-PromptInput = Union[str, Sequence[str]]
 
 
 @dataclass
@@ -107,7 +105,7 @@ class SAMIPipeline(DiffusionPipeline):
         ``use_safetensors=False`` is passed (unpickling can run code from the file).
         """
         path = str(pretrained_model_name_or_path)
-        hub = {k: kwargs[k] for k in HUB_KWARGS if kwargs.get(k) is not None}
+        hub = hub_kwargs(kwargs)
         adapter_dir = resolve_adapter_dir(path, revision=kwargs.get("revision"), **hub)
         if adapter_dir is None:
             if kwargs.get("use_safetensors") is not False:

@@ -35,6 +35,7 @@ from PIL import Image
 from .data.base import FactorDataset
 from .data.moving_disks import MovingDisks
 from .evaluation import (
+    ACTIVE_KL_NATS,
     INFORMATION_MEASURE,
     active_dimensions,
     characteristic_noise_levels,
@@ -206,7 +207,7 @@ def discover_axes(
     factor_names: Optional[Sequence[str]] = None,
     timesteps: Optional[Sequence[int]] = None,
     fraction: float = 0.5,
-    kl_threshold: float = 0.1,
+    kl_threshold: float = ACTIVE_KL_NATS,
     seed: int = 0,
     batch_size: int = 256,
 ) -> Dict[str, Any]:
@@ -562,7 +563,7 @@ def rate_study_measurements(
     num_prior_samples: int = 512,
     num_inference_steps: int = 50,
     batch_size: int = 256,
-    kl_threshold: float = 0.1,
+    kl_threshold: float = ACTIVE_KL_NATS,
     seed: int = 0,
 ) -> Dict[str, Any]:
     """Rate and generative measurements of one model (a :class:`~sami_adapter.SAMIPipeline` or a
@@ -836,7 +837,7 @@ def write_report(
         f"{report['guided_loss']} vs {report['unguided_loss']} (relative gain {report['relative_guidance_gain']:.1%}).", "",
         "| noise band (t) | " + " | ".join(report["band_gain"]) + " |", "|---" * (len(report["band_gain"]) + 1) + "|",
         "| guidance gain | " + " | ".join(f"{v:.1%}" for v in report["band_gain"].values()) + " |", "",
-        f"Active dimensions (KL > 0.1 nats): {len(active)} of {len(kl)}. KL per dimension: {report['kl_per_dim']}", "",
+        f"Active dimensions (KL > {ACTIVE_KL_NATS:g} nats): {len(active)} of {len(kl)}. KL per dimension: {report['kl_per_dim']}", "",
         f"Informative dimensions (Var_x of the posterior mean > 0.01): {report['informative_dims']}. "
         f"Variance of the mean per dimension: {report['mean_variance_per_dim']}", "",
     ]
