@@ -49,24 +49,25 @@ from sami_adapter import SAMIEncoder, SAMIPipeline  # noqa: E402
 from sami_adapter.adapter import read_adapter_config  # noqa: E402
 from sami_adapter.baselines import train_beta_vae, train_diffae  # noqa: E402
 from sami_adapter.data import DATASETS, MOVING, FactorDataset  # noqa: E402
-from sami_adapter.evaluation import default_timestep_grid, noise_order_agreement  # noqa: E402
+from sami_adapter.evaluation import (  # noqa: E402
+    EncodeFn,
+    default_timestep_grid,
+    discover_axes,
+    mean_code_fn,
+    noise_order_agreement,
+    rate_study_measurements,
+    representation_metrics,
+    trajectory_curvatures,
+)
+from sami_adapter.plotting import plot_axes, plot_metric_bars, plot_rate_study  # noqa: E402
 from sami_adapter.rate import RateControl  # noqa: E402
 from sami_adapter.report import (  # noqa: E402
-    EncodeFn,
     aggregate,
     axes_to_json,
-    discover_axes,
     flat_metrics,
-    mean_code_fn,
     metrics_table_markdown,
-    plot_axes,
-    plot_metric_bars,
-    plot_rate_study,
-    rate_study_measurements,
     reconstructions,
-    representation_metrics,
     save_image_grid,
-    trajectory_curvatures,
     write_json,
 )
 

@@ -37,25 +37,24 @@ from sami_adapter.images import model_from_unit  # noqa: E402
 from sami_adapter.data import DATASETS, MOVING  # noqa: E402
 from sami_adapter.evaluation import (  # noqa: E402
     default_timestep_grid,
+    discover_axes,
     elbo_bits_per_dim,
     factor_noise_scales,
     factor_recoverability,
+    mean_code_fn,
     mechanism_table,
+    representation_metrics,
+    trajectory_curvatures,
 )
+from sami_adapter.plotting import plot_axes, plot_mechanism  # noqa: E402
 from sami_adapter.report import (  # noqa: E402
     axes_to_json,
-    discover_axes,
     flat_metrics,
-    mean_code_fn,
     mechanism_markdown,
     metrics_table_markdown,
-    plot_axes,
-    plot_mechanism,
     profile_table_markdown,
     reconstructions,
-    representation_metrics,
     save_image_grid,
-    trajectory_curvatures,
     traversal_rows,
     write_json,
 )

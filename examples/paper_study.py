@@ -32,7 +32,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from sami_adapter.data import DATASETS  # noqa: E402
 from sami_adapter.images import unit_from_model  # noqa: E402
 from sami_adapter.evaluation import ACTIVE_KL_NATS, factor_noise_scales, factor_recoverability, mechanism_table  # noqa: E402
-from sami_adapter.report import _cell, aggregate, mechanism_markdown, plot_mechanism, save_image_grid, traversal_rows, write_json  # noqa: E402
+from sami_adapter.plotting import plot_mechanism  # noqa: E402
+from sami_adapter.report import aggregate, format_stat, mechanism_markdown, save_image_grid, traversal_rows, write_json  # noqa: E402
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -126,7 +127,7 @@ def table_markdown(table: List[Dict[str, Any]], factor_names: Dict[str, List[str
                                            "curvature, code (deg)"]
         lines += [f"### {dataset}", "", "| model | seeds | " + " | ".join(cols) + " |", "|---" * (len(cols) + 2) + "|"]
         for t in (t for t in table if t["dataset"] == dataset):
-            lines.append(f"| {t['method']} ({t['setting']}) | {t['n']} | " + " | ".join(_cell(t["stats"].get(c)) for c in cols) + " |")
+            lines.append(f"| {t['method']} ({t['setting']}) | {t['n']} | " + " | ".join(format_stat(t["stats"].get(c)) for c in cols) + " |")
         lines.append("")
     return lines
 

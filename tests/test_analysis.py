@@ -25,14 +25,9 @@ from sami_adapter.baselines import BetaVAE, DiffAE, train_beta_vae, train_diffae
 from sami_adapter.data import Disks, MovingDisks
 from sami_adapter.guidance import alpha_sigma_from_alphas_cumprod
 from sami_adapter.metrics import factor_alignment
-from sami_adapter.report import (
-    flat_metrics,
-    metrics_table_markdown,
-    plot_information_profile,
-    profile_table_markdown,
-    representation_metrics,
-    trajectory_curvatures,
-)
+from sami_adapter.evaluation import representation_metrics, trajectory_curvatures
+from sami_adapter.plotting import plot_information_profile
+from sami_adapter.report import flat_metrics, metrics_table_markdown, profile_table_markdown
 
 TINY_ARCH = {"encoder_channels": (8, 16), "hidden_dim": 32, "norm_num_groups": 4}
 TINY_METRICS = [
