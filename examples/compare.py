@@ -6,7 +6,7 @@
 Every baseline uses the SAMI adapter's encoder architecture (block widths, head width, latent size,
 resolution), is trained on fresh samples of the same dataset for the same wall-clock budget (by
 default the adapter's recorded ``train_seconds``), once per seed, and is evaluated with exactly the
-same metrics on exactly the same held-out draws as SAMI (:func:`sami_adapter.report.representation_metrics`;
+same metrics on exactly the same held-out draws as SAMI (:func:`sami_adapter.evaluation.representation_metrics`;
 the posterior mean is the representation). Several ``--sami_adapter`` directories (e.g. two
 training seeds) make SAMI's column a mean ± std and are compared on the order in which their
 characteristic noise levels put the factors.
@@ -55,6 +55,7 @@ from sami_adapter.evaluation import (  # noqa: E402
     discover_axes,
     mean_code_fn,
     noise_order_agreement,
+    rate_study_guidance_gain,
     rate_study_measurements,
     representation_metrics,
     trajectory_curvatures,
@@ -225,7 +226,7 @@ def evaluate_model(encode_fn: EncodeFn, dataset: FactorDataset, args: argparse.N
 
 
 def study_kwargs(args: argparse.Namespace) -> Dict[str, Any]:
-    """The rate-study flags as :func:`~sami_adapter.report.rate_study_measurements` arguments."""
+    """The rate-study flags as :func:`~sami_adapter.evaluation.rate_study_measurements` arguments."""
     return {"num_images": args.rate_images, "num_prior_samples": args.num_prior_samples, "num_inference_steps": args.num_inference_steps,
             "batch_size": args.encode_batch_size, "kl_threshold": args.kl_threshold, "seed": args.seed}
 
@@ -346,6 +347,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
                        "seed": _adapter_training(adapter_dir).get("seed")})
         if args.rate_study:
             result["study"] = rate_study_measurements(pipe, dataset, **study_kwargs(args))
+            result["study"]["guidance_gain"] = rate_study_guidance_gain(pipe, dataset, args.rate_images, args.seed)
         seconds = _adapter_seconds(adapter_dir)
         result["training"] = {"seconds": seconds if seconds is not None else float("nan"), "steps": float("nan")}
         columns.setdefault("SAMI", []).append(result)
@@ -397,13 +399,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     rows = [inputs]
     row_names = ["input"]
     for name, model in first_models.items():
-        if name == "SAMI":
-            rec = reconstructions(model, inputs, args.num_inference_steps, eta=1.0, seed=args.seed)
-        elif name == "DiffAE":
-            rec = model.reconstruct(inputs, num_inference_steps=args.num_inference_steps, generator=torch.Generator().manual_seed(args.seed))
-        else:
-            rec = model.reconstruct(inputs)
-        rows.append(rec.cpu())
+        rows.append(reconstructions(model, inputs, args.num_inference_steps, eta=1.0, seed=args.seed))
         row_names.append(name)
     save_image_grid(torch.cat(rows), os.path.join(args.output_dir, "reconstructions.png"), nrow=n_rec, scale=4)
     flat = {name: [flat_metrics(r) for r in runs] for name, runs in columns.items()}

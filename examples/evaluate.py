@@ -154,7 +154,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     # ---------------------------------------------------------------- pictures
     clock = time.perf_counter()
     n_rec = min(args.num_reconstructions, images.shape[0])
-    rec = reconstructions(pipe, images[:n_rec], args.num_inference_steps, args.eta, args.seed, args.sami_scale)
+    rec = reconstructions(pipe, images[:n_rec], args.num_inference_steps, args.eta, args.seed, sami_scale=args.sami_scale)
     save_image_grid(torch.cat([images[:n_rec], rec]), os.path.join(args.output_dir, "reconstructions.png"), nrow=n_rec, scale=4)
     rows = levels["order"] or [int(np.argmax(np.asarray(profile["kl"])[0]))]
     values = traversal_values(codes, rows, args.traversal_quantile, args.traversal_steps)

@@ -99,18 +99,16 @@ def traversal_grid(row: Dict[str, Any], sweep_dir: str, path: str, steps: int, s
         if os.path.isdir(adapter):
             model = SAMIPipeline.from_pretrained(adapter)
             model.set_progress_bar_config(disable=True)
-            encode = lambda x: model.encode(unit_from_model(x))  # noqa: E731
         elif saved:
             model = BetaVAE.from_pretrained(saved[0])
-            encode = model.encode
         else:
             return False
-        kl = encode(dataset.sample(256, np.random.default_rng([seed, 10]))[0]).kl_per_dim().mean(0)
+        kl = model.encode(unit_from_model(dataset.sample(256, np.random.default_rng([seed, 10]))[0])).kl_per_dim().mean(0)
         dims = [int(d) for d in torch.argsort(kl, descending=True) if kl[d] > ACTIVE_KL_NATS] or [int(kl.argmax())]
         if isinstance(model, SAMIPipeline):
             grid = traversal_rows(model, image, dims, values, num_inference_steps=50, seed=seed)
         else:
-            codes = encode(image).mean.repeat(len(dims) * steps, 1)
+            codes = model.encode(unit_from_model(image)).mean.repeat(len(dims) * steps, 1)
             for r, d in enumerate(dims):
                 codes[r * steps:(r + 1) * steps, d] = torch.tensor(values)
             grid = model.decode(codes).cpu()

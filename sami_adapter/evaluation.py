@@ -122,24 +122,26 @@ def informative_dimensions(mean_variance_per_dim: Sequence[float], threshold: fl
 
 @torch.no_grad()
 def disk_reconstruction_r2(
-    pipe, images: torch.Tensor, num_inference_steps: int = 50, batch_size: int = 128, seed: int = 0, eta: float = 1.0,
-    sami_scale: float = 1.0, dataset: str = "disks",
+    model, images: torch.Tensor, num_inference_steps: int = 50, batch_size: int = 128, seed: int = 0, eta: float = 1.0,
+    dataset: str = "disks", **decode_kwargs,
 ) -> Dict[str, object]:
     """Reconstruct disks from ``z = mean q(z | x_0)`` and compare the measured factors with the inputs'.
 
+    ``model``: anything with ``reconstruct`` (a :class:`~sami_adapter.SAMIPipeline` or a baseline).
     The factors are measured on both the input and its reconstruction (:func:`disk_moment_r2`, by
     ``dataset``); the score per factor is R² of reconstruction against input.
     ``eta = 1`` (stochastic DDIM) is the default: its fresh noise corrects the step errors that a
-    sharp posterior's strong guidance causes in the deterministic ODE. ``sami_scale`` multiplies the
-    posterior score (1 = the Bayes-exact decoder ``p(x | z)``; above 1 decodes from a sharpened
-    ``q(z | x_t)^w``, as classifier guidance does).
+    sharp posterior's strong guidance causes in the deterministic ODE. ``decode_kwargs`` go to
+    ``reconstruct``: a pipeline's ``sami_scale`` multiplies the posterior score (1, its default, is the
+    Bayes-exact decoder ``p(x | z)``; above 1 decodes from a sharpened ``q(z | x_t)^w``, as classifier
+    guidance does).
     """
     recon = []
     for start in range(0, images.shape[0], batch_size):
         x0 = images[start : start + batch_size]
         g = torch.Generator().manual_seed(seed + start)
-        out = pipe.reconstruct(unit_from_model(x0), num_inference_steps=num_inference_steps, eta=eta, generator=g, output_type="pt",
-                               sami_scale=sami_scale)
+        out = model.reconstruct(unit_from_model(x0), num_inference_steps=num_inference_steps, eta=eta, generator=g, output_type="pt",
+                                **decode_kwargs)
         recon.append(model_from_unit(out.images.cpu()))
     recon = torch.cat(recon)
     return {"r2": disk_moment_r2(images, recon, dataset), "reconstructions": recon}
@@ -566,20 +568,12 @@ def mechanism_table(levels: Dict[str, Any], alignment: Dict[str, Any], noise_sca
 EncodeFn = Callable[[torch.Tensor], Union[torch.Tensor, np.ndarray]]
 
 
-def pipeline_input(model: Any, images: torch.Tensor) -> torch.Tensor:
-    """[-1, 1] dataset images as ``model.encode`` takes them: [0, 1] for a SAMIPipeline (diffusers'
-    convention), unchanged for the baselines, which work in the UNet's [-1, 1]."""
-    from .pipeline import SAMIPipeline
-
-    return unit_from_model(images) if isinstance(model, SAMIPipeline) else images
-
-
 def mean_code_fn(model: Any) -> EncodeFn:
     """``images -> model.encode(images).mean`` on the CPU (no gradient), for any model with ``encode``."""
 
     def encode(images: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            return model.encode(pipeline_input(model, images)).mean.detach().float().cpu()
+            return model.encode(unit_from_model(images)).mean.detach().float().cpu()
 
     return encode
 
@@ -760,29 +754,26 @@ def rate_study_measurements(
     seed: int = 0,
 ) -> Dict[str, Any]:
     """Rate and generative measurements of one model (a :class:`~sami_adapter.SAMIPipeline` or a
-    baseline with ``encode``/``decode``/``reconstruct``), the same way for every method.
+    baseline: the same ``encode``, ``reconstruct`` and generation calls), the same way for every method.
 
     * ``information_lower`` / ``information_upper``: :func:`~sami_adapter.rate.mixture_information`
       (at most ``log N``) and :func:`~sami_adapter.rate.information_upper_bound` on ``N = num_images``
       held-out images, in nats; ``kl``: the data-mean KL of ``q(z | x)``, also per dimension;
     * ``prior_clean_fraction`` (disks, background_disks): share of clean one-disk images among decodes of
-      ``z ~ N(0, I)`` (SAMI: DDIM with ``num_inference_steps`` steps, eta 1);
+      ``z ~ N(0, I)`` (diffusion decoders: DDIM with ``num_inference_steps`` steps, eta 1);
     * ``reconstruction_r2`` (disks, background_disks): R² of each factor measured on the image
-      (:func:`~sami_adapter.evaluation.disk_moment_r2`), input vs decode of the posterior mean (SAMI: the
-      exact decoder, ``sami_scale`` 1, eta 1), on at most 512 images; ``reconstruction_mse``: their
-      mean squared pixel error (the SAMI paper's measure), pixels in [-1, 1];
-    * ``guidance_gain`` (SAMI): relative guided-vs-unguided denoising gain on the same images.
+      (:func:`disk_moment_r2`), input vs decode of the posterior mean (SAMI: the exact decoder, eta 1), on
+      at most 512 images; ``reconstruction_mse``: their mean squared pixel error (the SAMI paper's
+      measure), pixels in [-1, 1]. SAMI's guidance gain on the same images: :func:`rate_study_guidance_gain`.
     """
     from .data import BackgroundDisks, Disks, clean_background_disk_fraction, clean_disk_fraction
     from .encoder import LatentPosterior
-    from .pipeline import SAMIPipeline
     from .rate import information_upper_bound, mixture_information
 
-    is_sami = isinstance(model, SAMIPipeline)
-    images, _, _ = dataset.sample(num_images, np.random.default_rng([seed, 5]))
+    images = rate_study_images(dataset, num_images, seed)
     means, logvars = [], []
     for start in range(0, images.shape[0], batch_size):
-        post = model.encode(pipeline_input(model, images[start:start + batch_size].to(model.device)))
+        post = model.encode(unit_from_model(images[start:start + batch_size].to(model.device)))
         means.append(post.mean.float().cpu())
         logvars.append(post.logvar.float().cpu())
     mean, logvar = torch.cat(means).double(), torch.cat(logvars).double()
@@ -799,21 +790,25 @@ def rate_study_measurements(
     if isinstance(dataset, (Disks, BackgroundDisks)):
         name, clean_check = ("disks", clean_disk_fraction) if isinstance(dataset, Disks) else ("background_disks", clean_background_disk_fraction)
         g = torch.Generator().manual_seed(seed)
-        if is_sami:
-            samples = torch.cat([
-                model_from_unit(model(batch_size=min(256, num_prior_samples - start), num_inference_steps=num_inference_steps, eta=1.0,
-                                      generator=g, output_type="pt").images.cpu())
-                for start in range(0, num_prior_samples, 256)
-            ])
-            decoded = disk_reconstruction_r2(model, held_out.to(model.device), num_inference_steps=num_inference_steps, seed=seed, eta=1.0,
-                                             sami_scale=1.0, dataset=name)["reconstructions"]
-        else:
-            samples = model.decode(torch.randn(num_prior_samples, mean.shape[1], generator=g).to(model.device)).cpu()
-            decoded = model.reconstruct(held_out.to(model.device)).cpu()
+        samples = torch.cat([
+            model_from_unit(model(batch_size=min(256, num_prior_samples - start), num_inference_steps=num_inference_steps, eta=1.0,
+                                  generator=g, output_type="pt").images.cpu())
+            for start in range(0, num_prior_samples, 256)
+        ])
+        decoded = disk_reconstruction_r2(model, held_out.to(model.device), num_inference_steps=num_inference_steps, seed=seed, eta=1.0,
+                                         dataset=name)["reconstructions"]
         out["prior_clean_fraction"] = clean_check(samples)[0]
         out["reconstruction_r2"] = {k: float(v) for k, v in disk_moment_r2(held_out, decoded, name).items()}
         out["reconstruction_mse"] = float(((decoded.float() - held_out.float()) ** 2).mean())
-    if is_sami:
-        gains = guidance_gain(model.unet, model.encoder, model.scheduler, held_out.to(model.device), seed=seed)
-        out["guidance_gain"] = gains["relative_gain"]
     return out
+
+
+def rate_study_images(dataset: FactorDataset, num_images: int = 4096, seed: int = 0) -> torch.Tensor:
+    """The rate study's held-out images (N, C, H, W) in [-1, 1]: the same draw for every model."""
+    return dataset.sample(num_images, np.random.default_rng([seed, 5]))[0]
+
+
+def rate_study_guidance_gain(pipe: Any, dataset: FactorDataset, num_images: int = 4096, seed: int = 0) -> float:
+    """A SAMI pipeline's relative guided-vs-unguided denoising gain on the first 512 rate-study images."""
+    held_out = rate_study_images(dataset, num_images, seed)[:512]
+    return guidance_gain(pipe.unet, pipe.encoder, pipe.scheduler, held_out.to(pipe.device), seed=seed)["relative_gain"]

@@ -18,7 +18,7 @@ from .adapter import check_load_kwargs, hub_kwargs, has_lora_layers, load_adapte
 from .hub import save_adapter_from_pipeline, upload_to_hub
 from .encoder import LatentPosterior, SAMIEncoder, check_encoder_fits_unet
 from .guidance import add_noise, apply_guidance, check_first_step, check_scheduler, check_timesteps, encoder_noise_level, posterior_score
-from .images import ImageInput, to_model_range
+from .images import ImageInput, postprocess, to_model_range
 from .latent import LATENT_COMPONENTS, PromptInput, images_to_latents, is_text_conditioned, latents_to_images, prompt_batch_size, prompt_conditioning
 from .latent import vae_scale_factor as _vae_scale_factor
 
@@ -565,13 +565,7 @@ class SAMIPipeline(DiffusionPipeline):
         if isinstance(generator, (list, tuple)) and n is not None and len(generator) != n:
             raise ValueError(f"A list of generators needs one per sample: got {len(generator)} for a batch of {n}.")
 
-    @staticmethod
-    def postprocess(sample: torch.Tensor, output_type: str) -> Any:
-        """(N, C, H, W) in [-1, 1] -> what diffusers' ``VaeImageProcessor.postprocess`` returns:
-        ``"pt"`` (N, C, H, W) in [0, 1], ``"np"`` (N, H, W, C) in [0, 1], ``"pil"`` a list of images."""
-        from diffusers.image_processor import VaeImageProcessor
-
-        return VaeImageProcessor(vae_scale_factor=1).postprocess(sample.clamp(-1, 1), output_type=output_type)
+    postprocess = staticmethod(postprocess)
 
     # ------------------------------------------------------------------ uses of the code
     def _shared_noise(self, n: int, generator: Optional[torch.Generator], latents: Optional[torch.Tensor]) -> torch.Tensor:

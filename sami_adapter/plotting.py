@@ -181,7 +181,7 @@ def plot_rate_study(table: List[Dict[str, Any]], path: str, title: str, panels: 
 
     Args:
         table: rows with ``method``, ``information_lower``, ``information_upper`` and each panel's key, each a ``{"mean", "std"}``
-            dict or None (``examples/compare.py --collect`` builds them).
+            dict or None (:func:`~sami_adapter.report.rate_study_table` builds them).
         path: PNG to write.
         title: figure title.
         panels: ``(key, label)`` pairs, one panel each; panels with no values are left out.

@@ -241,13 +241,15 @@ def save_image_grid(images: torch.Tensor, path: str, nrow: int = 8, scale: int =
 
 
 @torch.no_grad()
-def reconstructions(
-    pipe: Any, images: torch.Tensor, num_inference_steps: int = 50, eta: float = 1.0, seed: int = 0, sami_scale: float = 1.0
-) -> torch.Tensor:
-    """Decodes of ``z = mean q(z | x_0)`` of ``images`` (N, C, H, W) in [-1, 1], on the CPU; noise from ``seed``."""
+def reconstructions(model: Any, images: torch.Tensor, num_inference_steps: int = 50, eta: float = 1.0, seed: int = 0, **decode_kwargs) -> torch.Tensor:
+    """Decodes of ``z = mean q(z | x_0)`` of ``images`` (N, C, H, W) in [-1, 1], on the CPU; noise from ``seed``.
+
+    ``model``: a :class:`~sami_adapter.SAMIPipeline` or a baseline (the same ``reconstruct``);
+    ``decode_kwargs`` go to ``reconstruct`` (a pipeline's ``sami_scale``).
+    """
     generator = torch.Generator().manual_seed(seed)
-    out = pipe.reconstruct(unit_from_model(images), num_inference_steps=num_inference_steps, eta=eta, generator=generator, output_type="pt",
-                           sami_scale=sami_scale)
+    out = model.reconstruct(unit_from_model(images), num_inference_steps=num_inference_steps, eta=eta, generator=generator, output_type="pt",
+                            **decode_kwargs)
     return model_from_unit(out.images.cpu())
 
 

@@ -132,10 +132,12 @@ def test_factor_alignment_and_noise_order():
 # ------------------------------------------------------------------------------- baselines
 def test_baselines_train_and_encode(tmp_path):
     data = Disks(num_samples=1, resolution=8)
-    images, _, _ = _disks(5, seed=1)
+    pixels, _, _ = _disks(5, seed=1)
+    images = (pixels + 1) / 2  # the models take [0, 1] images, as the pipeline does
     vae = train_beta_vae(data, beta=4.0, latent_dim=3, max_steps=2, batch_size=8, progress=False, **TINY_ARCH)
     assert vae.training_log["steps"] == 2 and vae.encode(images).mean.shape == (5, 3)
-    assert vae.reconstruct(images).shape == images.shape
+    torch.testing.assert_close(vae.encode(images).mean, vae.encoder(pixels, 0).mean)  # [0, 1] in, the encoder sees [-1, 1]
+    assert vae.reconstruct(images, output_type="pt").images.shape == images.shape
     vae.save_pretrained(str(tmp_path / "vae"))
     torch.testing.assert_close(BetaVAE.from_pretrained(str(tmp_path / "vae")).encode(images).mean, vae.encode(images).mean)
     assert vae.encoder.config.stem_stride == 2
@@ -147,9 +149,30 @@ def test_baselines_train_and_encode(tmp_path):
                        encoder_stem_stride=1, **TINY_ARCH)
     assert dae.encoder.config.stem_stride == 1
     assert dae.training_log["steps"] == 2 and dae.encode(images).mean.shape == (5, 3)
-    assert dae.reconstruct(images, num_inference_steps=2, generator=torch.Generator().manual_seed(0)).shape == images.shape
+    assert dae.reconstruct(images, num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="pt").images.shape == images.shape
     dae.save_pretrained(str(tmp_path / "dae"))
     torch.testing.assert_close(DiffAE.from_pretrained(str(tmp_path / "dae")).encode(images).mean, dae.encode(images).mean)
+
+
+def test_pipeline_and_baselines_take_the_same_calls():
+    """encode, reconstruct and generation are one call for SAMI, the β-VAE and DiffAE: [0, 1] in, [0, 1] out."""
+    data = Disks(num_samples=1, resolution=8)
+    images = (_disks(4, seed=2)[0] + 1) / 2
+    vae = train_beta_vae(data, latent_dim=3, max_steps=1, batch_size=8, progress=False, **TINY_ARCH)
+    dae = train_diffae(data, latent_dim=3, max_steps=1, batch_size=8, progress=False, unet_channels=(8, 16), unet_norm_num_groups=4,
+                       **TINY_ARCH)
+    for model in (tiny_pipeline(), vae, dae):
+        assert model.encode(images).mean.shape == (4, 3)
+        out = model.reconstruct(images, generator=torch.Generator().manual_seed(0), num_inference_steps=2, eta=1.0, output_type="pt").images
+        again = model.reconstruct(images, generator=torch.Generator().manual_seed(0), num_inference_steps=2, eta=1.0, output_type="pt").images
+        assert out.shape == images.shape and 0 <= out.min() and out.max() <= 1
+        torch.testing.assert_close(out, again)  # the generator fixes every draw
+        samples = model(batch_size=3, generator=torch.Generator().manual_seed(0), num_inference_steps=2, output_type="pt").images
+        assert samples.shape == (3, *images.shape[1:])
+    # DiffAE's DDIM takes eta: from the same initial noise, eta 1's fresh noise changes the decode
+    decodes = [dae.reconstruct(images, generator=torch.Generator().manual_seed(1), num_inference_steps=2, eta=eta, output_type="pt").images
+               for eta in (0.0, 1.0)]
+    assert not torch.allclose(*decodes)
 
 
 # ------------------------------------------------------------------------------- harness

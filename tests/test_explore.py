@@ -83,7 +83,7 @@ def explorer(adapter_dir, tmp_path_factory):
 # ---------------------------------------------------------------------------------------- views
 def test_active_dimensions_order_and_cached_levels(explorer, adapter_dir):
     assert explorer.kl[OFF] == 0.0
-    assert explorer.kl[0] > explore.KL_THRESHOLD and explorer.kl[1] > explore.KL_THRESHOLD
+    assert explorer.kl[0] > explore.ACTIVE_KL_NATS and explorer.kl[1] > explore.ACTIVE_KL_NATS
     assert sorted(explorer.order) == [0, 1] and explorer.inactive == [OFF]
     assert explorer.dimension_label(OFF) == "z2  (KL 0.00 nats): inactive"
     assert explorer.axes_source == "measured on 32 held-out examples" and os.path.isfile(explorer.axes_cache)
