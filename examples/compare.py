@@ -17,13 +17,13 @@ Rate study. ``--baselines`` picks the baseline variants (``beta-vae:beta=4``,
 mixture lower bound and the moment-matched upper bound on ``I(x; z)``, in nats), the share of clean
 prior samples (``z ~ N(0, I)``; disks), the exact-decoder reconstruction R² (disks) and, for SAMI, the
 guidance gain. ``--method`` / ``--setting`` name what a SAMI adapter is an instance of. Runs made in
-separate processes (one per model, e.g. on a GPU sweep) are merged with ``--collect DIR ...``: one
-plot per dataset of each metric against the rate, one line per method, and one table.
+separate processes (one per model, e.g. on a GPU sweep) are merged by ``examples/rate_sweep.py --collect
+DIR ...``: one plot per dataset of each metric against the rate, one line per method, and one table.
 
     python examples/compare.py --dataset disks --sami_adapter out/a --method "SAMI capacity" --setting C=4 --rate_study \
-        --no_baselines --output_dir runs/sami-c4-s0
+        --baselines --output_dir runs/sami-c4-s0
     python examples/compare.py --dataset disks --baselines beta-vae:beta=1 --seeds 0 --rate_study --output_dir runs/bvae1-s0
-    python examples/compare.py --collect runs/* --output_dir docs/rate-study
+    python examples/rate_sweep.py --collect runs/* --output_dir docs/rate-study
 
 Output (``--output_dir``, default ``compare/``): compare.md and compare.json (the table and every
 number), reconstructions.png (inputs, then one row per model), metrics.png (bar chart) and one
@@ -60,7 +60,7 @@ from sami_adapter.evaluation import (  # noqa: E402
     representation_metrics,
     trajectory_curvatures,
 )
-from sami_adapter.plotting import plot_axes, plot_metric_bars, plot_rate_study  # noqa: E402
+from sami_adapter.plotting import plot_axes, plot_metric_bars  # noqa: E402
 from sami_adapter.rate import RateControl  # noqa: E402
 from sami_adapter.report import (  # noqa: E402
     aggregate,
@@ -73,6 +73,7 @@ from sami_adapter.report import (  # noqa: E402
 )
 
 DEFAULT_BUDGET = 300.0
+DEFAULT_BASELINES = ("beta-vae:beta=1", "beta-vae:beta=4", "diffae")
 # Baseline kinds of --baselines: display name, and how a spec's parameters become train_beta_vae's arguments.
 BASELINE_KINDS = {
     "beta-vae": "β-VAE",
@@ -140,20 +141,15 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                    help=f"Wall-clock training budget of each baseline run (default: the first adapter's train_seconds, else {DEFAULT_BUDGET:g}).")
     p.add_argument("--max_steps", type=int, default=None, help="Also stop each baseline after this many steps (tests, quick looks).")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="Training seeds of the baselines.")
-    p.add_argument("--betas", type=float, nargs="+", default=[1.0, 4.0], help="β values of the β-VAE.")
-    p.add_argument("--no_beta_vae", action="store_true", help="Skip the β-VAE.")
-    p.add_argument("--no_diffae", action="store_true", help="Skip the DiffAE baseline.")
-    p.add_argument("--baselines", nargs="*", default=None,
-                   help="Baseline variants instead of --betas/--no_beta_vae/--no_diffae, e.g. beta-vae:beta=4 capacity-vae:capacity=5 "
-                        "beta-tcvae:tc_weight=5 factor-vae:tc_weight=10 diffae. An empty list trains none.")
+    p.add_argument("--baselines", nargs="*", default=list(DEFAULT_BASELINES),
+                   help="Baseline variants, e.g. beta-vae:beta=4 capacity-vae:capacity=5 beta-tcvae:tc_weight=5 factor-vae:tc_weight=10 "
+                        f"diffae (default: {' '.join(DEFAULT_BASELINES)}). An empty list trains none.")
     p.add_argument("--method", default="SAMI", help="Method name of the --sami_adapter runs (a line in the rate plot).")
     p.add_argument("--setting", default=None, help="Setting name of the --sami_adapter runs (a point on that line; default: the folder name).")
     p.add_argument("--rate_study", action="store_true",
                    help="Also measure the rate I(x; z), prior-sample cleanliness, exact-decoder reconstruction R² and guidance gain.")
     p.add_argument("--rate_images", type=int, default=4096, help="Held-out images of the I(x; z) estimate (its lower bound is at most log N).")
     p.add_argument("--num_prior_samples", type=int, default=512, help="Prior samples of the clean-disk check (DDIM steps: --num_inference_steps, eta 1).")
-    p.add_argument("--collect", nargs="+", default=None, metavar="DIR",
-                   help="Merge the compare.json of earlier runs into one rate-study table and plots (trains and evaluates nothing).")
     p.add_argument("--latent_dim", type=int, default=None, help="Code size (default: the SAMI adapter's, else 8).")
     p.add_argument("--resolution", type=int, default=None, help="Image side (default: the SAMI adapter's, else 16).")
     p.add_argument("--batch_size", type=int, default=64, help="Baseline training batch size.")
@@ -170,15 +166,10 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     add_axis_arguments(p)
     add_metric_arguments(p)
     args = p.parse_args(argv)
-    if args.collect:
-        return args
     try:
-        args.baseline_specs = [parse_baseline(s) for s in args.baselines] if args.baselines is not None else None
+        args.baseline_specs = [parse_baseline(s) for s in args.baselines]
     except ValueError as e:
         p.error(str(e))
-    if args.baseline_specs is None:
-        args.baseline_specs = ([parse_baseline(f"beta-vae:beta={b:g}") for b in args.betas] if not args.no_beta_vae else []) + (
-            [] if args.no_diffae else [parse_baseline("diffae")])
     if not args.baseline_specs and not args.sami_adapter:
         p.error("nothing to compare: give --sami_adapter or leave a baseline on")
     return args
@@ -231,88 +222,9 @@ def study_kwargs(args: argparse.Namespace) -> Dict[str, Any]:
             "batch_size": args.encode_batch_size, "kl_threshold": args.kl_threshold, "seed": args.seed}
 
 
-def study_rows(summaries: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
-    """One flat row per evaluated model that has rate-study measurements."""
-    rows = []
-    for summary in summaries:
-        for name, runs in summary["runs"].items():
-            for run in runs:
-                if "study" not in run:
-                    continue
-                st = run["study"]
-                rec = st.get("reconstruction_r2") or {}
-                rows.append({
-                    "dataset": summary["dataset"], "method": run.get("method", name), "setting": run.get("setting", name),
-                    "seed": run.get("seed"), "MIG": run["mig"], "DCI disentanglement": run["dci"]["disentanglement"],
-                    "information_lower": st["information_lower"], "information_upper": st["information_upper"], "kl": st["kl"],
-                    "active_dims": st["active_dims"], "prior clean fraction": st.get("prior_clean_fraction"),
-                    "reconstruction R² (x, y, radius mean)": float(np.mean([rec[k] for k in ("x", "y", "radius") if k in rec])) if rec else None,
-                    "reconstruction_r2": rec, "guidance gain": st.get("guidance_gain"),
-                })
-    return rows
-
-
-def _mean_std(values: List[Optional[float]]) -> Optional[Dict[str, float]]:
-    values = [v for v in values if v is not None]
-    if not values:
-        return None
-    return {"mean": float(np.mean(values)), "std": float(np.std(values)), "n": len(values)}
-
-
-def collect(args: argparse.Namespace) -> Dict[str, Any]:
-    """Merge rate-study runs: rate_study.json, rate_study.md and one metric-vs-rate figure per dataset."""
-    import json
-
-    summaries = []
-    for folder in args.collect:
-        path = os.path.join(folder, "compare.json")
-        if not os.path.isfile(path):
-            raise SystemExit(f"--collect: {path} does not exist; give folders written by compare.py --rate_study.")
-        with open(path) as f:
-            summaries.append(json.load(f))
-    rows = study_rows(summaries)
-    if not rows:
-        raise SystemExit("--collect: none of these runs has rate-study measurements (run compare.py with --rate_study).")
-    keys = ["MIG", "DCI disentanglement", "information_lower", "information_upper", "kl", "active_dims", "prior clean fraction",
-            "reconstruction R² (x, y, radius mean)", "guidance gain"]
-    groups: Dict[tuple, List[Dict[str, Any]]] = {}
-    for row in rows:
-        groups.setdefault((row["dataset"], row["method"], row["setting"]), []).append(row)
-    table = [{"dataset": d, "method": m, "setting": st, "seeds": [r["seed"] for r in rs],
-              **{k: _mean_std([r[k] for r in rs]) for k in keys},
-              "collapsed_seeds": sum(r["information_lower"] < 0.1 for r in rs)} for (d, m, st), rs in sorted(groups.items())]
-    os.makedirs(args.output_dir, exist_ok=True)
-    write_json(os.path.join(args.output_dir, "rate_study.json"), {"rows": rows, "table": table})
-
-    def cell(stat, fmt=".3f"):
-        return "–" if stat is None else (f"{stat['mean']:{fmt}} ± {stat['std']:{fmt}}" if stat["n"] > 1 else f"{stat['mean']:{fmt}}")
-
-    lines = ["# Rate study: disentanglement against the information in the code", "",
-             "Each row: mean ± std over seeds. `I(x; z)` is bracketed by the mixture lower bound (at most log N) and the "
-             "moment-matched upper bound, in nats, measured the same way for every method on the same held-out images. "
-             "A disentanglement score on a code with almost no information does not count: read it next to the rate.", ""]
-    for dataset in sorted({r["dataset"] for r in rows}):
-        lines += [f"## {dataset}", "", f"![metrics against rate](rate_{dataset}.png)", "",
-                  "| method | setting | seeds | I(x;z) lower | I(x;z) upper | KL | active dims | MIG | DCI-D | prior clean | rec R² x/y/r | gain | collapsed |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-        for t in (t for t in table if t["dataset"] == dataset):
-            lines.append(f"| {t['method']} | {t['setting']} | {len(t['seeds'])} | {cell(t['information_lower'], '.2f')} | "
-                         f"{cell(t['information_upper'], '.2f')} | {cell(t['kl'], '.2f')} | {cell(t['active_dims'], '.1f')} | {cell(t['MIG'])} | "
-                         f"{cell(t['DCI disentanglement'])} | {cell(t['prior clean fraction'])} | {cell(t['reconstruction R² (x, y, radius mean)'])} | "
-                         f"{cell(t['guidance gain'])} | {t['collapsed_seeds']} |")
-        lines.append("")
-        plot_rate_study([t for t in table if t["dataset"] == dataset], os.path.join(args.output_dir, f"rate_{dataset}.png"), dataset)
-    with open(os.path.join(args.output_dir, "rate_study.md"), "w") as f:
-        f.write("\n".join(lines))
-    print("\n".join(lines))
-    return {"rows": rows, "table": table}
-
-
 def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     """Train the baselines, evaluate everything, write compare.md/compare.json and the figures; returns the summary."""
     args = parse_args(argv)
-    if args.collect:
-        return collect(args)
     device = select_device(args)
     start = time.perf_counter()
     pipes = []

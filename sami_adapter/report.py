@@ -155,12 +155,13 @@ def aggregate(runs: Sequence[Dict[str, float]]) -> Dict[str, Dict[str, float]]:
     return out
 
 
-def format_stat(stat: Optional[Dict[str, float]], count: bool = False) -> str:
-    """An :func:`aggregate` entry as ``mean ± std`` (the mean alone for one run; whole numbers for counts and large values)."""
+def format_stat(stat: Optional[Dict[str, float]], count: bool = False, spec: Optional[str] = None) -> str:
+    """An :func:`aggregate` entry as ``mean ± std`` (the mean alone for one run); ``spec`` by default ``.3f``, and
+    whole numbers for counts and large values."""
     if stat is None or not math.isfinite(stat["mean"]):
         return "–"
     mean = stat["mean"]
-    spec = ".0f" if abs(mean) >= 100 or count else ".3f"
+    spec = spec or (".0f" if abs(mean) >= 100 or count else ".3f")
     if stat["n"] > 1:
         return f"{mean:{spec}} ± {stat['std']:{spec}}"
     return f"{mean:{spec}}"
@@ -180,6 +181,67 @@ def metrics_table_markdown(columns: Dict[str, Union[Dict[str, float], Sequence[D
     lines = ["| metric | " + " | ".join(stats) + " |", "|---|" + "---|" * len(stats)]
     for row in rows:
         lines.append(f"| {row} | " + " | ".join(format_stat(per_model.get(row), row in COUNT_ROWS) for per_model in stats.values()) + " |")
+    return "\n".join(lines)
+
+
+# The rate study's columns: a row label -> (format, markdown header).
+RATE_STUDY_COLUMNS = {
+    "information_lower": (".2f", "I(x;z) lower"), "information_upper": (".2f", "I(x;z) upper"), "kl": (".2f", "KL"),
+    "active_dims": (".1f", "active dims"), "MIG": (".3f", "MIG"), "DCI disentanglement": (".3f", "DCI-D"),
+    "prior clean fraction": (".3f", "prior clean"), "reconstruction R² (x, y, radius mean)": (".3f", "rec R² x/y/r"),
+    "guidance gain": (".3f", "gain"),
+}
+
+
+def rate_study_rows(summaries: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """One flat row per model with rate-study measurements in ``compare.py``'s compare.json summaries."""
+    rows = []
+    for summary in summaries:
+        for name, runs in summary["runs"].items():
+            for run in (r for r in runs if "study" in r):
+                st = run["study"]
+                rec = st.get("reconstruction_r2") or {}
+                rows.append({
+                    "dataset": summary["dataset"], "method": run.get("method", name), "setting": run.get("setting", name),
+                    "seed": run.get("seed"), "MIG": run["mig"], "DCI disentanglement": run["dci"]["disentanglement"],
+                    "information_lower": st["information_lower"], "information_upper": st["information_upper"], "kl": st["kl"],
+                    "active_dims": st["active_dims"], "prior clean fraction": st.get("prior_clean_fraction"),
+                    "reconstruction R² (x, y, radius mean)": float(np.mean([rec[k] for k in ("x", "y", "radius") if k in rec])) if rec else None,
+                    "reconstruction_r2": rec, "guidance gain": st.get("guidance_gain"),
+                })
+    return rows
+
+
+def rate_study_table(rows: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """:func:`aggregate` of the rows of each (dataset, method, setting): every :data:`RATE_STUDY_COLUMNS` entry
+    as ``{"mean", "std", "n"}`` over the seeds (None where no seed measured it), and the seeds whose code
+    carries less than ``ACTIVE_KL_NATS`` of information (``collapsed_seeds``)."""
+    groups: Dict[tuple, List[Dict[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault((row["dataset"], row["method"], row["setting"]), []).append(row)
+    table = []
+    for (dataset, method, setting), runs in sorted(groups.items()):
+        stats = aggregate([{k: r[k] for k in RATE_STUDY_COLUMNS} for r in runs])
+        table.append({"dataset": dataset, "method": method, "setting": setting, "seeds": [r["seed"] for r in runs],
+                      **{k: stats[k] if stats[k]["n"] else None for k in RATE_STUDY_COLUMNS},
+                      "collapsed_seeds": sum(r["information_lower"] < ACTIVE_KL_NATS for r in runs)})
+    return table
+
+
+def rate_study_markdown(table: Sequence[Dict[str, Any]]) -> str:
+    """The rate study's report: one section per dataset, its metric-against-rate figure and its table."""
+    lines = ["# Rate study: disentanglement against the information in the code", "",
+             "Each row: mean ± std over seeds. `I(x; z)` is bracketed by the mixture lower bound (at most log N) and the "
+             "moment-matched upper bound, in nats, measured the same way for every method on the same held-out images. "
+             "A disentanglement score on a code with almost no information does not count: read it next to the rate.", ""]
+    heads = [head for _, head in RATE_STUDY_COLUMNS.values()]
+    for dataset in sorted({t["dataset"] for t in table}):
+        lines += [f"## {dataset}", "", f"![metrics against rate](rate_{dataset}.png)", "",
+                  "| method | setting | seeds | " + " | ".join(heads) + " | collapsed |", "|---" * (len(heads) + 4) + "|"]
+        for t in (t for t in table if t["dataset"] == dataset):
+            cells = [format_stat(t[k], spec=spec) for k, (spec, _) in RATE_STUDY_COLUMNS.items()]
+            lines.append(f"| {t['method']} | {t['setting']} | {len(t['seeds'])} | " + " | ".join(cells) + f" | {t['collapsed_seeds']} |")
+        lines.append("")
     return "\n".join(lines)
 
 

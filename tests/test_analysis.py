@@ -240,7 +240,7 @@ def test_evaluate_script_end_to_end(tiny_adapters, tmp_path):
 def test_compare_script_end_to_end(tiny_adapters, tmp_path):
     out = tmp_path / "compare"
     summary = load_example("compare").main([
-        "--sami_adapter", *tiny_adapters, "--output_dir", str(out), "--seeds", "0", "--betas", "4", "--max_steps", "2", "--batch_size", "8",
+        "--sami_adapter", *tiny_adapters, "--output_dir", str(out), "--seeds", "0", "--baselines", "beta-vae:beta=4", "diffae", "--max_steps", "2", "--batch_size", "8",
         "--diffae_unet_channels", "8,16", "--num_images", "12", "--num_noise_levels", "4", "--num_inference_steps", "2",
         "--num_reconstructions", "3", "--no_trajectories", "--no_progress", "--num_threads", "1", *TINY_METRICS,
     ])
@@ -279,7 +279,8 @@ def test_rate_study_runs_and_collects(tiny_adapters, tmp_path):
                   "--output_dir", str(tmp_path / "sami"), *study])
     compare.main(["--baselines", "beta-vae:beta=1", "capacity-vae:capacity=2,ramp=2", "beta-tcvae:tc_weight=2", "factor-vae:tc_weight=2",
                   "--seeds", "0", "--max_steps", "3", "--output_dir", str(tmp_path / "base"), *study])
-    summary = compare.main(["--collect", str(tmp_path / "sami"), str(tmp_path / "base"), "--output_dir", str(tmp_path / "all")])
+    rate_sweep = load_example("rate_sweep")
+    summary = rate_sweep.main(["--collect", str(tmp_path / "sami"), str(tmp_path / "base"), "--output_dir", str(tmp_path / "all")])
     methods = {row["method"] for row in summary["table"]}
     assert methods == {"SAMI tiny", "β-VAE", "capacity β-VAE", "β-TCVAE", "FactorVAE"}
     sami = next(row for row in summary["table"] if row["method"] == "SAMI tiny")
@@ -290,7 +291,7 @@ def test_rate_study_runs_and_collects(tiny_adapters, tmp_path):
     assert "| SAMI tiny | C=1 | 1 |" in text and "![metrics against rate](rate_disks.png)" in text
     assert (tmp_path / "all" / "rate_disks.png").stat().st_size > 0
     with pytest.raises(SystemExit, match="does not exist"):
-        compare.main(["--collect", str(tmp_path / "nowhere")])
+        rate_sweep.main(["--collect", str(tmp_path / "nowhere")])
 
 
 def test_paper_study_collects_the_mechanism_and_traversals(tmp_path):
