@@ -52,7 +52,7 @@ SAMI = {
     "sami-cap6-bands": f"{CAP} --capacity 6 --noise_bands nested",
     "sami-cap6-int": f"{CAP} --capacity 6 --intervention_weight 1",
     "sami-cap6-int-tc": f"{CAP} --capacity 6 --intervention_weight 1 --tc_weight 5 --tc_on mean",
-    "sami-cap6-blind": f"{CAP} --capacity 6 --time_blind_encoder",
+    "sami-cap6-blind": f"{CAP} --capacity 6 --encoder_type time_blind",
     "sami-cap6-joint": f"{CAP} --capacity 6 --unet_mode full --pretrained_model_name_or_path models/ddpm-disks-16 --unet_learning_rate 2e-5",
     "sami-cap6-lora": f"{CAP} --capacity 6 --unet_mode lora",
 }
@@ -78,7 +78,7 @@ BASELINES = {
 BG_BASE = "models/ddpm-background-disks-16"
 SAMI.update({
     "sami-paper": "--recipe paper",
-    "sami-frozen-paper-enc": f"--recipe adapter --pretrained_model_name_or_path {BG_BASE} --time_blind_encoder --bias_free_encoder",
+    "sami-frozen-paper-enc": f"--recipe adapter --pretrained_model_name_or_path {BG_BASE} --encoder_type paper",
     "sami-frozen-ours": f"--recipe adapter --pretrained_model_name_or_path {BG_BASE}",
 })
 # Levers for the x/y rotation (docs/paper-reproduction.md, part 6), on the frozen setting: one capacity

@@ -304,7 +304,7 @@ def test_paper_study_collects_the_mechanism_and_traversals(tmp_path):
     AcceleratorState._reset_state(reset_partial_state=True)
     finetune.main(["--recipe", "paper", "--dataset", "background_disks", "--output_dir", str(adapter), "--resolution", "8",
                    "--train_batch_size", "4", "--latent_dim", "3", "--encoder_channels", "8,16", "--report_to", "none",
-                   "--max_train_steps", "3", "--no_report", "--num_threads", "1", "--encoder_init_logvar", "-3"])
+                   "--max_train_steps", "3", "--no_report", "--num_threads", "1"])
     AcceleratorState._reset_state(reset_partial_state=True)
     study = ["--rate_study", "--dataset", "background_disks", "--rate_images", "24", "--num_prior_samples", "4", "--num_images", "12",
              "--num_noise_levels", "3", "--num_inference_steps", "2", "--no_trajectories", "--no_progress", "--num_threads", "1",

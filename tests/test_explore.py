@@ -59,7 +59,7 @@ def adapter_dir(tmp_path_factory):
     AcceleratorState._reset_state(reset_partial_state=True)
     try:
         finetune.main(["--pretrained_model_name_or_path", str(base), "--output_dir", str(out), "--resolution", "8",
-                       "--train_batch_size", "8", "--latent_dim", "3", "--encoder_channels", "8,16", "--encoder_init_logvar", "-3",
+                       "--train_batch_size", "8", "--latent_dim", "3", "--encoder_channels", "8,16",
                        "--learning_rate", "1e-2", "--max_train_steps", "20", "--report_to", "none", "--validation_steps", "0",
                        "--logging_steps", "10", "--seed", "3", "--num_threads", "1", "--no_report"])
     finally:

@@ -244,7 +244,7 @@ def train_beta_vae(
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed + 1)
             discriminator = TCDiscriminator(latent_dim=latent_dim).to(device or "cpu")
-        disc_optimizer = torch.optim.Adam(discriminator.parameters(), lr=1e-4, betas=(0.5, 0.9))
+        disc_optimizer = discriminator.make_optimizer()
     state = {"step": 0}
 
     def step_loss(images, g):
