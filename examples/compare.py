@@ -234,26 +234,52 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         pipe.set_progress_bar_config(disable=True)
         pipes.append(pipe)
     arch = _encoder_architecture(pipes, args)
-    resolution, latent_dim = arch["resolution"], arch["latent_dim"]
     budget = args.budget_seconds
     if budget is None:
         recorded = _adapter_seconds(args.sami_adapter[0]) if args.sami_adapter else None
         budget = recorded if recorded else DEFAULT_BUDGET
-    dataset = DATASETS[args.dataset](num_samples=1, resolution=resolution, seed=args.seed + 30_000)
-    names = list(dataset.factor_names)
+    dataset = DATASETS[args.dataset](num_samples=1, resolution=arch["resolution"], seed=args.seed + 30_000)
     use_trajectories = args.trajectories if args.trajectories is not None else args.dataset in MOVING
     os.makedirs(args.output_dir, exist_ok=True)
     print(f"Budget per baseline run: {budget:.0f} s; encoder {arch}; seeds {args.seeds}; device {device}.")
 
     columns: Dict[str, List[Dict[str, Any]]] = {}
     first_models: Dict[str, Any] = {}
-    shared = {"latent_dim": latent_dim, "encoder_channels": arch["encoder_channels"], "hidden_dim": arch["hidden_dim"],
-              "norm_num_groups": arch["norm_num_groups"], "encoder_stem_stride": arch["encoder_stem_stride"], "batch_size": args.batch_size, "progress": not args.no_progress, "device": device}
-
-    # ---------------------------------------------------------------- SAMI
-    axes_runs = []
     images, _, values = dataset.sample(args.num_images, np.random.default_rng([args.seed, 100]))
-    for adapter_dir, pipe in zip(args.sami_adapter, pipes):
+    axes_runs = evaluate_sami(args, pipes, dataset, arch["resolution"], use_trajectories, images, values, columns, first_models)
+    train_and_evaluate_baselines(args, arch, budget, device, dataset, use_trajectories, columns, first_models)
+
+    row_names = ["input"] + list(first_models)
+    rows = [images[:args.num_reconstructions]] + [reconstructions(model, images[:args.num_reconstructions], args.num_inference_steps, eta=1.0,
+                                                                  seed=args.seed) for model in first_models.values()]
+    save_image_grid(torch.cat(rows), os.path.join(args.output_dir, "reconstructions.png"), nrow=args.num_reconstructions, scale=4)
+    flat = {name: [flat_metrics(r) for r in runs] for name, runs in columns.items()}
+    bar_rows = ["MIG", "DCI disentanglement", "DCI completeness", "SAP", "modularity", "FactorVAE score (eval acc.)"]
+    plot_metric_bars(flat, os.path.join(args.output_dir, "metrics.png"), bar_rows)
+
+    agreement = None
+    if len(axes_runs) >= 2:
+        agreement = [noise_order_agreement(axes_runs[0]["factor_noise_levels"], other["factor_noise_levels"]) for other in axes_runs[1:]]
+    summary = {
+        "dataset": args.dataset, "resolution": arch["resolution"], "latent_dim": arch["latent_dim"], "budget_seconds": budget, "seeds": args.seeds,
+        "encoder_architecture": arch, "device": device, "sami_adapters": [os.path.abspath(d) for d in args.sami_adapter],
+        "table": {name: aggregate(runs) for name, runs in flat.items()},
+        "runs": columns,
+        "sami_axes": [axes_to_json(a) for a in axes_runs],
+        "noise_order_agreement": agreement,
+        "reconstruction_rows": row_names,
+        "seconds": round(time.perf_counter() - start, 1),
+        "args": {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, list, type(None)))},
+    }
+    write_json(os.path.join(args.output_dir, "compare.json"), summary)
+    write_markdown(args, arch, budget, metrics_table_markdown(flat), axes_runs, agreement, row_names, summary["seconds"])
+    return summary
+
+
+def evaluate_sami(args, pipes, dataset, resolution: int, use_trajectories: bool, images, values, columns, first_models) -> List[Dict[str, Any]]:
+    """Each SAMI adapter's metrics (and rate study) into ``columns``, its axis discovery and profile plot; returns the axes."""
+    axes_runs = []
+    for k, (adapter_dir, pipe) in enumerate(zip(args.sami_adapter, pipes)):
         result = evaluate_model(mean_code_fn(pipe), dataset, args, resolution, use_trajectories)
         result.update({"method": args.method, "setting": args.setting or os.path.basename(os.path.normpath(adapter_dir)),
                        "seed": _adapter_training(adapter_dir).get("seed")})
@@ -264,33 +290,32 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         result["training"] = {"seconds": seconds if seconds is not None else float("nan"), "steps": float("nan")}
         columns.setdefault("SAMI", []).append(result)
         grid = default_timestep_grid(pipe.scheduler.config.num_train_timesteps, args.num_noise_levels)
-        axes = discover_axes(pipe, images, values, names, grid, fraction=args.fraction, kl_threshold=args.kl_threshold, seed=args.seed,
-                             batch_size=args.encode_batch_size)
+        axes = discover_axes(pipe, images, values, list(dataset.factor_names), grid, fraction=args.fraction, kl_threshold=args.kl_threshold,
+                             seed=args.seed, batch_size=args.encode_batch_size)
         axes_runs.append(axes)
-        k = len(axes_runs) - 1
         plot_axes(axes, os.path.join(args.output_dir, f"information_profile_sami{k}.png"), title=os.path.basename(os.path.normpath(adapter_dir)))
         first_models.setdefault("SAMI", pipe)
+    return axes_runs
 
-    # ---------------------------------------------------------------- baselines
+
+def train_and_evaluate_baselines(args, arch, budget: float, device: str, dataset, use_trajectories: bool, columns, first_models) -> None:
+    """Every --baselines variant at every seed: trained on fresh samples, evaluated, saved with --save_models; into ``columns``."""
+    shared = {"latent_dim": arch["latent_dim"], "encoder_channels": arch["encoder_channels"], "hidden_dim": arch["hidden_dim"],
+              "norm_num_groups": arch["norm_num_groups"], "encoder_stem_stride": arch["encoder_stem_stride"], "batch_size": args.batch_size,
+              "progress": not args.no_progress, "device": device}
     channels = tuple(int(c) for c in args.diffae_unet_channels.split(","))
     for seed in args.seeds:
-        train_data = DATASETS[args.dataset](num_samples=1, resolution=resolution, seed=seed)
-        runs = []
+        train_data = DATASETS[args.dataset](num_samples=1, resolution=arch["resolution"], seed=seed)
         for spec in args.baseline_specs:
+            name, params = spec["label"], spec["params"]
             if spec["kind"] == "diffae":
-                runs.append((spec, lambda: train_diffae(
-                    train_data, max_seconds=budget, max_steps=args.max_steps, lr=args.diffae_lr, seed=seed, unet_channels=channels,
-                    unet_norm_num_groups=arch["norm_num_groups"], **shared)))
+                model = train_diffae(train_data, max_seconds=budget, max_steps=args.max_steps, lr=args.diffae_lr, seed=seed, unet_channels=channels,
+                                     unet_norm_num_groups=arch["norm_num_groups"], **shared)
             else:
-                params = spec["params"]
-                runs.append((spec, lambda sp=spec, pa=params: train_beta_vae(
-                    train_data, beta=pa.get("beta", 1.0), max_seconds=budget, max_steps=args.max_steps, lr=args.lr, seed=seed,
-                    rate=baseline_rate_control(sp["kind"], pa),
-                    likelihood=pa.get("likelihood", "bernoulli"), encoder_bias_free=bool(pa.get("bias_free", 0)), **shared)))
-        for spec, train in runs:
-            name = spec["label"]
-            model = train()
-            result = evaluate_model(mean_code_fn(model), dataset, args, resolution, use_trajectories)
+                model = train_beta_vae(train_data, beta=params.get("beta", 1.0), max_seconds=budget, max_steps=args.max_steps, lr=args.lr, seed=seed,
+                                       rate=baseline_rate_control(spec["kind"], params), likelihood=params.get("likelihood", "bernoulli"),
+                                       encoder_bias_free=bool(params.get("bias_free", 0)), **shared)
+            result = evaluate_model(mean_code_fn(model), dataset, args, arch["resolution"], use_trajectories)
             result.update({"method": spec["method"], "setting": spec["setting"]})
             if args.rate_study and spec["kind"] != "diffae":  # DiffAE's code is deterministic: no rate to measure
                 result["study"] = rate_study_measurements(model, dataset, **study_kwargs(args))
@@ -305,39 +330,12 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
             print(f"{name} seed {seed}: {model.training_log['steps']} steps in {model.training_log['seconds']:.0f} s; "
                   f"MIG {result['mig']:.3f}, DCI-D {result['dci']['disentanglement']:.3f}")
 
-    # ---------------------------------------------------------------- figures
-    n_rec = args.num_reconstructions
-    inputs = images[:n_rec]
-    rows = [inputs]
-    row_names = ["input"]
-    for name, model in first_models.items():
-        rows.append(reconstructions(model, inputs, args.num_inference_steps, eta=1.0, seed=args.seed))
-        row_names.append(name)
-    save_image_grid(torch.cat(rows), os.path.join(args.output_dir, "reconstructions.png"), nrow=n_rec, scale=4)
-    flat = {name: [flat_metrics(r) for r in runs] for name, runs in columns.items()}
-    bar_rows = ["MIG", "DCI disentanglement", "DCI completeness", "SAP", "modularity", "FactorVAE score (eval acc.)"]
-    plot_metric_bars(flat, os.path.join(args.output_dir, "metrics.png"), bar_rows)
 
-    # ---------------------------------------------------------------- summary
-    agreement = None
-    if len(axes_runs) >= 2:
-        agreement = [noise_order_agreement(axes_runs[0]["factor_noise_levels"], other["factor_noise_levels"]) for other in axes_runs[1:]]
-    table = metrics_table_markdown(flat)
-    summary = {
-        "dataset": args.dataset, "resolution": resolution, "latent_dim": latent_dim, "budget_seconds": budget, "seeds": args.seeds,
-        "encoder_architecture": arch, "device": device, "sami_adapters": [os.path.abspath(d) for d in args.sami_adapter],
-        "table": {name: aggregate(runs) for name, runs in flat.items()},
-        "runs": columns,
-        "sami_axes": [axes_to_json(a) for a in axes_runs],
-        "noise_order_agreement": agreement,
-        "reconstruction_rows": row_names,
-        "seconds": round(time.perf_counter() - start, 1),
-        "args": {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, list, type(None)))},
-    }
-    write_json(os.path.join(args.output_dir, "compare.json"), summary)
+def write_markdown(args, arch, budget: float, table: str, axes_runs, agreement, row_names: List[str], seconds: float) -> None:
+    """compare.md: the setting, the table, SAMI's factor order by noise level, the figures."""
     lines = [
         "# SAMI vs baselines", "",
-        f"Data `{args.dataset}` at {resolution} px; latent_dim {latent_dim}; every encoder is SAMI's architecture "
+        f"Data `{args.dataset}` at {arch['resolution']} px; latent_dim {arch['latent_dim']}; every encoder is SAMI's architecture "
         f"(widths {list(arch['encoder_channels'])}, stem stride {arch['encoder_stem_stride']}, head {arch['hidden_dim']}). Each baseline run trains for at most "
         f"{budget:.0f} s of wall clock{f' or {args.max_steps} steps' if args.max_steps else ''} (seeds {args.seeds}); "
         "cells are mean ± std over runs. SAMI's training seconds are the adapter's only (its base diffusion model was pretrained "
@@ -350,17 +348,15 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
             fl = axes["factor_noise_levels"]
             order = " < ".join(f"{n} ({fl[n]:.0f})" for n in axes["factor_order"]) or "none measured"
             lines.append(f"- `{args.sami_adapter[k]}`: active dims {axes['levels']['active']}; factor order {order}")
-        if agreement:
-            for k, a in enumerate(agreement, start=1):
-                lines.append(f"- adapter 0 vs adapter {k}: same order {a['same_order']}, Kendall tau {a['kendall_tau']:.2f} over {a['factors']}")
+        for k, a in enumerate(agreement or [], start=1):
+            lines.append(f"- adapter 0 vs adapter {k}: same order {a['same_order']}, Kendall tau {a['kendall_tau']:.2f} over {a['factors']}")
         lines += [""] + [f"![profile {k}](information_profile_sami{k}.png)" for k in range(len(axes_runs))] + [""]
     lines += ["## Figures", "", "![reconstructions](reconstructions.png)", "",
               "Rows: " + ", ".join(row_names) + ".", "", "![metrics](metrics.png)", ""]
     with open(os.path.join(args.output_dir, "compare.md"), "w") as f:
         f.write("\n".join(lines))
     print(table)
-    print(f"Written to {args.output_dir}/compare.md ({summary['seconds']:.0f} s).")
-    return summary
+    print(f"Written to {args.output_dir}/compare.md ({seconds:.0f} s).")
 
 
 if __name__ == "__main__":

@@ -593,19 +593,9 @@ def encode_codes(encode_fn: EncodeFn, images: torch.Tensor, batch_size: int = 25
 
 
 def representation_metrics(
-    encode_fn: EncodeFn,
-    dataset: FactorDataset,
-    num_train: int = 2000,
-    num_test: int = 1000,
-    seed: int = 0,
-    batch_size: int = 256,
-    num_bins: int = 20,
-    dci_max_train: Optional[int] = None,
-    dci_estimators: Optional[int] = None,
-    factor_vae_train: int = 500,
-    factor_vae_eval: int = 300,
-    factor_vae_batch: int = 64,
-    num_variance_estimate: int = 2000,
+    encode_fn: EncodeFn, dataset: FactorDataset, num_train: int = 2000, num_test: int = 1000, seed: int = 0, batch_size: int = 256,
+    num_bins: int = 20, dci_max_train: Optional[int] = None, dci_estimators: Optional[int] = None, factor_vae_train: int = 500,
+    factor_vae_eval: int = 300, factor_vae_batch: int = 64, num_variance_estimate: int = 2000,
 ) -> Dict[str, Any]:
     """The disentanglement metrics of one representation on fresh labelled samples of ``dataset``.
 
@@ -744,14 +734,8 @@ def discover_axes(
 
 @torch.no_grad()
 def rate_study_measurements(
-    model: Any,
-    dataset: FactorDataset,
-    num_images: int = 4096,
-    num_prior_samples: int = 512,
-    num_inference_steps: int = 50,
-    batch_size: int = 256,
-    kl_threshold: float = ACTIVE_KL_NATS,
-    seed: int = 0,
+    model: Any, dataset: FactorDataset, num_images: int = 4096, num_prior_samples: int = 512, num_inference_steps: int = 50,
+    batch_size: int = 256, kl_threshold: float = ACTIVE_KL_NATS, seed: int = 0,
 ) -> Dict[str, Any]:
     """Rate and generative measurements of one model (a :class:`~sami_adapter.SAMIPipeline` or a
     baseline: the same ``encode``, ``reconstruct`` and generation calls), the same way for every method.
