@@ -12,6 +12,7 @@ from typing import Any, Dict
 import torch
 
 from sami_adapter.data import MOVING, MovingDisks
+from sami_adapter.evaluation import ACTIVE_KL_NATS
 
 
 def add_axis_arguments(parser: argparse.ArgumentParser) -> None:
@@ -21,7 +22,7 @@ def add_axis_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--num_noise_levels", type=int, default=21, help="Timesteps of the information profile (evenly spaced, 0 included).")
     g.add_argument("--fraction", type=float, default=0.5,
                    help="Characteristic noise level: where a dimension's information falls below this share of its clean value.")
-    g.add_argument("--kl_threshold", type=float, default=0.1, help="Active dimension: data-mean KL to the prior above this many nats.")
+    g.add_argument("--kl_threshold", type=float, default=ACTIVE_KL_NATS, help="Active dimension: data-mean KL to the prior above this many nats.")
 
 
 def add_device_arguments(parser: argparse.ArgumentParser) -> None:

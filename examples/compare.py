@@ -6,7 +6,7 @@
 Every baseline uses the SAMI adapter's encoder architecture (block widths, head width, latent size,
 resolution), is trained on fresh samples of the same dataset for the same wall-clock budget (by
 default the adapter's recorded ``train_seconds``), once per seed, and is evaluated with exactly the
-same metrics on exactly the same held-out draws as SAMI (:func:`sami_adapter.report.representation_metrics`;
+same metrics on exactly the same held-out draws as SAMI (:func:`sami_adapter.evaluation.representation_metrics`;
 the posterior mean is the representation). Several ``--sami_adapter`` directories (e.g. two
 training seeds) make SAMI's column a mean ± std and are compared on the order in which their
 characteristic noise levels put the factors.
@@ -17,13 +17,13 @@ Rate study. ``--baselines`` picks the baseline variants (``beta-vae:beta=4``,
 mixture lower bound and the moment-matched upper bound on ``I(x; z)``, in nats), the share of clean
 prior samples (``z ~ N(0, I)``; disks), the exact-decoder reconstruction R² (disks) and, for SAMI, the
 guidance gain. ``--method`` / ``--setting`` name what a SAMI adapter is an instance of. Runs made in
-separate processes (one per model, e.g. on a GPU sweep) are merged with ``--collect DIR ...``: one
-plot per dataset of each metric against the rate, one line per method, and one table.
+separate processes (one per model, e.g. on a GPU sweep) are merged by ``examples/rate_sweep.py --collect
+DIR ...``: one plot per dataset of each metric against the rate, one line per method, and one table.
 
     python examples/compare.py --dataset disks --sami_adapter out/a --method "SAMI capacity" --setting C=4 --rate_study \
-        --no_baselines --output_dir runs/sami-c4-s0
+        --baselines --output_dir runs/sami-c4-s0
     python examples/compare.py --dataset disks --baselines beta-vae:beta=1 --seeds 0 --rate_study --output_dir runs/bvae1-s0
-    python examples/compare.py --collect runs/* --output_dir docs/rate-study
+    python examples/rate_sweep.py --collect runs/* --output_dir docs/rate-study
 
 Output (``--output_dir``, default ``compare/``): compare.md and compare.json (the table and every
 number), reconstructions.png (inputs, then one row per model), metrics.png (bar chart) and one
@@ -49,28 +49,31 @@ from sami_adapter import SAMIEncoder, SAMIPipeline  # noqa: E402
 from sami_adapter.adapter import read_adapter_config  # noqa: E402
 from sami_adapter.baselines import train_beta_vae, train_diffae  # noqa: E402
 from sami_adapter.data import DATASETS, MOVING, FactorDataset  # noqa: E402
-from sami_adapter.evaluation import default_timestep_grid, noise_order_agreement  # noqa: E402
+from sami_adapter.evaluation import (  # noqa: E402
+    EncodeFn,
+    default_timestep_grid,
+    discover_axes,
+    mean_code_fn,
+    noise_order_agreement,
+    rate_study_guidance_gain,
+    rate_study_measurements,
+    representation_metrics,
+    trajectory_curvatures,
+)
+from sami_adapter.plotting import plot_axes, plot_metric_bars  # noqa: E402
 from sami_adapter.rate import RateControl  # noqa: E402
 from sami_adapter.report import (  # noqa: E402
-    EncodeFn,
     aggregate,
     axes_to_json,
-    discover_axes,
     flat_metrics,
-    mean_code_fn,
     metrics_table_markdown,
-    plot_axes,
-    plot_metric_bars,
-    plot_rate_study,
-    rate_study_measurements,
     reconstructions,
-    representation_metrics,
     save_image_grid,
-    trajectory_curvatures,
     write_json,
 )
 
 DEFAULT_BUDGET = 300.0
+DEFAULT_BASELINES = ("beta-vae:beta=1", "beta-vae:beta=4", "diffae")
 # Baseline kinds of --baselines: display name, and how a spec's parameters become train_beta_vae's arguments.
 BASELINE_KINDS = {
     "beta-vae": "β-VAE",
@@ -138,20 +141,15 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                    help=f"Wall-clock training budget of each baseline run (default: the first adapter's train_seconds, else {DEFAULT_BUDGET:g}).")
     p.add_argument("--max_steps", type=int, default=None, help="Also stop each baseline after this many steps (tests, quick looks).")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="Training seeds of the baselines.")
-    p.add_argument("--betas", type=float, nargs="+", default=[1.0, 4.0], help="β values of the β-VAE.")
-    p.add_argument("--no_beta_vae", action="store_true", help="Skip the β-VAE.")
-    p.add_argument("--no_diffae", action="store_true", help="Skip the DiffAE baseline.")
-    p.add_argument("--baselines", nargs="*", default=None,
-                   help="Baseline variants instead of --betas/--no_beta_vae/--no_diffae, e.g. beta-vae:beta=4 capacity-vae:capacity=5 "
-                        "beta-tcvae:tc_weight=5 factor-vae:tc_weight=10 diffae. An empty list trains none.")
+    p.add_argument("--baselines", nargs="*", default=list(DEFAULT_BASELINES),
+                   help="Baseline variants, e.g. beta-vae:beta=4 capacity-vae:capacity=5 beta-tcvae:tc_weight=5 factor-vae:tc_weight=10 "
+                        f"diffae (default: {' '.join(DEFAULT_BASELINES)}). An empty list trains none.")
     p.add_argument("--method", default="SAMI", help="Method name of the --sami_adapter runs (a line in the rate plot).")
     p.add_argument("--setting", default=None, help="Setting name of the --sami_adapter runs (a point on that line; default: the folder name).")
     p.add_argument("--rate_study", action="store_true",
                    help="Also measure the rate I(x; z), prior-sample cleanliness, exact-decoder reconstruction R² and guidance gain.")
     p.add_argument("--rate_images", type=int, default=4096, help="Held-out images of the I(x; z) estimate (its lower bound is at most log N).")
     p.add_argument("--num_prior_samples", type=int, default=512, help="Prior samples of the clean-disk check (DDIM steps: --num_inference_steps, eta 1).")
-    p.add_argument("--collect", nargs="+", default=None, metavar="DIR",
-                   help="Merge the compare.json of earlier runs into one rate-study table and plots (trains and evaluates nothing).")
     p.add_argument("--latent_dim", type=int, default=None, help="Code size (default: the SAMI adapter's, else 8).")
     p.add_argument("--resolution", type=int, default=None, help="Image side (default: the SAMI adapter's, else 16).")
     p.add_argument("--batch_size", type=int, default=64, help="Baseline training batch size.")
@@ -168,15 +166,10 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     add_axis_arguments(p)
     add_metric_arguments(p)
     args = p.parse_args(argv)
-    if args.collect:
-        return args
     try:
-        args.baseline_specs = [parse_baseline(s) for s in args.baselines] if args.baselines is not None else None
+        args.baseline_specs = [parse_baseline(s) for s in args.baselines]
     except ValueError as e:
         p.error(str(e))
-    if args.baseline_specs is None:
-        args.baseline_specs = ([parse_baseline(f"beta-vae:beta={b:g}") for b in args.betas] if not args.no_beta_vae else []) + (
-            [] if args.no_diffae else [parse_baseline("diffae")])
     if not args.baseline_specs and not args.sami_adapter:
         p.error("nothing to compare: give --sami_adapter or leave a baseline on")
     return args
@@ -224,93 +217,14 @@ def evaluate_model(encode_fn: EncodeFn, dataset: FactorDataset, args: argparse.N
 
 
 def study_kwargs(args: argparse.Namespace) -> Dict[str, Any]:
-    """The rate-study flags as :func:`~sami_adapter.report.rate_study_measurements` arguments."""
+    """The rate-study flags as :func:`~sami_adapter.evaluation.rate_study_measurements` arguments."""
     return {"num_images": args.rate_images, "num_prior_samples": args.num_prior_samples, "num_inference_steps": args.num_inference_steps,
             "batch_size": args.encode_batch_size, "kl_threshold": args.kl_threshold, "seed": args.seed}
-
-
-def study_rows(summaries: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
-    """One flat row per evaluated model that has rate-study measurements."""
-    rows = []
-    for summary in summaries:
-        for name, runs in summary["runs"].items():
-            for run in runs:
-                if "study" not in run:
-                    continue
-                st = run["study"]
-                rec = st.get("reconstruction_r2") or {}
-                rows.append({
-                    "dataset": summary["dataset"], "method": run.get("method", name), "setting": run.get("setting", name),
-                    "seed": run.get("seed"), "MIG": run["mig"], "DCI disentanglement": run["dci"]["disentanglement"],
-                    "information_lower": st["information_lower"], "information_upper": st["information_upper"], "kl": st["kl"],
-                    "active_dims": st["active_dims"], "prior clean fraction": st.get("prior_clean_fraction"),
-                    "reconstruction R² (x, y, radius mean)": float(np.mean([rec[k] for k in ("x", "y", "radius") if k in rec])) if rec else None,
-                    "reconstruction_r2": rec, "guidance gain": st.get("guidance_gain"),
-                })
-    return rows
-
-
-def _mean_std(values: List[Optional[float]]) -> Optional[Dict[str, float]]:
-    values = [v for v in values if v is not None]
-    if not values:
-        return None
-    return {"mean": float(np.mean(values)), "std": float(np.std(values)), "n": len(values)}
-
-
-def collect(args: argparse.Namespace) -> Dict[str, Any]:
-    """Merge rate-study runs: rate_study.json, rate_study.md and one metric-vs-rate figure per dataset."""
-    import json
-
-    summaries = []
-    for folder in args.collect:
-        path = os.path.join(folder, "compare.json")
-        if not os.path.isfile(path):
-            raise SystemExit(f"--collect: {path} does not exist; give folders written by compare.py --rate_study.")
-        with open(path) as f:
-            summaries.append(json.load(f))
-    rows = study_rows(summaries)
-    if not rows:
-        raise SystemExit("--collect: none of these runs has rate-study measurements (run compare.py with --rate_study).")
-    keys = ["MIG", "DCI disentanglement", "information_lower", "information_upper", "kl", "active_dims", "prior clean fraction",
-            "reconstruction R² (x, y, radius mean)", "guidance gain"]
-    groups: Dict[tuple, List[Dict[str, Any]]] = {}
-    for row in rows:
-        groups.setdefault((row["dataset"], row["method"], row["setting"]), []).append(row)
-    table = [{"dataset": d, "method": m, "setting": st, "seeds": [r["seed"] for r in rs],
-              **{k: _mean_std([r[k] for r in rs]) for k in keys},
-              "collapsed_seeds": sum(r["information_lower"] < 0.1 for r in rs)} for (d, m, st), rs in sorted(groups.items())]
-    os.makedirs(args.output_dir, exist_ok=True)
-    write_json(os.path.join(args.output_dir, "rate_study.json"), {"rows": rows, "table": table})
-
-    def cell(stat, fmt=".3f"):
-        return "–" if stat is None else (f"{stat['mean']:{fmt}} ± {stat['std']:{fmt}}" if stat["n"] > 1 else f"{stat['mean']:{fmt}}")
-
-    lines = ["# Rate study: disentanglement against the information in the code", "",
-             "Each row: mean ± std over seeds. `I(x; z)` is bracketed by the mixture lower bound (at most log N) and the "
-             "moment-matched upper bound, in nats, measured the same way for every method on the same held-out images. "
-             "A disentanglement score on a code with almost no information does not count: read it next to the rate.", ""]
-    for dataset in sorted({r["dataset"] for r in rows}):
-        lines += [f"## {dataset}", "", f"![metrics against rate](rate_{dataset}.png)", "",
-                  "| method | setting | seeds | I(x;z) lower | I(x;z) upper | KL | active dims | MIG | DCI-D | prior clean | rec R² x/y/r | gain | collapsed |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-        for t in (t for t in table if t["dataset"] == dataset):
-            lines.append(f"| {t['method']} | {t['setting']} | {len(t['seeds'])} | {cell(t['information_lower'], '.2f')} | "
-                         f"{cell(t['information_upper'], '.2f')} | {cell(t['kl'], '.2f')} | {cell(t['active_dims'], '.1f')} | {cell(t['MIG'])} | "
-                         f"{cell(t['DCI disentanglement'])} | {cell(t['prior clean fraction'])} | {cell(t['reconstruction R² (x, y, radius mean)'])} | "
-                         f"{cell(t['guidance gain'])} | {t['collapsed_seeds']} |")
-        lines.append("")
-        plot_rate_study([t for t in table if t["dataset"] == dataset], os.path.join(args.output_dir, f"rate_{dataset}.png"), dataset)
-    with open(os.path.join(args.output_dir, "rate_study.md"), "w") as f:
-        f.write("\n".join(lines))
-    print("\n".join(lines))
-    return {"rows": rows, "table": table}
 
 
 def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     """Train the baselines, evaluate everything, write compare.md/compare.json and the figures; returns the summary."""
     args = parse_args(argv)
-    if args.collect:
-        return collect(args)
     device = select_device(args)
     start = time.perf_counter()
     pipes = []
@@ -320,62 +234,88 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         pipe.set_progress_bar_config(disable=True)
         pipes.append(pipe)
     arch = _encoder_architecture(pipes, args)
-    resolution, latent_dim = arch["resolution"], arch["latent_dim"]
     budget = args.budget_seconds
     if budget is None:
         recorded = _adapter_seconds(args.sami_adapter[0]) if args.sami_adapter else None
         budget = recorded if recorded else DEFAULT_BUDGET
-    dataset = DATASETS[args.dataset](num_samples=1, resolution=resolution, seed=args.seed + 30_000)
-    names = list(dataset.factor_names)
+    dataset = DATASETS[args.dataset](num_samples=1, resolution=arch["resolution"], seed=args.seed + 30_000)
     use_trajectories = args.trajectories if args.trajectories is not None else args.dataset in MOVING
     os.makedirs(args.output_dir, exist_ok=True)
     print(f"Budget per baseline run: {budget:.0f} s; encoder {arch}; seeds {args.seeds}; device {device}.")
 
     columns: Dict[str, List[Dict[str, Any]]] = {}
     first_models: Dict[str, Any] = {}
-    shared = {"latent_dim": latent_dim, "encoder_channels": arch["encoder_channels"], "hidden_dim": arch["hidden_dim"],
-              "norm_num_groups": arch["norm_num_groups"], "encoder_stem_stride": arch["encoder_stem_stride"], "batch_size": args.batch_size, "progress": not args.no_progress, "device": device}
-
-    # ---------------------------------------------------------------- SAMI
-    axes_runs = []
     images, _, values = dataset.sample(args.num_images, np.random.default_rng([args.seed, 100]))
-    for adapter_dir, pipe in zip(args.sami_adapter, pipes):
+    axes_runs = evaluate_sami(args, pipes, dataset, arch["resolution"], use_trajectories, images, values, columns, first_models)
+    train_and_evaluate_baselines(args, arch, budget, device, dataset, use_trajectories, columns, first_models)
+
+    row_names = ["input"] + list(first_models)
+    rows = [images[:args.num_reconstructions]] + [reconstructions(model, images[:args.num_reconstructions], args.num_inference_steps, eta=1.0,
+                                                                  seed=args.seed) for model in first_models.values()]
+    save_image_grid(torch.cat(rows), os.path.join(args.output_dir, "reconstructions.png"), nrow=args.num_reconstructions, scale=4)
+    flat = {name: [flat_metrics(r) for r in runs] for name, runs in columns.items()}
+    bar_rows = ["MIG", "DCI disentanglement", "DCI completeness", "SAP", "modularity", "FactorVAE score (eval acc.)"]
+    plot_metric_bars(flat, os.path.join(args.output_dir, "metrics.png"), bar_rows)
+
+    agreement = None
+    if len(axes_runs) >= 2:
+        agreement = [noise_order_agreement(axes_runs[0]["factor_noise_levels"], other["factor_noise_levels"]) for other in axes_runs[1:]]
+    summary = {
+        "dataset": args.dataset, "resolution": arch["resolution"], "latent_dim": arch["latent_dim"], "budget_seconds": budget, "seeds": args.seeds,
+        "encoder_architecture": arch, "device": device, "sami_adapters": [os.path.abspath(d) for d in args.sami_adapter],
+        "table": {name: aggregate(runs) for name, runs in flat.items()},
+        "runs": columns,
+        "sami_axes": [axes_to_json(a) for a in axes_runs],
+        "noise_order_agreement": agreement,
+        "reconstruction_rows": row_names,
+        "seconds": round(time.perf_counter() - start, 1),
+        "args": {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, list, type(None)))},
+    }
+    write_json(os.path.join(args.output_dir, "compare.json"), summary)
+    write_markdown(args, arch, budget, metrics_table_markdown(flat), axes_runs, agreement, row_names, summary["seconds"])
+    return summary
+
+
+def evaluate_sami(args, pipes, dataset, resolution: int, use_trajectories: bool, images, values, columns, first_models) -> List[Dict[str, Any]]:
+    """Each SAMI adapter's metrics (and rate study) into ``columns``, its axis discovery and profile plot; returns the axes."""
+    axes_runs = []
+    for k, (adapter_dir, pipe) in enumerate(zip(args.sami_adapter, pipes)):
         result = evaluate_model(mean_code_fn(pipe), dataset, args, resolution, use_trajectories)
         result.update({"method": args.method, "setting": args.setting or os.path.basename(os.path.normpath(adapter_dir)),
                        "seed": _adapter_training(adapter_dir).get("seed")})
         if args.rate_study:
             result["study"] = rate_study_measurements(pipe, dataset, **study_kwargs(args))
+            result["study"]["guidance_gain"] = rate_study_guidance_gain(pipe, dataset, args.rate_images, args.seed)
         seconds = _adapter_seconds(adapter_dir)
         result["training"] = {"seconds": seconds if seconds is not None else float("nan"), "steps": float("nan")}
         columns.setdefault("SAMI", []).append(result)
         grid = default_timestep_grid(pipe.scheduler.config.num_train_timesteps, args.num_noise_levels)
-        axes = discover_axes(pipe, images, values, names, grid, fraction=args.fraction, kl_threshold=args.kl_threshold, seed=args.seed,
-                             batch_size=args.encode_batch_size)
+        axes = discover_axes(pipe, images, values, list(dataset.factor_names), grid, fraction=args.fraction, kl_threshold=args.kl_threshold,
+                             seed=args.seed, batch_size=args.encode_batch_size)
         axes_runs.append(axes)
-        k = len(axes_runs) - 1
         plot_axes(axes, os.path.join(args.output_dir, f"information_profile_sami{k}.png"), title=os.path.basename(os.path.normpath(adapter_dir)))
         first_models.setdefault("SAMI", pipe)
+    return axes_runs
 
-    # ---------------------------------------------------------------- baselines
+
+def train_and_evaluate_baselines(args, arch, budget: float, device: str, dataset, use_trajectories: bool, columns, first_models) -> None:
+    """Every --baselines variant at every seed: trained on fresh samples, evaluated, saved with --save_models; into ``columns``."""
+    shared = {"latent_dim": arch["latent_dim"], "encoder_channels": arch["encoder_channels"], "hidden_dim": arch["hidden_dim"],
+              "norm_num_groups": arch["norm_num_groups"], "encoder_stem_stride": arch["encoder_stem_stride"], "batch_size": args.batch_size,
+              "progress": not args.no_progress, "device": device}
     channels = tuple(int(c) for c in args.diffae_unet_channels.split(","))
     for seed in args.seeds:
-        train_data = DATASETS[args.dataset](num_samples=1, resolution=resolution, seed=seed)
-        runs = []
+        train_data = DATASETS[args.dataset](num_samples=1, resolution=arch["resolution"], seed=seed)
         for spec in args.baseline_specs:
+            name, params = spec["label"], spec["params"]
             if spec["kind"] == "diffae":
-                runs.append((spec, lambda: train_diffae(
-                    train_data, max_seconds=budget, max_steps=args.max_steps, lr=args.diffae_lr, seed=seed, unet_channels=channels,
-                    unet_norm_num_groups=arch["norm_num_groups"], **shared)))
+                model = train_diffae(train_data, max_seconds=budget, max_steps=args.max_steps, lr=args.diffae_lr, seed=seed, unet_channels=channels,
+                                     unet_norm_num_groups=arch["norm_num_groups"], **shared)
             else:
-                params = spec["params"]
-                runs.append((spec, lambda sp=spec, pa=params: train_beta_vae(
-                    train_data, beta=pa.get("beta", 1.0), max_seconds=budget, max_steps=args.max_steps, lr=args.lr, seed=seed,
-                    rate=baseline_rate_control(sp["kind"], pa),
-                    likelihood=pa.get("likelihood", "bernoulli"), encoder_bias_free=bool(pa.get("bias_free", 0)), **shared)))
-        for spec, train in runs:
-            name = spec["label"]
-            model = train()
-            result = evaluate_model(mean_code_fn(model), dataset, args, resolution, use_trajectories)
+                model = train_beta_vae(train_data, beta=params.get("beta", 1.0), max_seconds=budget, max_steps=args.max_steps, lr=args.lr, seed=seed,
+                                       rate=baseline_rate_control(spec["kind"], params), likelihood=params.get("likelihood", "bernoulli"),
+                                       encoder_bias_free=bool(params.get("bias_free", 0)), **shared)
+            result = evaluate_model(mean_code_fn(model), dataset, args, arch["resolution"], use_trajectories)
             result.update({"method": spec["method"], "setting": spec["setting"]})
             if args.rate_study and spec["kind"] != "diffae":  # DiffAE's code is deterministic: no rate to measure
                 result["study"] = rate_study_measurements(model, dataset, **study_kwargs(args))
@@ -390,45 +330,12 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
             print(f"{name} seed {seed}: {model.training_log['steps']} steps in {model.training_log['seconds']:.0f} s; "
                   f"MIG {result['mig']:.3f}, DCI-D {result['dci']['disentanglement']:.3f}")
 
-    # ---------------------------------------------------------------- figures
-    n_rec = args.num_reconstructions
-    inputs = images[:n_rec]
-    rows = [inputs]
-    row_names = ["input"]
-    for name, model in first_models.items():
-        if name == "SAMI":
-            rec = reconstructions(model, inputs, args.num_inference_steps, eta=1.0, seed=args.seed)
-        elif name == "DiffAE":
-            rec = model.reconstruct(inputs, num_inference_steps=args.num_inference_steps, generator=torch.Generator().manual_seed(args.seed))
-        else:
-            rec = model.reconstruct(inputs)
-        rows.append(rec.cpu())
-        row_names.append(name)
-    save_image_grid(torch.cat(rows), os.path.join(args.output_dir, "reconstructions.png"), nrow=n_rec, scale=4)
-    flat = {name: [flat_metrics(r) for r in runs] for name, runs in columns.items()}
-    bar_rows = ["MIG", "DCI disentanglement", "DCI completeness", "SAP", "modularity", "FactorVAE score (eval acc.)"]
-    plot_metric_bars(flat, os.path.join(args.output_dir, "metrics.png"), bar_rows)
 
-    # ---------------------------------------------------------------- summary
-    agreement = None
-    if len(axes_runs) >= 2:
-        agreement = [noise_order_agreement(axes_runs[0]["factor_noise_levels"], other["factor_noise_levels"]) for other in axes_runs[1:]]
-    table = metrics_table_markdown(flat)
-    summary = {
-        "dataset": args.dataset, "resolution": resolution, "latent_dim": latent_dim, "budget_seconds": budget, "seeds": args.seeds,
-        "encoder_architecture": arch, "device": device, "sami_adapters": [os.path.abspath(d) for d in args.sami_adapter],
-        "table": {name: aggregate(runs) for name, runs in flat.items()},
-        "runs": columns,
-        "sami_axes": [axes_to_json(a) for a in axes_runs],
-        "noise_order_agreement": agreement,
-        "reconstruction_rows": row_names,
-        "seconds": round(time.perf_counter() - start, 1),
-        "args": {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, list, type(None)))},
-    }
-    write_json(os.path.join(args.output_dir, "compare.json"), summary)
+def write_markdown(args, arch, budget: float, table: str, axes_runs, agreement, row_names: List[str], seconds: float) -> None:
+    """compare.md: the setting, the table, SAMI's factor order by noise level, the figures."""
     lines = [
         "# SAMI vs baselines", "",
-        f"Data `{args.dataset}` at {resolution} px; latent_dim {latent_dim}; every encoder is SAMI's architecture "
+        f"Data `{args.dataset}` at {arch['resolution']} px; latent_dim {arch['latent_dim']}; every encoder is SAMI's architecture "
         f"(widths {list(arch['encoder_channels'])}, stem stride {arch['encoder_stem_stride']}, head {arch['hidden_dim']}). Each baseline run trains for at most "
         f"{budget:.0f} s of wall clock{f' or {args.max_steps} steps' if args.max_steps else ''} (seeds {args.seeds}); "
         "cells are mean ± std over runs. SAMI's training seconds are the adapter's only (its base diffusion model was pretrained "
@@ -441,17 +348,15 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
             fl = axes["factor_noise_levels"]
             order = " < ".join(f"{n} ({fl[n]:.0f})" for n in axes["factor_order"]) or "none measured"
             lines.append(f"- `{args.sami_adapter[k]}`: active dims {axes['levels']['active']}; factor order {order}")
-        if agreement:
-            for k, a in enumerate(agreement, start=1):
-                lines.append(f"- adapter 0 vs adapter {k}: same order {a['same_order']}, Kendall tau {a['kendall_tau']:.2f} over {a['factors']}")
+        for k, a in enumerate(agreement or [], start=1):
+            lines.append(f"- adapter 0 vs adapter {k}: same order {a['same_order']}, Kendall tau {a['kendall_tau']:.2f} over {a['factors']}")
         lines += [""] + [f"![profile {k}](information_profile_sami{k}.png)" for k in range(len(axes_runs))] + [""]
     lines += ["## Figures", "", "![reconstructions](reconstructions.png)", "",
               "Rows: " + ", ".join(row_names) + ".", "", "![metrics](metrics.png)", ""]
     with open(os.path.join(args.output_dir, "compare.md"), "w") as f:
         f.write("\n".join(lines))
     print(table)
-    print(f"Written to {args.output_dir}/compare.md ({summary['seconds']:.0f} s).")
-    return summary
+    print(f"Written to {args.output_dir}/compare.md ({seconds:.0f} s).")
 
 
 if __name__ == "__main__":

@@ -37,25 +37,24 @@ from sami_adapter.images import model_from_unit  # noqa: E402
 from sami_adapter.data import DATASETS, MOVING  # noqa: E402
 from sami_adapter.evaluation import (  # noqa: E402
     default_timestep_grid,
+    discover_axes,
     elbo_bits_per_dim,
     factor_noise_scales,
     factor_recoverability,
+    mean_code_fn,
     mechanism_table,
+    representation_metrics,
+    trajectory_curvatures,
 )
+from sami_adapter.plotting import plot_axes, plot_mechanism  # noqa: E402
 from sami_adapter.report import (  # noqa: E402
     axes_to_json,
-    discover_axes,
     flat_metrics,
-    mean_code_fn,
     mechanism_markdown,
     metrics_table_markdown,
-    plot_axes,
-    plot_mechanism,
     profile_table_markdown,
     reconstructions,
-    representation_metrics,
     save_image_grid,
-    trajectory_curvatures,
     traversal_rows,
     write_json,
 )
@@ -118,12 +117,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     pipe.set_progress_bar_config(disable=True)
     if pipe.is_latent or pipe.is_text_conditioned:
         raise SystemExit("evaluate.py measures pixel-space, unconditional adapters on procedural datasets; this one is latent or text-conditioned.")
-    try:
-        adapter_config = read_adapter_config(args.adapter_dir)
-    except OSError:
-        adapter_config = {}
-    training = adapter_config.get("training", {}) if isinstance(adapter_config.get("training"), dict) else {}
-    dataset_name = args.dataset or (training.get("dataset") if training.get("dataset") in DATASETS else "disks")
+    adapter_config = recorded_config(args.adapter_dir)
+    dataset_name = args.dataset or (adapter_config["training"].get("dataset") if adapter_config["training"].get("dataset") in DATASETS else "disks")
     resolution = int(pipe.unet.config.sample_size)
     dataset = DATASETS[dataset_name](num_samples=1, resolution=resolution, seed=args.seed + 30_000)
     if dataset.num_channels != pipe.unet.config.in_channels:
@@ -137,34 +132,17 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     grid = default_timestep_grid(pipe.scheduler.config.num_train_timesteps, args.num_noise_levels)
     axes = discover_axes(pipe, images, values, names, grid, fraction=args.fraction, kl_threshold=args.kl_threshold, seed=args.seed,
                          batch_size=args.encode_batch_size)
-    profile, levels, alignment, codes = axes["profile"], axes["levels"], axes["alignment"], axes["codes"]
+    profile, levels, alignment = axes["profile"], axes["levels"], axes["alignment"]
     plot_axes(axes, os.path.join(args.output_dir, "information_profile.png"),
               title=f"{os.path.basename(os.path.normpath(args.adapter_dir))} on {dataset_name}")
     timings["axis_discovery"] = time.perf_counter() - clock
     mechanism = None
     if args.probe_steps > 0:
         clock = time.perf_counter()
-        recover = factor_recoverability(dataset, pipe.scheduler.alphas_cumprod, grid, num_steps=args.probe_steps, seed=args.seed)
-        scales = factor_noise_scales(recover, args.fraction)
-        mechanism = {**mechanism_table(levels, alignment, scales), "factor_noise_scales": scales,
-                     "recoverability": {"timesteps": recover["timesteps"], "r2": recover["r2"], "names": recover["names"]}}
-        plot_mechanism(profile, levels, recover, mechanism, os.path.join(args.output_dir, "mechanism.png"),
-                       title=f"{os.path.basename(os.path.normpath(args.adapter_dir))} on {dataset_name}")
+        mechanism = measure_mechanism(args, pipe, dataset, grid, axes, title=f"{os.path.basename(os.path.normpath(args.adapter_dir))} on {dataset_name}")
         timings["mechanism"] = time.perf_counter() - clock
-
-    # ---------------------------------------------------------------- pictures
     clock = time.perf_counter()
-    n_rec = min(args.num_reconstructions, images.shape[0])
-    rec = reconstructions(pipe, images[:n_rec], args.num_inference_steps, args.eta, args.seed, args.sami_scale)
-    save_image_grid(torch.cat([images[:n_rec], rec]), os.path.join(args.output_dir, "reconstructions.png"), nrow=n_rec, scale=4)
-    rows = levels["order"] or [int(np.argmax(np.asarray(profile["kl"])[0]))]
-    values = traversal_values(codes, rows, args.traversal_quantile, args.traversal_steps)
-    traversal = traversal_rows(pipe, images[:1], rows, list(values.values()), args.num_inference_steps, args.seed, args.sami_scale)
-    save_image_grid(traversal, os.path.join(args.output_dir, "traversals.png"), nrow=args.traversal_steps, scale=4)
-    samples = pipe(batch_size=args.num_samples, num_inference_steps=args.num_inference_steps, eta=args.eta,
-                   generator=torch.Generator().manual_seed(args.seed + 1), output_type="pt", sami_scale=args.sami_scale).images.cpu()
-    samples = model_from_unit(samples)  # pt output is [0, 1] (diffusers); the grid takes the datasets' [-1, 1]
-    save_image_grid(samples, os.path.join(args.output_dir, "samples.png"), nrow=min(8, args.num_samples), scale=4)
+    rows, values = draw_pictures(args, pipe, images, axes)
     timings["pictures"] = time.perf_counter() - clock
 
     # ---------------------------------------------------------------- metrics
@@ -209,6 +187,42 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         f.write(report_markdown(report, profile, levels, alignment, metrics, args))
     print(f"Report written to {os.path.join(args.output_dir, 'report.md')} in {timings['total']:.0f} s.")
     return report
+
+
+def recorded_config(adapter_dir: str) -> Dict[str, Any]:
+    """The adapter's sami_adapter_config.json ({} when unreadable), its ``training`` entry always a dict."""
+    try:
+        config = read_adapter_config(adapter_dir)
+    except OSError:
+        config = {}
+    return {**config, "training": config.get("training") if isinstance(config.get("training"), dict) else {}}
+
+
+def measure_mechanism(args: argparse.Namespace, pipe: SAMIPipeline, dataset, grid, axes: Dict[str, Any], title: str) -> Dict[str, Any]:
+    """Each factor's own noise scale (a noisy-image probe) against the level of the dimension that codes it; mechanism.png."""
+    recover = factor_recoverability(dataset, pipe.scheduler.alphas_cumprod, grid, num_steps=args.probe_steps, seed=args.seed)
+    scales = factor_noise_scales(recover, args.fraction)
+    mechanism = {**mechanism_table(axes["levels"], axes["alignment"], scales), "factor_noise_scales": scales,
+                 "recoverability": {"timesteps": recover["timesteps"], "r2": recover["r2"], "names": recover["names"]}}
+    plot_mechanism(axes["profile"], axes["levels"], recover, mechanism, os.path.join(args.output_dir, "mechanism.png"), title=title)
+    return mechanism
+
+
+def draw_pictures(args: argparse.Namespace, pipe: SAMIPipeline, images: torch.Tensor, axes: Dict[str, Any]) -> tuple:
+    """reconstructions.png, traversals.png (one row per active dimension, by noise level) and samples.png; returns the
+    traversed dimensions and their values."""
+    n_rec = min(args.num_reconstructions, images.shape[0])
+    rec = reconstructions(pipe, images[:n_rec], args.num_inference_steps, args.eta, args.seed, sami_scale=args.sami_scale)
+    save_image_grid(torch.cat([images[:n_rec], rec]), os.path.join(args.output_dir, "reconstructions.png"), nrow=n_rec, scale=4)
+    rows = axes["levels"]["order"] or [int(np.argmax(np.asarray(axes["profile"]["kl"])[0]))]
+    values = traversal_values(axes["codes"], rows, args.traversal_quantile, args.traversal_steps)
+    traversal = traversal_rows(pipe, images[:1], rows, list(values.values()), args.num_inference_steps, args.seed, args.sami_scale)
+    save_image_grid(traversal, os.path.join(args.output_dir, "traversals.png"), nrow=args.traversal_steps, scale=4)
+    samples = pipe(batch_size=args.num_samples, num_inference_steps=args.num_inference_steps, eta=args.eta,
+                   generator=torch.Generator().manual_seed(args.seed + 1), output_type="pt", sami_scale=args.sami_scale).images.cpu()
+    samples = model_from_unit(samples)  # pt output is [0, 1] (diffusers); the grid takes the datasets' [-1, 1]
+    save_image_grid(samples, os.path.join(args.output_dir, "samples.png"), nrow=min(8, args.num_samples), scale=4)
+    return rows, values
 
 
 def report_markdown(report: Dict[str, Any], profile: Dict[str, Any], levels: Dict[str, Any], alignment: Dict[str, Any],

@@ -20,7 +20,7 @@ and matplotlib figures; use them from Python or a notebook without a browser:
 Every decode and encode is a call to :class:`~sami_adapter.SAMIPipeline` (``reconstruct``,
 ``traverse``, ``encode``, ``__call__``); the app adds no sampling or encoding of its own.
 
-Traversal sliders come one per active dimension (clean KL > 0.1 nats), ordered by the noise level
+Traversal sliders come one per active dimension (clean KL above ``ACTIVE_KL_NATS``), ordered by the noise level
 at which the dimension loses half its information (its *characteristic noise level*, see
 :mod:`sami_adapter.evaluation`): read from an evaluation report (``examples/evaluate.py``) in the
 adapter directory or given with ``--axes``, else measured once on held-out examples and cached.
@@ -45,12 +45,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from sami_adapter import SAMIPipeline  # noqa: E402
 from sami_adapter.adapter import read_adapter_config, resolve_adapter_dir  # noqa: E402
 from sami_adapter.data import DATASETS  # noqa: E402
-from sami_adapter.evaluation import characteristic_noise_levels, default_timestep_grid, information_profile  # noqa: E402
+from sami_adapter.evaluation import ACTIVE_KL_NATS, characteristic_noise_levels, default_timestep_grid, information_profile  # noqa: E402
 from sami_adapter.report import image_grid, to_jsonable  # noqa: E402
 from sami_adapter.images import model_from_unit, unit_from_model  # noqa: E402
 from sami_adapter.training import ImageFolderDataset, dataset_images  # noqa: E402
 
-KL_THRESHOLD = 0.1  # nats: a dimension below this carries (almost) nothing; the project's "active" rule
 MULTISCALE_TIMESTEPS = (0, 100, 250, 400, 550, 700, 850)
 # Deterministic DDIM (eta 0) at 12 steps draws the same pictures as at 25 or 100: on a 16 px
 # background_disks adapter at sami_scale 3, the decoded disk moves by a median 0.06 px against a
@@ -184,7 +183,7 @@ def measure_levels(pipe: SAMIPipeline, images: torch.Tensor, seed: int = 0, num_
     """Clean KL and characteristic noise levels of every dimension on ``images`` (:mod:`sami_adapter.evaluation`)."""
     grid = default_timestep_grid(pipe.scheduler.config.num_train_timesteps, num_levels)
     profile = information_profile(pipe, model_from_unit(images), grid, generator=_generator(seed))
-    levels = characteristic_noise_levels(profile, kl_threshold=KL_THRESHOLD)
+    levels = characteristic_noise_levels(profile, kl_threshold=ACTIVE_KL_NATS)
     return {"profile": profile, "levels": levels}
 
 
@@ -540,17 +539,8 @@ def _more_tabs(gr, explorer: Explorer, state, scale, seed, files_dir: str) -> No
     export.click(on_export, state, code_file, api_name="code")
 
 
-def build_app(explorer: Explorer, files_dir: Optional[str] = None):
-    """The Gradio Blocks page wired to the views (every event is queued; one runs at a time).
-
-    ``files_dir`` holds what the page serves as files: example thumbnails and exported codes.
-    """
-    os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
-    import tempfile
-
-    import gradio as gr
-
-    files_dir = files_dir or tempfile.mkdtemp(prefix="sami-explore-")
+def _event_handlers(gr, explorer: Explorer, dims: List[int]) -> Dict[str, Any]:
+    """The page's callbacks: encode an image, move one dimension's slider (a factory per dimension), reset, sample."""
 
     def page_error(e: Exception):
         return gr.Error(str(e), print_exception=False)
@@ -563,9 +553,6 @@ def build_app(explorer: Explorer, files_dir: Optional[str] = None):
     def slider_value(value: float) -> float:
         # What the slider shows; the code itself stays exact in the page state.
         return round(float(np.clip(value, -SLIDER_RANGE, SLIDER_RANGE)), 3)
-
-    dims = explorer.order + explorer.inactive
-    has_examples = explorer.examples is not None
 
     def on_encode(source, index, upload, scale, seed, progress=gr.Progress(track_tqdm=True)):
         try:
@@ -601,52 +588,82 @@ def build_app(explorer: Explorer, files_dir: Optional[str] = None):
         except InputError as e:
             raise page_error(e) from None
 
+    return {"encode": on_encode, "moved": moved, "reset": on_reset, "sample": on_sample}
+
+
+def _input_column(gr, explorer: Explorer, files_dir: str) -> tuple:
+    """The left column: which image (a held-out example, its thumbnails, or an upload), sami_scale, seed and Encode."""
+    has_examples = explorer.examples is not None
+    with gr.Column(scale=1, min_width=260):
+        source = gr.Radio(["example", "upload"], value="example" if has_examples else "upload", label="Image",
+                          interactive=has_examples)
+        n_examples = explorer.examples.shape[0] if has_examples else 1
+        index = gr.Slider(0, n_examples - 1, value=0, step=1, label="held-out example", visible=has_examples)
+        thumbnails = write_thumbnails(explorer, os.path.join(files_dir, "examples"))
+        if thumbnails:
+            preview = gr.Image(label="example", type="filepath", height=96, interactive=False)
+            gr.Examples([[path, i] for i, path in enumerate(thumbnails)], [preview, index], label="held-out examples",
+                        examples_per_page=len(thumbnails))
+        upload = gr.File(label="or upload an image (PNG, JPEG, WebP, BMP)", type="filepath")
+        scale = gr.Slider(0.0, 6.0, value=3.0, step=0.5, label="sami_scale (1 = exact SAMI decoder; > 1 sharpens)")
+        seed = gr.Number(0, precision=0, label="seed (initial noise)")
+        encode_button = gr.Button("Encode", variant="primary")
+    return source, index, upload, scale, seed, encode_button
+
+
+def _traverse_tab(gr, explorer: Explorer) -> tuple:
+    """The Traverse tab: one slider per dimension (active ones by noise level, inactive ones folded away), reset, the decode."""
+    with gr.Tab("Traverse"):
+        gr.Markdown("One slider per active dimension, ordered by the noise level at which it loses half its information "
+                    "(coarse properties survive more noise). Moving one re-decodes from the same noise as the reconstruction, "
+                    "so the difference image shows only that dimension's effect.")
+        with gr.Row():
+            with gr.Column(scale=2):
+                sliders = {}
+                for i in explorer.order:
+                    sliders[i] = gr.Slider(-SLIDER_RANGE, SLIDER_RANGE, value=0.0, step=0.05, label=explorer.dimension_label(i))
+                if explorer.inactive:
+                    with gr.Accordion(f"inactive dimensions (KL < {ACTIVE_KL_NATS} nats): moving them should change nothing",
+                                      open=False):
+                        for i in explorer.inactive:
+                            sliders[i] = gr.Slider(-SLIDER_RANGE, SLIDER_RANGE, value=0.0, step=0.05, label=explorer.dimension_label(i))
+                reset = gr.Button("Reset to the encoded code")
+            with gr.Column(scale=1):
+                traversed = gr.Image(label="decoded", type="pil", format="png", height=200, interactive=False)
+                difference = gr.Image(label="|change| from the reconstruction", type="pil", format="png", height=200, interactive=False)
+    return sliders, reset, traversed, difference
+
+
+def build_app(explorer: Explorer, files_dir: Optional[str] = None):
+    """The Gradio Blocks page wired to the views (every event is queued; one runs at a time).
+
+    ``files_dir`` holds what the page serves as files: example thumbnails and exported codes.
+    """
+    os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
+    import tempfile
+
+    import gradio as gr
+
+    files_dir = files_dir or tempfile.mkdtemp(prefix="sami-explore-")
+    dims = explorer.order + explorer.inactive
+    has_examples = explorer.examples is not None
+    on = _event_handlers(gr, explorer, dims)
     title = f"SAMI latent explorer: {explorer.name}"
     with gr.Blocks(title=title) as app:
         gr.Markdown(
-            f"## {title}\n{explorer.latent_dim}-dimensional code, {len(explorer.order)} active (KL > {KL_THRESHOLD} nats). "
+            f"## {title}\n{explorer.latent_dim}-dimensional code, {len(explorer.order)} active (KL > {ACTIVE_KL_NATS} nats). "
             f"Decoding: {explorer.num_inference_steps} DDIM steps, eta {explorer.eta:g}. Noise levels {explorer.axes_source}."
         )
         state = gr.State(None)
         with gr.Row():
-            with gr.Column(scale=1, min_width=260):
-                source = gr.Radio(["example", "upload"], value="example" if has_examples else "upload", label="Image",
-                                  interactive=has_examples)
-                n_examples = explorer.examples.shape[0] if has_examples else 1
-                index = gr.Slider(0, n_examples - 1, value=0, step=1, label="held-out example", visible=has_examples)
-                thumbnails = write_thumbnails(explorer, os.path.join(files_dir, "examples"))
-                if thumbnails:
-                    preview = gr.Image(label="example", type="filepath", height=96, interactive=False)
-                    gr.Examples([[path, i] for i, path in enumerate(thumbnails)], [preview, index], label="held-out examples",
-                                examples_per_page=len(thumbnails))
-                upload = gr.File(label="or upload an image (PNG, JPEG, WebP, BMP)", type="filepath")
-                scale = gr.Slider(0.0, 6.0, value=3.0, step=0.5, label="sami_scale (1 = exact SAMI decoder; > 1 sharpens)")
-                seed = gr.Number(0, precision=0, label="seed (initial noise)")
-                encode_button = gr.Button("Encode", variant="primary")
+            source, index, upload, scale, seed, encode_button = _input_column(gr, explorer, files_dir)
             with gr.Column(scale=2):
                 with gr.Row():
                     input_image = gr.Image(label="input", type="pil", format="png", height=200, interactive=False)
                     exact_image = gr.Image(label="reconstruction, sami_scale 1", type="pil", format="png", height=200, interactive=False)
                     scaled_image = gr.Image(label="reconstruction, chosen sami_scale", type="pil", format="png", height=200, interactive=False)
                 posterior_plot = gr.Plot(label="posterior q(z | x_0)")
-        with gr.Tab("Traverse"):
-            gr.Markdown("One slider per active dimension, ordered by the noise level at which it loses half its information "
-                        "(coarse properties survive more noise). Moving one re-decodes from the same noise as the reconstruction, "
-                        "so the difference image shows only that dimension's effect.")
-            with gr.Row():
-                with gr.Column(scale=2):
-                    sliders = {}
-                    for i in explorer.order:
-                        sliders[i] = gr.Slider(-SLIDER_RANGE, SLIDER_RANGE, value=0.0, step=0.05, label=explorer.dimension_label(i))
-                    if explorer.inactive:
-                        with gr.Accordion(f"inactive dimensions (KL < {KL_THRESHOLD} nats): moving them should change nothing",
-                                          open=False):
-                            for i in explorer.inactive:
-                                sliders[i] = gr.Slider(-SLIDER_RANGE, SLIDER_RANGE, value=0.0, step=0.05, label=explorer.dimension_label(i))
-                    reset = gr.Button("Reset to the encoded code")
-                with gr.Column(scale=1):
-                    traversed = gr.Image(label="decoded", type="pil", format="png", height=200, interactive=False)
-                    difference = gr.Image(label="|change| from the reconstruction", type="pil", format="png", height=200, interactive=False)
+        sliders, reset, traversed, difference = _traverse_tab(gr, explorer)
         with gr.Tab("Multiscale"):
             multiscale_plot = gr.Plot(label="q(z | x_t) of the current image")
         with gr.Tab("Sample"):
@@ -659,18 +676,18 @@ def build_app(explorer: Explorer, files_dir: Optional[str] = None):
 
         slider_list = [sliders[i] for i in dims]
         encode_button.click(
-            on_encode, [source, index, upload, scale, seed],
+            on["encode"], [source, index, upload, scale, seed],
             [input_image, exact_image, scaled_image, posterior_plot, multiscale_plot, traversed, difference, state, *slider_list],
             api_name="encode",
         )
         for i in dims:
-            sliders[i].release(moved(i), [state, sliders[i]], [traversed, difference, state], api_name=f"traverse_z{i}")
-        reset.click(on_reset, state, [traversed, difference, state, *slider_list], api_name="reset")
-        sample_button.click(on_sample, [sample_seed, sample_count, scale], samples, api_name="sample")
+            sliders[i].release(on["moved"](i), [state, sliders[i]], [traversed, difference, state], api_name=f"traverse_z{i}")
+        reset.click(on["reset"], state, [traversed, difference, state, *slider_list], api_name="reset")
+        sample_button.click(on["sample"], [sample_seed, sample_count, scale], samples, api_name="sample")
         upload.upload(lambda: "upload", None, source, api_name=False, queue=False)
         index.change(lambda: "example", None, source, api_name=False, queue=False)  # a slider move or an example thumbnail
         if has_examples:
-            app.load(on_encode, [source, index, upload, scale, seed],
+            app.load(on["encode"], [source, index, upload, scale, seed],
                      [input_image, exact_image, scaled_image, posterior_plot, multiscale_plot, traversed, difference, state, *slider_list],
                      api_name=False)
     app.queue(default_concurrency_limit=1)  # two decodes in parallel on a small CPU are each slower than in turn

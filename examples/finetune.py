@@ -31,6 +31,7 @@ import os
 import shutil
 import sys
 import time
+from typing import Any, Dict, List, Optional
 
 import numpy as np
 import torch
@@ -50,7 +51,7 @@ from sami_adapter.card import adapter_model_card  # noqa: E402
 from sami_adapter.hub import upload_to_hub  # noqa: E402
 from sami_adapter import hf_data  # noqa: E402
 from sami_adapter.data import DATASETS  # noqa: E402
-from sami_adapter.evaluation import DISK_DATASETS, NOISE_BANDS, active_dimensions, band_gains  # noqa: E402
+from sami_adapter.evaluation import ACTIVE_KL_NATS, DISK_DATASETS, NOISE_BANDS, active_dimensions, band_gains  # noqa: E402
 from sami_adapter.latent import LatentCache, images_to_latents, load_latent_components, prompt_embeddings, vae_scale_factor  # noqa: E402
 from sami_adapter.training import (  # noqa: E402
     ImageFolderDataset,
@@ -78,12 +79,19 @@ DEFAULT_BASES = {"disks": DEFAULT_BASE, "background_disks": os.path.join(REPO_RO
 # The paper's learning rate (1e-4) is for that long run; 5e-4 forms the code within a CPU budget.
 RECIPES = {
     "adapter": {},
-    "paper": {"unet_mode": "full", "time_blind_encoder": True, "bias_free_encoder": True, "timestep_sampling": "uniform",
-              "beta_per_pixel": (5e-6, 1e-4), "free_bits": 0.0, "latent_noise_warmup_steps": 0, "learning_rate": 5e-4,
-              "unet_learning_rate": 5e-4, "max_grad_norm": 1.0, "use_ema": True, "ema_decay": 0.999, "lr_scheduler": "constant_with_warmup",
-              "max_train_steps": 3000},
+    "paper": {"unet_mode": "full", "encoder_type": "paper", "timestep_sampling": "uniform", "beta_per_pixel": (5e-6, 1e-4), "free_bits": 0.0,
+              "latent_noise_warmup_steps": 0, "learning_rate": 5e-4, "unet_learning_rate": 5e-4, "max_grad_norm": 1.0, "use_ema": True,
+              "lr_scheduler": "constant_with_warmup", "max_train_steps": 3000},
 }
 DATASET_RECIPES = {"background_disks": "paper"}
+# Fixed choices that no documented run varies (diffusers' scripts' defaults where they have one).
+LR_WARMUP_STEPS = 50
+EMA_DECAY = 0.999
+CHECKPOINTS_TOTAL_LIMIT = 2
+REPORT_SAMI_SCALE = 3.0  # the report also decodes at this scale: it removes the exact decoder's wrong-position outliers
+EVAL_ETA = 1.0  # stochastic DDIM for validation and report decodes: its noise corrects the step errors of sharp posteriors
+# --encoder_type: SAMIEncoder's time_conditioning and bias_free.
+ENCODER_TYPES = {"timed": (True, False), "time_blind": (False, False), "paper": (False, True)}
 
 
 def recipe_help() -> str:
@@ -92,7 +100,7 @@ def recipe_help() -> str:
         sets = ", ".join(f"--{k} {v}" if not isinstance(v, bool) else f"--{k}" for k, v in preset.items() if k != "beta_per_pixel")
         if "beta_per_pixel" in preset:
             lo, hi = preset["beta_per_pixel"]
-            sets += f", --beta {lo:g} -> --beta_final {hi:g} per pixel (x C*H*W in this script's units)"
+            sets += f", --beta {lo:g},{hi:g} per pixel (x C*H*W in this script's units)"
         lines.append(f"{name}: {sets or 'the flag defaults below'}")
     return ("Preset of flag defaults (explicit flags override it). Default: paper for --dataset background_disks, adapter otherwise. "
             + "; ".join(lines) + ".")
@@ -101,37 +109,50 @@ def recipe_help() -> str:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--recipe", default=None, choices=sorted(RECIPES), help=recipe_help())
-    g = p.add_argument_group("model")
+    for add_group in (add_model_arguments, add_data_arguments, add_objective_arguments, add_rate_arguments, add_optimisation_arguments,
+                      add_output_arguments):
+        add_group(p)
+    apply_recipe(p, argv)
+    args = p.parse_args(argv)
+    if args.pretrained_model_name_or_path is None and args.unet_mode != "full":
+        args.pretrained_model_name_or_path = DEFAULT_BASES.get(args.dataset, DEFAULT_BASE)
+    if args.unet_learning_rate is None:
+        args.unet_learning_rate = args.learning_rate / 5
+    args.beta, args.beta_final = args.beta if isinstance(args.beta, tuple) else (args.beta, None)
+    problem = check_args(args)
+    if problem:
+        p.error(problem)
+    args.rate = rate_control_from_args(args)
+    args.guidance_bands = parse_noise_bands(args.noise_bands, args.latent_dim)
+    return args
+
+
+def add_model_arguments(p) -> None:
+    g = p.add_argument_group("model and encoder")
     g.add_argument("--pretrained_model_name_or_path", default=None,
                    help="Diffusers UNet repo id or directory (a pipeline with unet/ or a bare UNet), e.g. google/ddpm-cifar10-32. "
                         "Default: the embedded 16 px disks UNet (models/ddpm-disks-16); with --unet_mode full and no base, a UNet is trained from scratch.")
-    g.add_argument("--revision", default=None, help="Hub revision of the base model.")
-    g.add_argument("--unet_mode", default="frozen", choices=["frozen", "lora", "full"],
-                   help="frozen: train only the encoder; lora: also LoRA on the UNet (peft); full: train UNet and encoder jointly.")
+    g.add_argument("--unet_mode", default="frozen", choices=adapter_lib.UNET_MODES,
+                   help="frozen: train only the encoder; lora: also LoRA on the UNet (peft; the attention projections of a text-conditioned "
+                        "UNet, else conv1, conv2, time_emb_proj and any attention); full: train UNet and encoder jointly.")
     g.add_argument("--lora_rank", type=int, default=4, help="LoRA rank.")
-    g.add_argument("--lora_target_modules", default=None,
-                   help="Comma-separated LoRA targets. Default: the attention projections to_q,to_k,to_v,to_out.0 for a text-conditioned "
-                        "(Stable Diffusion) UNet; conv1,conv2,time_emb_proj (+ attention projections if any) for a UNet2DModel.")
     g.add_argument("--latent_dim", type=int, default=8, help="Size of the SAMI code z.")
     g.add_argument("--encoder_channels", default="32,64", help="Encoder down-block widths (each block after the first halves the resolution).")
-    g.add_argument("--encoder_stem_stride", type=int, default=2, choices=[1, 2],
-                   help="Stride of the encoder's input convolution (2: no block at full resolution, cheaper guidance).")
-    g.add_argument("--encoder_init_logvar", type=float, default=-1.0, help="Initial log-variance of every posterior.")
-    g.add_argument("--encoder_min_logvar", type=float, default=None,
-                   help="Soft floor on the posterior log-variance; bounds the guidance strength (less stiff sampling).")
-    g.add_argument("--time_blind_encoder", action="store_true", help="The encoder does not see the noise level (the paper's encoder).")
-    g.add_argument("--bias_free_encoder", action="store_true",
-                   help="The paper's bias-free encoder: no additive constant before the head (no biases, normalisation without mean "
-                        "or offset) plus a middle block; needs --time_blind_encoder.")
-    g.add_argument("--init_encoder", default=None,
-                   help="Start from another model's encoder: a folder saved by compare.py --save_models (a β-VAE / β-TCVAE) or an "
-                        "adapter. Its architecture replaces the --encoder_* flags; --latent_dim must match.")
-    g.add_argument("--anchor_weight", type=float, default=10.0,
-                   help="With --init_encoder: weight of || mu(x_0) - mu_init(x_0) ||^2, annealed linearly to 0 over --anchor_steps.")
-    g.add_argument("--anchor_steps", type=int, default=0, help="With --init_encoder: steps over which the anchor is annealed away (0: no anchor).")
+    g.add_argument("--encoder_type", default="timed", choices=sorted(ENCODER_TYPES),
+                   help="timed: the encoder sees the noise level; time_blind: it does not (an ablation); paper: the SAMI paper's noise-blind, "
+                        "bias-free encoder (no additive constant before the head, normalisation without mean or offset, a middle block).")
     g.add_argument("--noise_bands", default=None,
                    help="Noise bands of the guidance: 'nested' (dimension i guides only below T (D - i) / D) or one upper timestep per "
                         "dimension, comma-separated. Default: every dimension guides at every noise level.")
+    g.add_argument("--init_encoder", default=None,
+                   help="Start from another model's encoder: a folder saved by compare.py --save_models (a β-VAE / β-TCVAE) or an "
+                        "adapter. Its architecture replaces --encoder_channels/--encoder_type; --latent_dim must match.")
+    g.add_argument("--anchor_weight", type=float, default=10.0,
+                   help="With --init_encoder: weight of || mu(x_0) - mu_init(x_0) ||^2, annealed linearly to 0 over --anchor_steps.")
+    g.add_argument("--anchor_steps", type=int, default=0, help="With --init_encoder: steps over which the anchor is annealed away (0: no anchor).")
+
+
+def add_data_arguments(p) -> None:
     g = p.add_argument_group("data")
     g.add_argument("--dataset", default="disks", choices=sorted(DATASETS), help="Built-in procedural dataset (fresh samples every step).")
     g.add_argument("--train_data_dir", default=None,
@@ -147,18 +168,22 @@ def parse_args(argv=None):
                    help="Caption column: a text-conditioned base then trains on these captions instead of the empty prompt.")
     g.add_argument("--proportion_empty_prompts", type=float, default=0.0,
                    help="Share of captions replaced by the empty prompt (keeps the unconditional model, for classifier-free guidance).")
-    g.add_argument("--dataloader_num_workers", type=int, default=0,
-                   help="Processes that decode file data (0: in the training process). Results do not depend on it.")
     g.add_argument("--resolution", type=int, default=None, help="Training resolution; default: the UNet's sample_size.")
     g.add_argument("--center_crop", action="store_true", help="Center-crop folder images (default: random crop).")
     g.add_argument("--random_flip", action="store_true", help="Randomly flip folder images horizontally.")
+    g.add_argument("--dataloader_num_workers", type=int, default=0,
+                   help="Processes that decode file data (0: in the training process). Results do not depend on it.")
     g.add_argument("--cache_latents", action="store_true",
                    help="Latent diffusion: store VAE latents of folder images on disk (safetensors) and reuse them in later epochs. "
                         "Needs deterministic preprocessing (--center_crop, no --random_flip).")
+
+
+def add_objective_arguments(p) -> None:
     g = p.add_argument_group("objective")
-    g.add_argument("--beta", type=float, default=0.01,
+    g.add_argument("--beta", type=beta_arg, default=0.01,
                    help="KL weight. With --weighting elbo in ELBO units (1 = the bound; < 1 rewards information in z); with simple "
-                        "(the default) only the KL's weight against the unweighted denoising error.")
+                        "(the default) only the KL's weight against the unweighted denoising error. Two comma-separated values move it "
+                        "geometrically from the first to the second over the run.")
     g.add_argument("--weighting", default="simple", choices=["simple", "elbo"], help="Denoising-error weights: unit (simple) or the exact ELBO weights.")
     g.add_argument("--timestep_sampling", default="low", choices=["uniform", "mid", "low"],
                    help="uniform over [0, T); mid: 75%% from [100, 900] + 25%% uniform; low: 75%% from [0, 500] + 25%% uniform. "
@@ -166,98 +191,74 @@ def parse_args(argv=None):
                         "with simple the emphasised noise levels really weigh more.")
     g.add_argument("--free_bits", type=float, default=0.5, help="Per-dimension mean KL (nats) below which KL is not penalised; 0 disables. The mean is over the whole "
                         "optimiser step (every process and accumulation step), so it does not depend on how the batch is split.")
-    g.add_argument("--kl_warmup_steps", type=int, default=0, help="Ramp beta linearly from 0 over this many steps.")
     g.add_argument("--latent_noise_warmup_steps", type=int, default=500,
                    help="Scale the reparameterisation noise of z ~ q(z|x_0) from 0 (z = posterior mean) to 1 over this many steps. "
                         "A zero-initialised encoder sits at a saddle where sampled z is pure noise; without that noise the "
                         "guidance pays off from the first step.")
-    g.add_argument("--beta_final", type=float, default=None,
-                   help="Beta schedule: after the warm-up, move beta geometrically from --beta to this value by the last step (default: constant).")
+    g.add_argument("--intervention_weight", type=float, default=0.0,
+                   help="Weight of the per-dimension intervention loss: moving the denoised estimate along one dimension's guidance "
+                        "field should change the re-encoded code in that dimension only.")
+
+
+def add_rate_arguments(p) -> None:
     g = p.add_argument_group("rate control (price the information in z, not the prior mismatch)")
     g.add_argument("--capacity", type=capacity_arg, default=None,
-                   help="Capacity target C in nats: adds --capacity_weight * |R - C|, R chosen by --capacity_on (Burgess et al. 2018). "
+                   help="Capacity target C in nats: adds |R - C|, R an upper bound on I(x; z) (the total KL minus the moment-matched "
+                        "aggregate mismatch, which an input-independent posterior cannot meet; Burgess et al. 2018 target the KL). "
                         "Comma-separated values (one per dimension) put one target on each dimension's own rate; unequal targets "
                         "make the posterior widths differ, which breaks the rotation symmetry of an equal-rate code.")
-    g.add_argument("--capacity_on", default="information", choices=["information", "kl"],
-                   help="information: an upper bound on I(x; z) (total KL minus the moment-matched aggregate mismatch), which an "
-                        "input-independent posterior cannot meet; kl: the total KL, as Burgess et al.")
-    g.add_argument("--capacity_weight", type=float, default=1.0, help="Weight of the capacity term.")
     g.add_argument("--capacity_ramp_steps", type=int, default=0, help="Ramp C linearly to --capacity over this many steps.")
     g.add_argument("--capacity_start", type=float, default=0.0, help="The ramp's first value, as a fraction of --capacity (0: from zero).")
     g.add_argument("--mismatch_weight", type=float, default=0.0,
                    help="Weight of KL(N(m, S) || N(0, I)) of the batch's moment-matched aggregate posterior (mean, scale, correlations).")
-    g.add_argument("--tc_weight", type=float, default=0.0, help="Weight of the total correlation of the code (added to --beta on TC).")
-    g.add_argument("--tc_estimator", default="discriminator", choices=["discriminator", "minibatch"],
-                   help="discriminator: FactorVAE's density-ratio estimate (a classifier trained alongside); minibatch: β-TCVAE's "
-                        "minibatch-weighted sampling.")
-    g.add_argument("--tc_on", default="sample", choices=["sample", "mean"],
-                   help="TC of z ~ q(z|x) (sample) or of the posterior means (mean, discriminator only).")
-    g.add_argument("--discriminator_learning_rate", type=float, default=1e-4, help="Adam learning rate of the TC discriminator.")
-    g.add_argument("--intervention_weight", type=float, default=0.0,
-                   help="Weight of the per-dimension intervention loss: moving the denoised estimate along one dimension's guidance "
-                        "field should change the re-encoded code in that dimension only.")
+    g.add_argument("--tc_weight", type=float, default=0.0,
+                   help="Weight of the total correlation of the code (added to --beta on TC), by FactorVAE's density-ratio discriminator "
+                        "(trained alongside, one step after each encoder step).")
+    g.add_argument("--tc_on", default="sample", choices=["sample", "mean"], help="TC of z ~ q(z|x) (sample) or of the posterior means (mean).")
+
+
+def add_optimisation_arguments(p) -> None:
     g = p.add_argument_group("optimisation")
     g.add_argument("--train_batch_size", type=int, default=64, help="Batch size per process.")
+    g.add_argument("--gradient_accumulation_steps", type=int, default=1, help="Micro-batches per optimiser step.")
     g.add_argument("--max_train_steps", type=int, default=2500, help="Optimiser steps (2500: the rate study's point for the default recipe; see docs/rate-study.md).")
-    g.add_argument("--learning_rate", type=float, default=1e-3, help="Peak learning rate of the encoder.")
+    g.add_argument("--learning_rate", type=float, default=1e-3, help=f"Peak learning rate of the encoder (after {LR_WARMUP_STEPS} warm-up steps).")
     g.add_argument("--unet_learning_rate", type=float, default=None, help="Learning rate of UNet/LoRA weights (default: --learning_rate / 5).")
     g.add_argument("--lr_scheduler", default="cosine", help="diffusers get_scheduler name (constant, linear, cosine, ...).")
-    g.add_argument("--lr_warmup_steps", type=int, default=50, help="Learning-rate warm-up steps.")
-    g.add_argument("--adam_weight_decay", type=float, default=0.0, help="AdamW weight decay.")
     g.add_argument("--max_grad_norm", type=float, default=10.0, help="Gradient clipping norm.")
-    g.add_argument("--gradient_accumulation_steps", type=int, default=1, help="Micro-batches per optimiser step.")
+    g.add_argument("--use_ema", action="store_true", help=f"Keep an EMA (decay {EMA_DECAY}) of the trainable weights and save it.")
+    g.add_argument("--seed", type=int, default=0, help="Seed of initialisation, data, noise and timesteps.")
     g.add_argument("--mixed_precision", default=None, choices=["no", "bf16", "fp16"],
                    help="Mixed precision (default: your `accelerate config`, else no). Under bf16/fp16 the frozen modules (UNet "
-                        "outside full mode, VAE, text encoder) are cast to that dtype; trained weights stay fp32.")
+                        "outside full mode, VAE, text encoder) are cast to that dtype, trained weights stay fp32, and TF32 matmuls "
+                        "are allowed on Ampere and newer GPUs.")
     g.add_argument("--gradient_checkpointing", action="store_true",
                    help="Recompute activations in the backward pass (encoder, and a trained UNet): less memory, slower steps.")
-    g.add_argument("--allow_tf32", action="store_true", help="Allow TF32 matmuls and convolutions on Ampere and newer GPUs.")
-    g.add_argument("--enable_xformers_memory_efficient_attention", action="store_true",
-                   help="Use xformers' memory-efficient attention in the UNet (needs the xformers package).")
-    g.add_argument("--use_ema", action="store_true", help="Keep an EMA of the trainable weights and save it.")
-    g.add_argument("--ema_decay", type=float, default=0.999, help="EMA decay.")
-    g.add_argument("--seed", type=int, default=0, help="Seed of initialisation, data, noise and timesteps.")
     g.add_argument("--num_threads", type=int, default=None, help="CPU threads per process (default: the cores divided among the processes).")
-    g = p.add_argument_group("output")
+
+
+def add_output_arguments(p) -> None:
+    g = p.add_argument_group("output, checkpoints and logging")
     g.add_argument("--output_dir", default="sami-disks-adapter", help="Adapter directory (checkpoints go to checkpoint-<step>/ inside).")
     g.add_argument("--overwrite_output_dir", action="store_true",
                    help="Start afresh in an --output_dir that holds an earlier run: its checkpoints, logs and validation images are "
                         "removed at the start; its adapter and report are replaced only once this run has finished.")
-    g.add_argument("--checkpointing_steps", type=int, default=500, help="Save a resumable checkpoint every N steps.")
-    g.add_argument("--checkpoints_total_limit", type=int, default=2, help="Keep at most this many checkpoints.")
+    g.add_argument("--checkpointing_steps", type=int, default=500,
+                   help=f"Save a resumable checkpoint every N steps (the last {CHECKPOINTS_TOTAL_LIMIT} are kept).")
     g.add_argument("--resume_from_checkpoint", default=None,
                    help="'latest', a checkpoint name inside --output_dir (checkpoint-500) or a checkpoint directory.")
-    g.add_argument("--logging_dir", default="logs",
-                   help="Tracker and train_log.jsonl folder, relative to --output_dir (or absolute).")
+    g.add_argument("--logging_dir", default="logs", help="Tracker and train_log.jsonl folder, relative to --output_dir (or absolute).")
     g.add_argument("--logging_steps", type=int, default=50, help="Log losses, per-dimension KL and guidance gain every N steps.")
-    g.add_argument("--validation_steps", type=int, default=500, help="Write reconstruction/traversal PNGs every N steps (0: only at the end).")
     g.add_argument("--report_to", default="tensorboard",
                    help="Accelerate tracker ('tensorboard', 'wandb', 'none'): losses, and the validation images too; skipped when not installed.")
+    g.add_argument("--push_to_hub", default=None, metavar="REPO_ID",
+                   help="Upload the adapter (with a model card) to this Hub repo (created if needed; the cached login is used).")
+    g = p.add_argument_group("evaluation (examples/evaluate.py measures a saved adapter in full)")
+    g.add_argument("--validation_steps", type=int, default=500, help="Write reconstruction/traversal PNGs every N steps (0: only at the end).")
     g.add_argument("--num_eval_images", type=int, default=512, help="Held-out images of the final report.")
     g.add_argument("--num_inference_steps", type=int, default=50, help="DDIM steps of validation and report images.")
-    g.add_argument("--eval_sami_scale", type=float, default=3.0,
-                   help="The report also measures reconstructions at this sami_scale (1 = only the exact decoder). "
-                        "Above 1 decodes from a sharpened posterior; it removes the wrong-position outliers of the exact decoder.")
-    g.add_argument("--eval_eta", type=float, default=1.0,
-                   help="DDIM eta of validation/report reconstructions. 1 (stochastic) corrects the step errors that sharp posteriors "
-                        "cause in the guided ODE; 0 is deterministic DDIM. Traversals always use 0 (shared randomness).")
-    g.add_argument("--no_report", action="store_true", help="Skip the final evaluation report.")
-    g.add_argument("--push_to_hub", action="store_true", help="Upload the adapter (with a model card) to the Hub.")
-    g.add_argument("--hub_model_id", default=None, help="Hub repo id for --push_to_hub.")
-    g.add_argument("--hub_token", default=None, help="Hub token (default: the cached login).")
-    g.add_argument("--hub_private_repo", action="store_true", help="Create the --hub_model_id repo as private (an existing repo keeps its visibility).")
-    apply_recipe(p, argv)
-    args = p.parse_args(argv)
-    if args.pretrained_model_name_or_path is None and args.unet_mode != "full":
-        args.pretrained_model_name_or_path = DEFAULT_BASES.get(args.dataset, DEFAULT_BASE)
-    if args.unet_learning_rate is None:
-        args.unet_learning_rate = args.learning_rate / 5
-    problem = check_args(args)
-    if problem:
-        p.error(problem)
-    args.rate = rate_control_from_args(args)
-    args.guidance_bands = parse_noise_bands(args.noise_bands, args.latent_dim)
-    return args
+    g.add_argument("--no_report", action="store_true",
+                   help=f"Skip the final evaluation report (guidance gain, KL, reconstructions, also at sami_scale {REPORT_SAMI_SCALE:g}).")
 
 
 def apply_recipe(parser, argv) -> None:
@@ -269,7 +270,7 @@ def apply_recipe(parser, argv) -> None:
         lo, hi = preset.pop("beta_per_pixel")
         channels = DATASETS[known.dataset].num_channels if not (known.train_data_dir or known.dataset_name) else 1
         pixels = channels * (known.resolution or 16) ** 2
-        preset.update(beta=lo * pixels, beta_final=hi * pixels)
+        preset.update(beta=(lo * pixels, hi * pixels))
     parser.set_defaults(**preset)
 
 
@@ -288,27 +289,19 @@ def check_args(args) -> str | None:
         value = getattr(args, name)
         if not (math.isfinite(value) and value > 0):
             return bad(name, value, "a finite number > 0")
-    for name in ("beta", "free_bits", "max_grad_norm", "adam_weight_decay"):
+    for name in ("free_bits", "max_grad_norm", "intervention_weight"):
         value = getattr(args, name)
         if not (math.isfinite(value) and value >= 0):
             return bad(name, value, "a finite number >= 0")
-    if args.beta_final is not None and not (math.isfinite(args.beta_final) and args.beta_final >= 0):
-        return bad("beta_final", args.beta_final, "a finite number >= 0")
-    if not (math.isfinite(args.eval_sami_scale) and args.eval_sami_scale >= 0):
-        return bad("eval_sami_scale", args.eval_sami_scale, "a finite number >= 0")
-    if not 0 <= args.eval_eta <= 1:
-        return bad("eval_eta", args.eval_eta, "in [0, 1]")
-    if not 0 <= args.ema_decay < 1:
-        return bad("ema_decay", args.ema_decay, "in [0, 1)")
-    if not math.isfinite(args.encoder_init_logvar):
-        return bad("encoder_init_logvar", args.encoder_init_logvar, "finite")
-    if args.encoder_min_logvar is not None and not (math.isfinite(args.encoder_min_logvar) and args.encoder_min_logvar < args.encoder_init_logvar):
-        return bad("encoder_min_logvar", args.encoder_min_logvar, f"finite and below --encoder_init_logvar ({args.encoder_init_logvar})")
+    if not all(math.isfinite(b) and b >= 0 for b in (args.beta, args.beta_final or 0.0)):
+        if args.beta_final is None:
+            return bad("beta", args.beta, "a finite number >= 0")
+        return bad("beta", f"{args.beta},{args.beta_final}", "two finite numbers >= 0")
     for name in ("latent_dim", "max_train_steps", "train_batch_size", "gradient_accumulation_steps", "lora_rank", "checkpointing_steps",
-                 "checkpoints_total_limit", "logging_steps", "num_eval_images", "num_inference_steps"):
+                 "logging_steps", "num_eval_images", "num_inference_steps"):
         if getattr(args, name) < 1:
             return bad(name, getattr(args, name), "an integer >= 1")
-    for name in ("kl_warmup_steps", "latent_noise_warmup_steps", "lr_warmup_steps", "validation_steps"):
+    for name in ("latent_noise_warmup_steps", "validation_steps"):
         if getattr(args, name) < 0:
             return bad(name, getattr(args, name), "an integer >= 0")
     if args.anchor_steps < 0 or not (math.isfinite(args.anchor_weight) and args.anchor_weight >= 0):
@@ -319,11 +312,6 @@ def check_args(args) -> str | None:
     if isinstance(args.capacity, tuple) and len(args.capacity) != args.latent_dim:
         return (f"--capacity has {len(args.capacity)} per-dimension targets but --latent_dim is {args.latent_dim}; "
                 "give one value or one per dimension.")
-    for name in ("intervention_weight",):
-        if not (math.isfinite(getattr(args, name)) and getattr(args, name) >= 0):
-            return bad(name, getattr(args, name), "a finite number >= 0")
-    if not (math.isfinite(args.discriminator_learning_rate) and args.discriminator_learning_rate > 0):
-        return bad("discriminator_learning_rate", args.discriminator_learning_rate, "a finite number > 0")
     try:
         rate_control_from_args(args)
         parse_noise_bands(args.noise_bands, args.latent_dim)
@@ -345,13 +333,9 @@ def check_args(args) -> str | None:
         return "use either --train_data_dir or --dataset_name, not both"
     if args.train_data_dir and not os.path.isdir(args.train_data_dir):
         return f"--train_data_dir {args.train_data_dir!r} is not a directory"
-    if args.bias_free_encoder and not args.time_blind_encoder:
-        return "--bias_free_encoder needs --time_blind_encoder (a timestep embedding adds a constant to the features)"
     if args.pretrained_model_name_or_path in DEFAULT_BASES.values() and not os.path.isdir(args.pretrained_model_name_or_path):
         return (f"the shipped base {args.pretrained_model_name_or_path} is missing; rebuild it with "
                 f"python examples/pretrain_unet.py --dataset {args.dataset} --output_dir {args.pretrained_model_name_or_path}")
-    if args.push_to_hub and not args.hub_model_id:
-        return "--push_to_hub needs --hub_model_id (e.g. your-name/sami-disks)"
     if args.cache_latents and (args.random_flip or not args.center_crop or not (args.train_data_dir or args.dataset_name)):
         return "--cache_latents needs an image dataset with deterministic preprocessing: --center_crop and no --random_flip"
     earlier = earlier_run(args.output_dir)
@@ -362,16 +346,10 @@ def check_args(args) -> str | None:
 
 
 def run_problem(args) -> str | None:
-    """The checkpoint, precision and memory flags' problem, or None."""
+    """The checkpoint flag's problem, or None."""
     if args.resume_from_checkpoint not in (None, "latest") and resolve_checkpoint(args) is None:
         return (f"--resume_from_checkpoint {args.resume_from_checkpoint!r} is neither a checkpoint in --output_dir {args.output_dir} "
                 f"nor a directory; pass 'latest', a checkpoint-<step> name from {args.output_dir}, or a checkpoint's path")
-    if args.enable_xformers_memory_efficient_attention:
-        from diffusers.utils.import_utils import is_xformers_available
-
-        if not is_xformers_available():
-            return ("--enable_xformers_memory_efficient_attention needs the xformers package (pip install xformers, on a CUDA "
-                    "machine); leave the flag out to use PyTorch's own attention")
     return None
 
 
@@ -463,7 +441,7 @@ def stop_if_diverged(accelerator, step: int, what: str, value: torch.Tensor, out
         )
 
 
-def collapse_warning(kl_per_dim: list[float], gain: float, step: int, max_steps: int, threshold: float = 0.1) -> str | None:
+def collapse_warning(kl_per_dim: list[float], gain: float, step: int, max_steps: int, threshold: float = ACTIVE_KL_NATS) -> str | None:
     """A message when the code carries (almost) nothing: every dimension's KL below ``threshold``
     nats, or guidance that does not lower the denoising error. None when all is well."""
     if step < max(50, 0.05 * max_steps):
@@ -479,9 +457,8 @@ def collapse_warning(kl_per_dim: list[float], gain: float, step: int, max_steps:
 
 def rate_control_from_args(args):
     """The RateControl of the flags, or None when no rate flag is set."""
-    control = RateControl(capacity=args.capacity, capacity_on=args.capacity_on, capacity_weight=args.capacity_weight,
-                          capacity_ramp_steps=args.capacity_ramp_steps, capacity_start=args.capacity_start,
-                          mismatch_weight=args.mismatch_weight, tc_weight=args.tc_weight, tc_estimator=args.tc_estimator, tc_on=args.tc_on)
+    control = RateControl(capacity=args.capacity, capacity_ramp_steps=args.capacity_ramp_steps, capacity_start=args.capacity_start,
+                          mismatch_weight=args.mismatch_weight, tc_weight=args.tc_weight, tc_on=args.tc_on)
     active = control.capacity is not None or control.mismatch_weight > 0 or control.tc_weight > 0
     return control if active else None
 
@@ -492,6 +469,17 @@ def capacity_arg(value: str):
         values = [float(v) for v in value.split(",")]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number of nats or comma-separated numbers (one per dimension), got {value!r}") from None
+    return values[0] if len(values) == 1 else tuple(values)
+
+
+def beta_arg(value: str):
+    """``--beta``: one weight, or ``start,end`` (moved geometrically from start to end over the run)."""
+    try:
+        values = [float(v) for v in value.split(",")]
+    except ValueError:
+        values = []
+    if len(values) not in (1, 2):
+        raise argparse.ArgumentTypeError(f"expected a number or start,end, got {value!r}")
     return values[0] if len(values) == 1 else tuple(values)
 
 
@@ -542,7 +530,7 @@ def build_unet(args):
         unet = UNet2DModel(sample_size=resolution, in_channels=channels, out_channels=channels, layers_per_block=1,
                            block_out_channels=(32, 64, 64), down_block_types=("DownBlock2D",) * 3, up_block_types=("UpBlock2D",) * 3)
         return unet, DDPMScheduler(num_train_timesteps=1000)
-    unet, scheduler_config = adapter_lib.load_base_unet_and_scheduler(args.pretrained_model_name_or_path, args.revision)
+    unet, scheduler_config = adapter_lib.load_base_unet_and_scheduler(args.pretrained_model_name_or_path)
     return unet, DDPMScheduler.from_config(scheduler_config)
 
 
@@ -605,8 +593,67 @@ def checkpoint_dirs(output_dir):
     return sorted(dirs, key=lambda d: int(d.split("-")[-1]))
 
 
+class Run:
+    """What set-up builds and the training step, its logging and the save share."""
+
+    def __init__(self, args, accelerator, unet, noise_scheduler, components: Dict[str, Any], unet_kwargs_one: Dict[str, torch.Tensor],
+                 resolution: int):
+        self.args, self.accelerator, self.unet, self.noise_scheduler = args, accelerator, unet, noise_scheduler
+        self.components, self.unet_kwargs_one, self.resolution = components, unet_kwargs_one, resolution
+        self.objective = self.optimizer = self.lr_scheduler = self.lora_config = self.anchor = None
+        self.param_groups: List[Dict[str, Any]] = []
+        self.trainable: List[torch.Tensor] = []
+        self.held_out = self.batches = self.timestep_probs = self.cache = self.loader = None
+        self.sample_shape: tuple = ()
+        self.discriminator = self.disc_optimizer = self.ema = None
+        self.run_config: Dict[str, Any] = {}
+        self.start_step, self.start_time = 0, 0.0
+        self.window: Dict[str, list] = {k: [] for k in WINDOW_KEYS}
+
+    @property
+    def vae(self):
+        return self.components.get("vae")
+
+    @property
+    def log_path(self) -> str:
+        return os.path.join(self.args.output_dir, self.args.logging_dir, "train_log.jsonl")
+
+
+WINDOW_KEYS = ("loss", "diffusion", "unguided", "kl_per_dim", "t", "guided_err", "unguided_err", "terms")
+
+
 def main(argv=None):
     args = parse_args(argv)
+    accelerator = make_accelerator(args)
+    start_time = time.time()
+    table = open_training_table(args, accelerator)  # before the models: a missing column or split fails at once
+    run = build_models(args, accelerator)
+    run.start_time = start_time
+    build_data(run, table)
+    prepare(run)
+    resume(run)
+
+    progress = tqdm(range(run.start_step, args.max_train_steps), initial=run.start_step, total=args.max_train_steps,
+                    disable=not accelerator.is_local_main_process, desc="SAMI")
+    run.objective.train()
+    for step in range(run.start_step, args.max_train_steps):
+        beta = train_step(run, step)
+        progress.update(1)
+        if (step + 1) % args.logging_steps == 0 or step + 1 == args.max_train_steps:
+            log_window(run, step + 1, beta, progress)
+        if accelerator.is_main_process and args.validation_steps and (step + 1) % args.validation_steps == 0 and step + 1 < args.max_train_steps:
+            validate(run, step + 1)
+        if (step + 1) % args.checkpointing_steps == 0 and step + 1 < args.max_train_steps:
+            stop_if_diverged(accelerator, step + 1, "weight", torch.stack([p.detach().float().abs().max() for p in run.trainable]), args.output_dir)
+            save_checkpoint(accelerator, args, step + 1, run.run_config)
+    progress.close()
+    save(run, max(run.start_step, args.max_train_steps))
+    tear_down(run)
+
+
+def make_accelerator(args) -> Accelerator:
+    """The Accelerator (trackers that are installed), logging, the output folder cleared by --overwrite_output_dir,
+    CPU threads and the seed."""
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,  # None: what `accelerate config` / `accelerate launch` set
@@ -628,285 +675,323 @@ def main(argv=None):
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         torch.set_num_threads(args.num_threads or max(1, cores // accelerator.num_processes))
     set_seed(args.seed)
-    start_time = time.time()
-    table = open_training_table(args, accelerator)  # before the models: a missing column or split fails at once
+    return accelerator
 
-    # ---------------------------------------------------------------- models
+
+def build_models(args, accelerator) -> Run:
+    """The base UNet and scheduler, the latent-diffusion components, the encoder (and its anchor), LoRA, and the
+    objective with its optimiser and learning-rate schedule."""
     unet, noise_scheduler = build_unet(args)
     # Latent diffusion (Stable Diffusion-style bases): SAMI works on the VAE latents the UNet denoises.
-    components = load_latent_components(args.pretrained_model_name_or_path, args.revision) if args.pretrained_model_name_or_path else {}
+    components = load_latent_components(args.pretrained_model_name_or_path) if args.pretrained_model_name_or_path else {}
+    resolution = fitting_resolution(args, unet, components)
+    run = Run(args, accelerator, unet, noise_scheduler, components, base_conditioning(args, unet, components), resolution)
+    setup_precision_and_memory(args, accelerator, unet, components)
+    if run.vae is not None:
+        run.vae.requires_grad_(False).eval().to(accelerator.device)
+    time_conditioning, bias_free = ENCODER_TYPES[args.encoder_type]
+    encoder = SAMIEncoder(in_channels=unet.config.in_channels, sample_size=unet.config.sample_size, latent_dim=args.latent_dim,
+                          block_out_channels=tuple(int(c) for c in args.encoder_channels.split(",")), time_conditioning=time_conditioning,
+                          guidance_bands=args.guidance_bands, bias_free=bias_free)
+    if args.init_encoder:  # its architecture replaces the flags', so the adapter's metadata says what was trained
+        encoder = load_init_encoder(args.init_encoder, args.latent_dim)
+        args.encoder_type = next(k for k, v in ENCODER_TYPES.items() if v == (encoder.config.time_conditioning, encoder.config.bias_free))
+        args.encoder_channels = ",".join(str(c) for c in encoder.config.block_out_channels)
+        if args.anchor_steps:
+            run.anchor = load_init_encoder(args.init_encoder, args.latent_dim).requires_grad_(False).eval().to(accelerator.device)
+    if args.gradient_checkpointing:
+        encoder.enable_gradient_checkpointing()
+    if args.unet_mode == "frozen":
+        unet.requires_grad_(False).eval()
+    elif args.unet_mode == "lora":
+        unet.requires_grad_(False)
+        targets = ["to_q", "to_k", "to_v", "to_out.0"] if run.unet_kwargs_one else None  # a text-conditioned UNet: its attention
+        run.lora_config = adapter_lib.add_lora(unet, rank=args.lora_rank, target_modules=targets)
+        cast_training_params(unet, dtype=torch.float32)  # the LoRA weights are trained, and fp16/bf16 updates would underflow
+    if args.gradient_checkpointing and args.unet_mode != "frozen":  # a frozen UNet runs without autograd: nothing to save
+        unet.enable_gradient_checkpointing()
+    run.objective = SAMIObjective(encoder, unet, args.unet_mode != "frozen", lora_only=args.unet_mode == "lora")
+    run.param_groups = [{"params": list(encoder.parameters()), "lr": args.learning_rate}]
+    unet_params = [p for p in unet.parameters() if p.requires_grad]
+    if unet_params:
+        run.param_groups.append({"params": unet_params, "lr": args.unet_learning_rate})
+    run.optimizer = torch.optim.AdamW(run.param_groups, weight_decay=0.0)
+    run.lr_scheduler = get_scheduler(args.lr_scheduler, run.optimizer, num_warmup_steps=LR_WARMUP_STEPS * accelerator.num_processes,
+                                     num_training_steps=args.max_train_steps * accelerator.num_processes)
+    return run
+
+
+def fitting_resolution(args, unet, components) -> int:
+    """--resolution, or the UNet's (times the VAE's factor); a resolution the UNet does not take stops the run."""
     vae = components.get("vae")
     scale = vae_scale_factor(vae) if vae is not None else 1
-    pixel_channels = vae.config.in_channels if vae is not None else unet.config.in_channels
     resolution = args.resolution or unet.config.sample_size * scale
     if resolution != unet.config.sample_size * scale:
         raise SystemExit(f"--resolution {resolution} does not fit the UNet (sample_size {unet.config.sample_size}"
                          f"{f' x VAE factor {scale}' if vae is not None else ''}); use --resolution {unet.config.sample_size * scale}.")
-    unet_kwargs_one = {}
+    return resolution
+
+
+def base_conditioning(args, unet, components) -> Dict[str, torch.Tensor]:
+    """The UNet's extra inputs for one image: the empty prompt's embedding for a text-conditioned UNet, else none."""
     if getattr(unet.config, "cross_attention_dim", None) is not None:
         if "text_encoder" not in components or "tokenizer" not in components:
             raise SystemExit("This UNet is text-conditioned but the base model has no text_encoder/tokenizer to embed the empty prompt.")
         from sami_adapter.latent import empty_prompt_embeddings
 
-        unet_kwargs_one = {"encoder_hidden_states": empty_prompt_embeddings(components["text_encoder"], components["tokenizer"], 1)}
-    elif args.caption_column:
+        return {"encoder_hidden_states": empty_prompt_embeddings(components["text_encoder"], components["tokenizer"], 1)}
+    if args.caption_column:
         raise SystemExit(f"--caption_column {args.caption_column!r}: this UNet is not text-conditioned (no cross_attention_dim), so "
                          "captions cannot condition it; leave the flag out to train on the images alone.")
-    weight_dtype = setup_precision_and_memory(args, accelerator, unet, components)
-    if vae is not None:
-        vae.requires_grad_(False).eval().to(accelerator.device)
-    encoder = SAMIEncoder(
-        in_channels=unet.config.in_channels, sample_size=unet.config.sample_size, latent_dim=args.latent_dim,
-        block_out_channels=tuple(int(c) for c in args.encoder_channels.split(",")),
-        stem_stride=args.encoder_stem_stride,
-        time_conditioning=not args.time_blind_encoder, init_logvar=args.encoder_init_logvar, min_logvar=args.encoder_min_logvar,
-        guidance_bands=args.guidance_bands, bias_free=args.bias_free_encoder,
-    )
-    anchor = None
-    if args.init_encoder:  # its architecture replaces the flags', so the adapter's metadata says what was trained
-        encoder = load_init_encoder(args.init_encoder, args.latent_dim)
-        args.time_blind_encoder, args.bias_free_encoder = not encoder.config.time_conditioning, encoder.config.bias_free
-        args.encoder_channels = ",".join(str(c) for c in encoder.config.block_out_channels)
-        args.encoder_stem_stride = encoder.config.stem_stride
-        if args.anchor_steps:
-            anchor = load_init_encoder(args.init_encoder, args.latent_dim).requires_grad_(False).eval().to(accelerator.device)
-    if args.gradient_checkpointing:
-        encoder.enable_gradient_checkpointing()
-    lora_config = None
-    if args.unet_mode == "frozen":
-        unet.requires_grad_(False).eval()
-    elif args.unet_mode == "lora":
-        unet.requires_grad_(False)
-        targets = args.lora_target_modules.split(",") if args.lora_target_modules else (
-            ["to_q", "to_k", "to_v", "to_out.0"] if unet_kwargs_one else None)
-        lora_config = adapter_lib.add_lora(unet, rank=args.lora_rank, target_modules=targets)
-        cast_training_params(unet, dtype=torch.float32)  # the LoRA weights are trained, and fp16/bf16 updates would underflow
-    if args.gradient_checkpointing and args.unet_mode != "frozen":  # a frozen UNet runs without autograd: nothing to save
-        unet.enable_gradient_checkpointing()
-    train_unet = args.unet_mode != "frozen"
-    objective = SAMIObjective(encoder, unet, train_unet, lora_only=args.unet_mode == "lora")
-    param_groups = [{"params": list(encoder.parameters()), "lr": args.learning_rate}]
-    unet_params = [p for p in unet.parameters() if p.requires_grad]
-    if unet_params:
-        param_groups.append({"params": unet_params, "lr": args.unet_learning_rate})
-    optimizer = torch.optim.AdamW(param_groups, weight_decay=args.adam_weight_decay)
-    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
-                                 num_training_steps=args.max_train_steps * accelerator.num_processes)
+    return {}
 
-    # ---------------------------------------------------------------- data
+
+def build_data(run: Run, table) -> None:
+    """The training and held-out data, the step batches, the timestep distribution and the latent cache."""
+    args, unet = run.args, run.unet
+    pixel_channels = run.vae.config.in_channels if run.vae is not None else unet.config.in_channels
     if table is not None:
         try:
-            dataset = ImageFolderDataset.from_datasets(table, args.image_column, resolution, pixel_channels, caption_column=args.caption_column,
+            dataset = ImageFolderDataset.from_datasets(table, args.image_column, run.resolution, pixel_channels, caption_column=args.caption_column,
                                                        center_crop=args.center_crop, random_flip=args.random_flip, seed=args.seed)
         except ValueError as e:  # a model with other than 1 or 3 channels
             raise SystemExit(f"{args.train_data_dir or args.dataset_name!r}: {e}") from e
-        held_out = dataset
+        run.held_out = dataset
     else:
-        dataset = DATASETS[args.dataset](num_samples=1, resolution=resolution, seed=args.seed)
+        dataset = DATASETS[args.dataset](num_samples=1, resolution=run.resolution, seed=args.seed)
         if dataset.num_channels != pixel_channels:
             raise SystemExit(f"--dataset {args.dataset} has {dataset.num_channels} channel(s) but the model takes {pixel_channels}.")
-        held_out = DATASETS[args.dataset](num_samples=max(args.num_eval_images, 16), resolution=resolution, seed=args.seed + 10_000)
+        run.held_out = DATASETS[args.dataset](num_samples=max(args.num_eval_images, 16), resolution=run.resolution, seed=args.seed + 10_000)
     # One draw per optimiser step, sliced into micro-batches and then among processes: N processes with
     # A accumulation steps at batch B see exactly what one process sees at batch N * A * B.
-    batches = StepBatches(dataset, args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps, args.seed,
-                          empty_prompt_share=args.proportion_empty_prompts)
-    timestep_probs = timestep_distribution(args.timestep_sampling, noise_scheduler.config.num_train_timesteps)
-    sample_shape = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
-    cache = None
-    if args.cache_latents and vae is not None:
-        cache = LatentCache(os.path.join(args.output_dir, "latent_cache"),
-                            fingerprint=LatentCache.fingerprint_of(base=args.pretrained_model_name_or_path, resolution=resolution,
-                                                                   data=args.train_data_dir or args.dataset_name))
+    run.batches = StepBatches(dataset, args.train_batch_size * run.accelerator.num_processes * args.gradient_accumulation_steps, args.seed,
+                              empty_prompt_share=args.proportion_empty_prompts)
+    run.timestep_probs = timestep_distribution(args.timestep_sampling, run.noise_scheduler.config.num_train_timesteps)
+    run.sample_shape = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
+    if args.cache_latents and run.vae is not None:
+        run.cache = LatentCache(os.path.join(args.output_dir, "latent_cache"),
+                                fingerprint=LatentCache.fingerprint_of(base=args.pretrained_model_name_or_path, resolution=run.resolution,
+                                                                       data=args.train_data_dir or args.dataset_name))
 
-    discriminator = disc_optimizer = None
+
+def prepare(run: Run) -> None:
+    """The TC discriminator (when the rate control needs one), accelerate's wrapping, and the EMA."""
+    args, accelerator = run.args, run.accelerator
     if args.rate is not None and args.rate.needs_discriminator:
         discriminator = TCDiscriminator(latent_dim=args.latent_dim)
-        disc_optimizer = torch.optim.Adam(discriminator.parameters(), lr=args.discriminator_learning_rate, betas=(0.5, 0.9))
-        discriminator, disc_optimizer = accelerator.prepare(discriminator, disc_optimizer)
-    objective, optimizer, lr_scheduler = accelerator.prepare(objective, optimizer, lr_scheduler)
-    if not train_unet:
-        unet.to(accelerator.device)
-    trainable = [p for group in param_groups for p in group["params"]]
-    ema = EMAModel(trainable, decay=args.ema_decay) if args.use_ema else None
-    if ema is not None:
-        ema.to(accelerator.device)
-        accelerator.register_for_checkpointing(ema)
+        run.discriminator, run.disc_optimizer = accelerator.prepare(discriminator, discriminator.make_optimizer())
+    run.objective, run.optimizer, run.lr_scheduler = accelerator.prepare(run.objective, run.optimizer, run.lr_scheduler)
+    if args.unet_mode == "frozen":
+        run.unet.to(accelerator.device)
+    run.trainable = [p for group in run.param_groups for p in group["params"]]
+    if args.use_ema:
+        run.ema = EMAModel(run.trainable, decay=EMA_DECAY)
+        run.ema.to(accelerator.device)
+        accelerator.register_for_checkpointing(run.ema)
 
-    # ---------------------------------------------------------------- resume
-    run_config = {"base_model_name_or_path": args.pretrained_model_name_or_path, "revision": args.revision, "unet_mode": args.unet_mode,
-                  "latent_dim": args.latent_dim, "resolution": resolution, "encoder_channels": args.encoder_channels,
-                  "encoder_stem_stride": args.encoder_stem_stride}
-    # Recorded only when used, so checkpoints written before these options existed still resume.
+
+def resume(run: Run) -> None:
+    """The run's identity for its checkpoints, the checkpoint to resume from, the data loader from there, the trackers."""
+    args, accelerator, encoder = run.args, run.accelerator, run.accelerator.unwrap_model(run.objective).encoder
+    run.run_config = {"base_model_name_or_path": args.pretrained_model_name_or_path, "unet_mode": args.unet_mode, "latent_dim": args.latent_dim,
+                      "resolution": run.resolution, "encoder_channels": args.encoder_channels, "encoder_stem_stride": encoder.config.stem_stride}
+    # Recorded only when used, so checkpoints of runs without these options resume the same way.
     if args.guidance_bands:
-        run_config["guidance_bands"] = list(args.guidance_bands)
-    if discriminator is not None:
-        run_config["tc_discriminator"] = True
-    if args.bias_free_encoder:
-        run_config["bias_free_encoder"] = True
-    global_step = 0
+        run.run_config["guidance_bands"] = list(args.guidance_bands)
+    if run.discriminator is not None:
+        run.run_config["tc_discriminator"] = True
+    if encoder.config.bias_free:
+        run.run_config["bias_free_encoder"] = True
     if args.resume_from_checkpoint:
         path = resolve_checkpoint(args)  # only 'latest' can find nothing here: check_args refused other missing names
         if path is None:
             logger.warning(f"--resume_from_checkpoint latest: no checkpoint in {args.output_dir}; starting from scratch.")
         else:
-            global_step = load_checkpoint(accelerator, path, run_config)
-    loader = step_loader(args, batches, accelerator, global_step)
-
+            run.start_step = load_checkpoint(accelerator, path, run.run_config)
+    run.loader = step_loader(args, run.batches, accelerator, run.start_step)
     if accelerator.is_main_process:
         accelerator.init_trackers("sami", config={k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))})
         os.makedirs(os.path.join(args.output_dir, args.logging_dir), exist_ok=True)
-    log_path = os.path.join(args.output_dir, args.logging_dir, "train_log.jsonl")
-    window = {"loss": [], "diffusion": [], "unguided": [], "kl_per_dim": [], "t": [], "guided_err": [], "unguided_err": [], "terms": []}
 
-    # ---------------------------------------------------------------- train
-    progress = tqdm(range(global_step, args.max_train_steps), initial=global_step, total=args.max_train_steps,
-                    disable=not accelerator.is_local_main_process, desc="SAMI")
-    objective.train()
+
+def micro_batches(run: Run, step: int) -> list:
+    """This process's micro-batches of optimiser step ``step``: (tensors, clean UNet input, captions) each."""
+    args, accelerator = run.args, run.accelerator
     rank, world = accelerator.process_index, accelerator.num_processes
-    for step in range(global_step, args.max_train_steps):
-        beta = beta_at(step, args.max_train_steps, args.beta, args.beta_final, args.kl_warmup_steps)
-        noise_scale = min(1.0, step / args.latent_noise_warmup_steps) if args.latent_noise_warmup_steps else 1.0
-        step_batch = batches.batch(step, timestep_probs, noise_scheduler.config.num_train_timesteps, args.latent_dim, sample_shape,
-                                   with_images=loader is None)
-        micro_size = args.train_batch_size * world
-        parts = []
-        anchor_weight = args.anchor_weight * max(0.0, 1.0 - step / args.anchor_steps) if anchor is not None else 0.0
-        for micro in range(args.gradient_accumulation_steps):
-            local = {k: v[micro * micro_size : (micro + 1) * micro_size].chunk(world)[rank].to(accelerator.device) for k, v in step_batch.items()}
-            captions = next_items(loader, step, local, accelerator.device) if loader is not None else None
-            clean = local["images"]
-            if vae is not None:  # VAE latents once per batch, no gradients; from disk when cached
-                clean = cache.get_or_compute(vae, local["indices"], clean) if cache is not None else images_to_latents(vae, clean)
-                clean = clean.float()
-            parts.append((local, clean, captions))
-        kl_reference = step_kl_per_dim(accelerator, accelerator.unwrap_model(objective).encoder, [p[1] for p in parts]) if args.free_bits > 0 else None
-        for micro, (local, clean, captions) in enumerate(parts):
-            unet_kwargs = unet_conditioning(unet_kwargs_one, components, captions, clean.shape[0], accelerator.device)
-            with accelerator.accumulate(objective), accelerator.autocast():
-                out = SAMILossOutput(**objective(clean, noise_scheduler, unet_kwargs=unet_kwargs, beta=beta, weighting=args.weighting, timesteps=local["timesteps"],
-                                timestep_probs=timestep_probs, noise=local["noise"], latent_noise=local["latent_noise"] * noise_scale,
-                                free_bits=args.free_bits, kl_reference=kl_reference, rate=args.rate, step=step,
-                                anchor_mean=anchor_codes(anchor, clean) if anchor_weight > 0 else None, anchor_weight=anchor_weight,
-                                tc_discriminator=accelerator.unwrap_model(discriminator) if discriminator is not None else None,
-                                intervention_weight=args.intervention_weight, intervention_dims=local["intervention_dims"]))
-                stop_if_diverged(accelerator, step + 1, "loss", out.loss.detach(), args.output_dir)
-                accelerator.backward(out.loss)
-                if accelerator.sync_gradients:
-                    grad_norm = accelerator.clip_grad_norm_(trainable, args.max_grad_norm if args.max_grad_norm > 0 else math.inf)
-                    if accelerator.mixed_precision != "fp16":  # fp16's loss scaler skips overflowing steps by design
-                        stop_if_diverged(accelerator, step + 1, "gradient norm", grad_norm.detach(), args.output_dir)
-                optimizer.step()
-                lr_scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-            if discriminator is not None:
-                with accelerator.accumulate(discriminator):
-                    codes = out.posterior_mean if args.tc_on == "mean" else out.latents
-                    g = torch.Generator().manual_seed(int(np.random.default_rng([args.seed, step, micro, 3]).integers(0, 2**62)))
-                    disc_loss = discriminator_step(discriminator, disc_optimizer, codes, g, backward=accelerator.backward)
-            scalars = {k: v for k, v in (out.rate or {}).items() if v.ndim == 0}
-            if out.rate is not None:
-                scalars.update({f"mismatch_dim_{i}": v for i, v in enumerate(out.rate["mismatch_per_dim"])})
-            if out.intervention_loss is not None:
-                scalars["intervention"] = out.intervention_loss
-            if discriminator is not None:
-                scalars["discriminator_loss"] = disc_loss.detach()
-            if scalars:  # one device sync for all of them
-                values = torch.stack([v.float().to(accelerator.device) for v in scalars.values()]).tolist()
-                window["terms"].append(dict(zip(scalars, values)))
-            window["loss"].append(out.loss.item()); window["diffusion"].append(out.diffusion_loss.item())
-            window["unguided"].append(out.unguided_diffusion_loss.item()); window["kl_per_dim"].append(out.kl_per_dim.detach().cpu())
-            window["t"].append(out.timesteps.cpu()); window["guided_err"].append(out.guided_error.cpu()); window["unguided_err"].append(out.unguided_error.cpu())
-        if ema is not None:
-            ema.step(trainable)
-        global_step = step + 1
-        progress.update(1)
+    step_batch = run.batches.batch(step, run.timestep_probs, run.noise_scheduler.config.num_train_timesteps, args.latent_dim, run.sample_shape,
+                                   with_images=run.loader is None)
+    micro_size = args.train_batch_size * world
+    parts = []
+    for micro in range(args.gradient_accumulation_steps):
+        local = {k: v[micro * micro_size : (micro + 1) * micro_size].chunk(world)[rank].to(accelerator.device) for k, v in step_batch.items()}
+        captions = next_items(run.loader, step, local, accelerator.device) if run.loader is not None else None
+        clean = local["images"]
+        if run.vae is not None:  # VAE latents once per batch, no gradients; from disk when cached
+            clean = run.cache.get_or_compute(run.vae, local["indices"], clean) if run.cache is not None else images_to_latents(run.vae, clean)
+            clean = clean.float()
+        parts.append((local, clean, captions))
+    return parts
 
-        if global_step % args.logging_steps == 0 or global_step == args.max_train_steps:
-            kl = torch.stack(window["kl_per_dim"]).mean(0)
-            diffusion, unguided = float(np.mean(window["diffusion"])), float(np.mean(window["unguided"]))
-            logs = {"step": global_step, "loss": float(np.mean(window["loss"])), "diffusion_loss": diffusion, "unguided_loss": unguided,
-                    "guidance_gain": unguided - diffusion, "relative_gain": 1 - diffusion / max(unguided, 1e-12), "kl": float(kl.sum()),
-                    "beta": beta, "lr": lr_scheduler.get_last_lr()[0]}
-            logs.update({f"kl_dim_{i}": float(v) for i, v in enumerate(kl)})
-            if window["terms"]:
-                logs.update({k: float(np.mean([t[k] for t in window["terms"]])) for k in window["terms"][0]})
-            bands = band_gains(torch.cat(window["t"]), torch.cat(window["guided_err"]), torch.cat(window["unguided_err"]), NOISE_BANDS)
-            logs.update({f"gain_t{k}": v for k, v in bands.items()})
-            progress.set_postfix(loss=f"{logs['loss']:.2f}", gain=f"{logs['relative_gain']:.1%}", active=len(active_dimensions(kl.tolist())))
-            accelerator.log(logs, step=global_step)
-            if accelerator.is_main_process:
-                with open(log_path, "a") as f:
-                    f.write(json.dumps(logs) + "\n")
-                warning = collapse_warning(kl.tolist(), unguided - diffusion, global_step, args.max_train_steps)
-                if warning:
-                    logger.warning(warning)
-            window = {k: [] for k in window}
 
-        if accelerator.is_main_process and args.validation_steps and global_step % args.validation_steps == 0 and global_step < args.max_train_steps:
-            pipe = make_pipeline(accelerator.unwrap_model(objective).encoder, unet, noise_scheduler, components)
-            with accelerator.autocast():  # under mixed precision, trained fp32 weights (LoRA) meet the frozen fp16/bf16 ones
-                path = save_validation(pipe, held_out_images(held_out, 8, accelerator.device),
-                                       os.path.join(args.output_dir, "validation", f"step-{global_step}.png"),
-                                       args.seed, args.latent_dim, args.num_inference_steps, args.eval_eta)
-            log_validation_image(accelerator, path, global_step)
-            objective.train()
-        if global_step % args.checkpointing_steps == 0 and global_step < args.max_train_steps:
-            stop_if_diverged(accelerator, global_step, "weight", torch.stack([p.detach().float().abs().max() for p in trainable]), args.output_dir)
-            save_checkpoint(accelerator, args, global_step, run_config)
-    progress.close()
+def train_step(run: Run, step: int) -> float:
+    """One optimiser step: the SAMI loss and its backward over every micro-batch, the discriminator's step after
+    the model's (one order for SAMI and the baselines), the EMA; its numbers go into ``run.window``. Returns beta."""
+    args, accelerator = run.args, run.accelerator
+    beta = beta_at(step, args.max_train_steps, args.beta, args.beta_final)
+    noise_scale = min(1.0, step / args.latent_noise_warmup_steps) if args.latent_noise_warmup_steps else 1.0
+    anchor_weight = args.anchor_weight * max(0.0, 1.0 - step / args.anchor_steps) if run.anchor is not None else 0.0
+    parts = micro_batches(run, step)
+    kl_reference = step_kl_per_dim(accelerator, accelerator.unwrap_model(run.objective).encoder, [p[1] for p in parts]) if args.free_bits > 0 else None
+    discriminator = accelerator.unwrap_model(run.discriminator) if run.discriminator is not None else None
+    for micro, (local, clean, captions) in enumerate(parts):
+        unet_kwargs = unet_conditioning(run.unet_kwargs_one, run.components, captions, clean.shape[0], accelerator.device)
+        with accelerator.accumulate(run.objective), accelerator.autocast():
+            out = SAMILossOutput(**run.objective(
+                clean, run.noise_scheduler, unet_kwargs=unet_kwargs, beta=beta, weighting=args.weighting, timesteps=local["timesteps"],
+                timestep_probs=run.timestep_probs, noise=local["noise"], latent_noise=local["latent_noise"] * noise_scale,
+                free_bits=args.free_bits, kl_reference=kl_reference, rate=args.rate, step=step,
+                anchor_mean=anchor_codes(run.anchor, clean) if anchor_weight > 0 else None, anchor_weight=anchor_weight,
+                tc_discriminator=discriminator, intervention_weight=args.intervention_weight, intervention_dims=local["intervention_dims"]))
+            stop_if_diverged(accelerator, step + 1, "loss", out.loss.detach(), args.output_dir)
+            accelerator.backward(out.loss)
+            if accelerator.sync_gradients:
+                grad_norm = accelerator.clip_grad_norm_(run.trainable, args.max_grad_norm if args.max_grad_norm > 0 else math.inf)
+                if accelerator.mixed_precision != "fp16":  # fp16's loss scaler skips overflowing steps by design
+                    stop_if_diverged(accelerator, step + 1, "gradient norm", grad_norm.detach(), args.output_dir)
+            run.optimizer.step()
+            run.lr_scheduler.step()
+            run.optimizer.zero_grad(set_to_none=True)
+        disc_loss = None
+        if run.discriminator is not None:
+            with accelerator.accumulate(run.discriminator):
+                codes = out.posterior_mean if args.tc_on == "mean" else out.latents
+                g = torch.Generator().manual_seed(int(np.random.default_rng([args.seed, step, micro, 3]).integers(0, 2**62)))
+                disc_loss = discriminator_step(run.discriminator, run.disc_optimizer, codes, g, backward=accelerator.backward)
+        record(run, out, disc_loss)
+    if run.ema is not None:
+        run.ema.step(run.trainable)
+    return beta
+
+
+def record(run: Run, out: SAMILossOutput, disc_loss: Optional[torch.Tensor]) -> None:
+    """One micro-batch's losses, KL, errors and rate terms into the logging window."""
+    window = run.window
+    scalars = {k: v for k, v in (out.rate or {}).items() if v.ndim == 0}
+    if out.rate is not None:
+        scalars.update({f"mismatch_dim_{i}": v for i, v in enumerate(out.rate["mismatch_per_dim"])})
+    if out.intervention_loss is not None:
+        scalars["intervention"] = out.intervention_loss
+    if disc_loss is not None:
+        scalars["discriminator_loss"] = disc_loss.detach()
+    if scalars:  # one device sync for all of them
+        values = torch.stack([v.float().to(run.accelerator.device) for v in scalars.values()]).tolist()
+        window["terms"].append(dict(zip(scalars, values)))
+    window["loss"].append(out.loss.item()); window["diffusion"].append(out.diffusion_loss.item())
+    window["unguided"].append(out.unguided_diffusion_loss.item()); window["kl_per_dim"].append(out.kl_per_dim.detach().cpu())
+    window["t"].append(out.timesteps.cpu()); window["guided_err"].append(out.guided_error.cpu()); window["unguided_err"].append(out.unguided_error.cpu())
+
+
+def log_window(run: Run, global_step: int, beta: float, progress) -> None:
+    """The logging window's means (losses, guidance gain overall and per noise band, KL per dimension, rate terms) to the
+    trackers, train_log.jsonl and the progress bar; a warning when the code collapses. Empties the window."""
+    window, accelerator = run.window, run.accelerator
+    kl = torch.stack(window["kl_per_dim"]).mean(0)
+    diffusion, unguided = float(np.mean(window["diffusion"])), float(np.mean(window["unguided"]))
+    logs = {"step": global_step, "loss": float(np.mean(window["loss"])), "diffusion_loss": diffusion, "unguided_loss": unguided,
+            "guidance_gain": unguided - diffusion, "relative_gain": 1 - diffusion / max(unguided, 1e-12), "kl": float(kl.sum()),
+            "beta": beta, "lr": run.lr_scheduler.get_last_lr()[0]}
+    logs.update({f"kl_dim_{i}": float(v) for i, v in enumerate(kl)})
+    if window["terms"]:
+        logs.update({k: float(np.mean([t[k] for t in window["terms"]])) for k in window["terms"][0]})
+    bands = band_gains(torch.cat(window["t"]), torch.cat(window["guided_err"]), torch.cat(window["unguided_err"]), NOISE_BANDS)
+    logs.update({f"gain_t{k}": v for k, v in bands.items()})
+    progress.set_postfix(loss=f"{logs['loss']:.2f}", gain=f"{logs['relative_gain']:.1%}", active=len(active_dimensions(kl.tolist())))
+    accelerator.log(logs, step=global_step)
+    if accelerator.is_main_process:
+        with open(run.log_path, "a") as f:
+            f.write(json.dumps(logs) + "\n")
+        warning = collapse_warning(kl.tolist(), unguided - diffusion, global_step, run.args.max_train_steps)
+        if warning:
+            logger.warning(warning)
+    run.window = {k: [] for k in WINDOW_KEYS}
+
+
+def validate(run: Run, global_step: int) -> None:
+    """The validation picture of this step (reconstructions and traversals), to disk and to the trackers."""
+    args = run.args
+    pipe = make_pipeline(run.accelerator.unwrap_model(run.objective).encoder, run.unet, run.noise_scheduler, run.components)
+    with run.accelerator.autocast():  # under mixed precision, trained fp32 weights (LoRA) meet the frozen fp16/bf16 ones
+        path = save_validation(pipe, held_out_images(run.held_out, 8, run.accelerator.device),
+                               os.path.join(args.output_dir, "validation", f"step-{global_step}.png"), args.seed, args.latent_dim,
+                               args.num_inference_steps, EVAL_ETA)
+    log_validation_image(run.accelerator, path, global_step)
+    run.objective.train()
+
+
+def save(run: Run, global_step: int) -> None:
+    """Every rank's weights checked equal and finite; then the adapter, its model card, the report and the upload."""
+    args, accelerator = run.args, run.accelerator
     accelerator.wait_for_everyone()
     # Every rank must hold the same weights after DDP training; record the evidence.
-    checksum = torch.stack([p.detach().double().sum() for p in trainable]).sum().view(1).to(accelerator.device)
+    checksum = torch.stack([p.detach().double().sum() for p in run.trainable]).sum().view(1).to(accelerator.device)
     rank_checksums = accelerator.gather(checksum).cpu().tolist()
     stop_if_diverged(accelerator, global_step, "weight", checksum, args.output_dir)
-
-    # ---------------------------------------------------------------- save
-    if accelerator.is_main_process:
-        train_seconds = time.time() - start_time
-        model = accelerator.unwrap_model(objective)
-        if ema is not None:
-            ema.copy_to(trainable)
-        base_ref = args.pretrained_model_name_or_path
-        if base_ref and os.path.isdir(base_ref):
-            base_ref = os.path.relpath(os.path.abspath(base_ref), os.path.abspath(args.output_dir))
-        report = {"train_seconds": round(train_seconds, 1), "rank_weight_checksums": rank_checksums,
-                  "mixed_precision": accelerator.mixed_precision}
-        extra = {"training": {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None)))}, "metrics": report}
-        # The adapter first: an evaluation that fails must not cost the trained weights.
-        adapter_lib.save_adapter(args.output_dir, model.encoder, base_ref, revision=args.revision, unet=model.unet, unet_mode=args.unet_mode,
-                                 lora_config=lora_config, extra=extra)
+    if not accelerator.is_main_process:
+        return
+    train_seconds = time.time() - run.start_time
+    model = accelerator.unwrap_model(run.objective)
+    if run.ema is not None:
+        run.ema.copy_to(run.trainable)
+    base_ref = args.pretrained_model_name_or_path
+    if base_ref and os.path.isdir(base_ref):
+        base_ref = os.path.relpath(os.path.abspath(base_ref), os.path.abspath(args.output_dir))
+    report = {"train_seconds": round(train_seconds, 1), "rank_weight_checksums": rank_checksums, "mixed_precision": accelerator.mixed_precision}
+    extra = {"training": {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None)))}, "metrics": report}
+    # The adapter first: an evaluation that fails must not cost the trained weights.
+    adapter_lib.save_adapter(args.output_dir, model.encoder, base_ref, unet=model.unet, unet_mode=args.unet_mode, lora_config=run.lora_config,
+                             extra=extra)
+    write_model_card(args)
+    logger.info(f"Adapter saved to {args.output_dir} ({train_seconds:.0f} s)")
+    if not args.no_report:
+        report = {**evaluation_report(run, model), **report}
+        adapter_lib.update_adapter_config(args.output_dir, {"metrics": report})
         write_model_card(args)
-        logger.info(f"Adapter saved to {args.output_dir} ({train_seconds:.0f} s)")
-        if not args.no_report:
-            # The report measures in fp32 whatever the training precision, so its numbers compare across runs.
-            for module in (model.unet, components.get("vae"), components.get("text_encoder")):
-                if module is not None and module.dtype != torch.float32:
-                    module.to(dtype=torch.float32)
-            pipe = make_pipeline(model.encoder, model.unet, noise_scheduler, components)
-            images = held_out_images(held_out, args.num_eval_images, accelerator.device)
-            report_dir = os.path.join(args.output_dir, "report")
-            shutil.rmtree(report_dir, ignore_errors=True)  # no picture of an earlier run may stay next to this one's
-            disks = args.dataset if args.dataset in DISK_DATASETS and not (args.train_data_dir or args.dataset_name) else None
-            report = {**write_report(pipe, images, report_dir, noise_scheduler, seed=args.seed, num_inference_steps=args.num_inference_steps,
-                                     eta=args.eval_eta, sami_scale=args.eval_sami_scale, disk_factors=disks), **report}
-            adapter_lib.update_adapter_config(args.output_dir, {"metrics": report})
-            write_model_card(args)
-            logger.info(f"Report: {json.dumps(report)}")
-        if args.push_to_hub:
-            upload_to_hub(args.output_dir, args.hub_model_id, token=args.hub_token, private=args.hub_private_repo,
-                          ignore=[f"{args.logging_dir}/*"])
-    # Both ranks leave together: a rank that tears the process group down while rank 0 is still
-    # saving makes rank 0 hang at exit.
-    accelerator.wait_for_everyone()
-    # Free the DDP model before the process group. DDP's reducer holds the group, and if the
-    # reducer's deallocation drops the last reference, gloo's destructor joins its worker threads
-    # while this thread holds the GIL; a worker still freeing a finished collective's tensors needs
-    # the GIL to do so, and both wait forever. The Python process-group object releases the GIL in
-    # its destructor, so it is kept until the model is gone and dropped last.
+        logger.info(f"Report: {json.dumps(report)}")
+    if args.push_to_hub:
+        upload_to_hub(args.output_dir, args.push_to_hub, ignore=[f"{args.logging_dir}/*"])
+
+
+def evaluation_report(run: Run, model) -> Dict[str, Any]:
+    """finetune's report (report/ beside the adapter): measured in fp32 whatever the training precision, so that
+    its numbers compare across runs."""
+    args = run.args
+    for module in (model.unet, run.components.get("vae"), run.components.get("text_encoder")):
+        if module is not None and module.dtype != torch.float32:
+            module.to(dtype=torch.float32)
+    pipe = make_pipeline(model.encoder, model.unet, run.noise_scheduler, run.components)
+    images = held_out_images(run.held_out, args.num_eval_images, run.accelerator.device)
+    report_dir = os.path.join(args.output_dir, "report")
+    shutil.rmtree(report_dir, ignore_errors=True)  # no picture of an earlier run may stay next to this one's
+    disks = args.dataset if args.dataset in DISK_DATASETS and not (args.train_data_dir or args.dataset_name) else None
+    return write_report(pipe, images, report_dir, run.noise_scheduler, seed=args.seed, num_inference_steps=args.num_inference_steps,
+                        eta=EVAL_ETA, sami_scale=REPORT_SAMI_SCALE, disk_factors=disks)
+
+
+def tear_down(run: Run) -> None:
+    """Both ranks leave together, and the DDP model goes before the process group.
+
+    A rank that tears the process group down while rank 0 is still saving makes rank 0 hang at exit.
+    DDP's reducer holds the group, and if the reducer's deallocation drops the last reference, gloo's
+    destructor joins its worker threads while this thread holds the GIL; a worker still freeing a
+    finished collective's tensors needs the GIL to do so, and both wait forever. The Python
+    process-group object releases the GIL in its destructor, so it is kept until the model is gone and
+    dropped last.
+    """
+    run.accelerator.wait_for_everyone()
     group = torch.distributed.group.WORLD if torch.distributed.is_initialized() else None
-    accelerator.end_training()
-    accelerator.free_memory()
-    del objective, optimizer, lr_scheduler
+    run.accelerator.end_training()
+    run.accelerator.free_memory()
+    run.objective = run.optimizer = run.lr_scheduler = run.discriminator = run.disc_optimizer = None
     gc.collect()
     del group
 
@@ -933,18 +1018,16 @@ def open_training_table(args, accelerator):
 
 def setup_precision_and_memory(args, accelerator, unet, components) -> torch.dtype:
     """The dtype of frozen weights (fp16/bf16 under mixed precision, as diffusers' scripts do), with the VAE, the
-    text encoder and a UNet that is not trained in full cast to it (its LoRA weights, added later, stay fp32),
-    and the memory and speed flags applied."""
+    text encoder and a UNet that is not trained in full cast to it (its LoRA weights, added later, stay fp32).
+    Mixed precision also allows TF32 matmuls (Ampere and newer GPUs): a run that accepts bf16 accepts TF32."""
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     frozen = [components.get("vae"), components.get("text_encoder"), unet if args.unet_mode != "full" else None]
     for module in frozen:
         if module is not None and module.dtype != weight_dtype:
             module.to(dtype=weight_dtype)  # frozen weights: the training dtype is enough, and halves their memory
-    if args.allow_tf32:
+    if weight_dtype != torch.float32:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    if args.enable_xformers_memory_efficient_attention:
-        unet.enable_xformers_memory_efficient_attention()
     return weight_dtype
 
 
@@ -1014,7 +1097,7 @@ def save_checkpoint(accelerator, args, step, run_config):
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         existing = checkpoint_dirs(args.output_dir)
-        for old in existing[: max(0, len(existing) - args.checkpoints_total_limit)]:
+        for old in existing[: max(0, len(existing) - CHECKPOINTS_TOTAL_LIMIT)]:
             shutil.rmtree(os.path.join(args.output_dir, old), ignore_errors=True)
     accelerator.wait_for_everyone()
 
@@ -1041,7 +1124,7 @@ def load_checkpoint(accelerator, path, run_config) -> int:
 
 def write_model_card(args) -> None:
     """README.md of the adapter from its config (metrics included once the report has run)."""
-    card = adapter_model_card(adapter_lib.read_adapter_config(args.output_dir), args.output_dir, args.hub_model_id)
+    card = adapter_model_card(adapter_lib.read_adapter_config(args.output_dir), args.output_dir, args.push_to_hub)
     adapter_lib.update_adapter_config(args.output_dir, {}, str(card))
 
 

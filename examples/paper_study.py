@@ -31,8 +31,9 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from sami_adapter.data import DATASETS  # noqa: E402
 from sami_adapter.images import unit_from_model  # noqa: E402
-from sami_adapter.evaluation import factor_noise_scales, factor_recoverability, mechanism_table  # noqa: E402
-from sami_adapter.report import _cell, aggregate, mechanism_markdown, plot_mechanism, save_image_grid, traversal_rows, write_json  # noqa: E402
+from sami_adapter.evaluation import ACTIVE_KL_NATS, factor_noise_scales, factor_recoverability, mechanism_table  # noqa: E402
+from sami_adapter.plotting import plot_mechanism  # noqa: E402
+from sami_adapter.report import aggregate, format_stat, mechanism_markdown, save_image_grid, traversal_rows, write_json  # noqa: E402
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -98,18 +99,16 @@ def traversal_grid(row: Dict[str, Any], sweep_dir: str, path: str, steps: int, s
         if os.path.isdir(adapter):
             model = SAMIPipeline.from_pretrained(adapter)
             model.set_progress_bar_config(disable=True)
-            encode = lambda x: model.encode(unit_from_model(x))  # noqa: E731
         elif saved:
             model = BetaVAE.from_pretrained(saved[0])
-            encode = model.encode
         else:
             return False
-        kl = encode(dataset.sample(256, np.random.default_rng([seed, 10]))[0]).kl_per_dim().mean(0)
-        dims = [int(d) for d in torch.argsort(kl, descending=True) if kl[d] > 0.1] or [int(kl.argmax())]
+        kl = model.encode(unit_from_model(dataset.sample(256, np.random.default_rng([seed, 10]))[0])).kl_per_dim().mean(0)
+        dims = [int(d) for d in torch.argsort(kl, descending=True) if kl[d] > ACTIVE_KL_NATS] or [int(kl.argmax())]
         if isinstance(model, SAMIPipeline):
             grid = traversal_rows(model, image, dims, values, num_inference_steps=50, seed=seed)
         else:
-            codes = encode(image).mean.repeat(len(dims) * steps, 1)
+            codes = model.encode(unit_from_model(image)).mean.repeat(len(dims) * steps, 1)
             for r, d in enumerate(dims):
                 codes[r * steps:(r + 1) * steps, d] = torch.tensor(values)
             grid = model.decode(codes).cpu()
@@ -126,7 +125,7 @@ def table_markdown(table: List[Dict[str, Any]], factor_names: Dict[str, List[str
                                            "curvature, code (deg)"]
         lines += [f"### {dataset}", "", "| model | seeds | " + " | ".join(cols) + " |", "|---" * (len(cols) + 2) + "|"]
         for t in (t for t in table if t["dataset"] == dataset):
-            lines.append(f"| {t['method']} ({t['setting']}) | {t['n']} | " + " | ".join(_cell(t["stats"].get(c)) for c in cols) + " |")
+            lines.append(f"| {t['method']} ({t['setting']}) | {t['n']} | " + " | ".join(format_stat(t["stats"].get(c)) for c in cols) + " |")
         lines.append("")
     return lines
 

@@ -3,7 +3,7 @@
 
     python examples/rate_sweep.py --output_dir sweep --workers 14 --deadline_seconds 480
     python examples/rate_sweep.py --output_dir sweep --grid cpu --sami_steps 2500 --baseline_steps 4000 --pretrain_steps 3000
-    python examples/compare.py --collect sweep/runs/* --output_dir docs/rate-study
+    python examples/rate_sweep.py --collect sweep/runs/* --output_dir docs/rate-study
 
 Every job is one model and one seed: a SAMI job runs ``examples/finetune.py`` with the job's flags
 and then ``examples/compare.py --rate_study`` on the adapter; a baseline job runs
@@ -13,7 +13,8 @@ thread each; on a GPU machine start CUDA MPS first so they share the GPU), in th
 passed, so whatever has finished is usable. ``--only`` filters jobs by name.
 
 Each finished job leaves ``runs/<name>/compare.json``; logs go to ``logs/<name>.log``; ``progress.txt``
-says what is done. Rerun with the same output folder to skip finished jobs. ``--archive FILE`` packs
+says what is done. Rerun with the same output folder to skip finished jobs; ``--collect`` then merges
+the finished runs into the rate study's table and figures. ``--archive FILE`` packs
 every run's compare.json and training log and every job log into one .tar.gz as the sweep goes (after
 each finished job), for machines that hand back only a few files.
 """
@@ -21,15 +22,19 @@ each finished job), for machines that hand back only a few files.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
-import tarfile
 import sys
+import tarfile
 import threading
 import time
 from typing import Dict, List
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+from sami_adapter.plotting import plot_rate_study  # noqa: E402
+from sami_adapter.report import rate_study_markdown, rate_study_rows, rate_study_table, write_json  # noqa: E402
 DSPRITES_BASE = "bases/ddpm-dsprites-16"
 
 # SAMI settings (finetune.py flags on top of the defaults). Capacity runs replace beta and free bits
@@ -47,7 +52,7 @@ SAMI = {
     "sami-cap6-bands": f"{CAP} --capacity 6 --noise_bands nested",
     "sami-cap6-int": f"{CAP} --capacity 6 --intervention_weight 1",
     "sami-cap6-int-tc": f"{CAP} --capacity 6 --intervention_weight 1 --tc_weight 5 --tc_on mean",
-    "sami-cap6-blind": f"{CAP} --capacity 6 --time_blind_encoder",
+    "sami-cap6-blind": f"{CAP} --capacity 6 --encoder_type time_blind",
     "sami-cap6-joint": f"{CAP} --capacity 6 --unet_mode full --pretrained_model_name_or_path models/ddpm-disks-16 --unet_learning_rate 2e-5",
     "sami-cap6-lora": f"{CAP} --capacity 6 --unet_mode lora",
 }
@@ -73,7 +78,7 @@ BASELINES = {
 BG_BASE = "models/ddpm-background-disks-16"
 SAMI.update({
     "sami-paper": "--recipe paper",
-    "sami-frozen-paper-enc": f"--recipe adapter --pretrained_model_name_or_path {BG_BASE} --time_blind_encoder --bias_free_encoder",
+    "sami-frozen-paper-enc": f"--recipe adapter --pretrained_model_name_or_path {BG_BASE} --encoder_type paper",
     "sami-frozen-ours": f"--recipe adapter --pretrained_model_name_or_path {BG_BASE}",
 })
 # Levers for the x/y rotation (docs/paper-reproduction.md, part 6), on the frozen setting: one capacity
@@ -99,15 +104,17 @@ BASELINES.update({f"{kind}{beta}-{lik}": f"{spec}:beta={beta},likelihood={lik},b
                   for kind, spec in (("bvae", "beta-vae"), ("btcvae", "beta-tcvae")) for beta in (1, 4) for lik in ("gaussian", "bernoulli")})
 
 
+def job(dataset: str, kind: str, key: str, seed: int) -> Dict[str, object]:
+    """One job: one model (a SAMI setting or a baseline, by its key) on one dataset with one seed."""
+    return {"name": f"{dataset}-{key}-s{seed}", "kind": kind, "dataset": dataset, "key": key, "seed": seed}
+
+
 def build_jobs() -> List[Dict[str, object]]:
     """Every job, most informative first: seed 0 of every setting on disks, then dsprites, then the
     other seeds of the main settings, then the other seeds of the exploratory ones."""
     main_sami = ["sami-default", "sami-cap3", "sami-cap6", "sami-cap10", "sami-cap6-tc", "sami-cap6-bands", "sami-cap6-int", "sami-cap6-joint"]
     extra_sami = [k for k in SAMI if k not in main_sami]
     dsprites_sami, dsprites_base = ["sami-default", "sami-cap6", "sami-cap6-int"], ["bvae1", "bvae4", "capvae6", "btcvae"]
-
-    def job(dataset, kind, key, seed):
-        return {"name": f"{dataset}-{key}-s{seed}", "kind": kind, "dataset": dataset, "key": key, "seed": seed}
 
     jobs: List[Dict[str, object]] = [{"name": "pretrain-dsprites", "kind": "pretrain", "dataset": "dsprites"}]
     for seed in (0, 1, 2):
@@ -122,10 +129,6 @@ def build_cpu_jobs() -> List[Dict[str, object]]:
     """The grid cut to what a 2-core CPU runs in about two hours (two jobs at once): the default SAMI
     adapter, the β-VAE (β=1) and the β-TCVAE at 3 seeds on both datasets, and seed 0 of each SAMI
     option that no other run covers. Ordered so that a deadline cuts the least informative jobs."""
-
-    def job(dataset, kind, key, seed):
-        return {"name": f"{dataset}-{key}-s{seed}", "kind": kind, "dataset": dataset, "key": key, "seed": seed}
-
     jobs: List[Dict[str, object]] = [{"name": "pretrain-dsprites", "kind": "pretrain", "dataset": "dsprites"}]
     jobs += [job("disks", "sami", "sami-default", 0), job("disks", "sami", "sami-default-mm", 0), job("disks", "sami", "sami-cap12", 0),
              job("disks", "baseline", "bvae1", 0),
@@ -142,10 +145,6 @@ def build_cpu_jobs() -> List[Dict[str, object]]:
 
 def build_paper_jobs() -> List[Dict[str, object]]:
     """The paper-reproduction grid: 3 seeds each, the SAMI runs and the Gaussian baselines first."""
-
-    def job(dataset, kind, key, seed):
-        return {"name": f"{dataset}-{key}-s{seed}", "kind": kind, "dataset": dataset, "key": key, "seed": seed}
-
     bg = "background_disks"
     jobs: List[Dict[str, object]] = []
     for seed in (0, 1, 2):
@@ -212,9 +211,99 @@ def write_archive(out: str, path: str) -> None:
     os.replace(tmp, path)
 
 
+def collect(folders: List[str], output_dir: str) -> Dict[str, object]:
+    """Merge finished runs (their compare.json) into rate_study.json, rate_study.md and one metric-against-rate
+    figure per dataset in ``output_dir``."""
+    summaries = []
+    for folder in folders:
+        path = os.path.join(folder, "compare.json")
+        if not os.path.isfile(path):
+            raise SystemExit(f"--collect: {path} does not exist; give folders written by compare.py --rate_study.")
+        with open(path) as f:
+            summaries.append(json.load(f))
+    rows = rate_study_rows(summaries)
+    if not rows:
+        raise SystemExit("--collect: none of these runs has rate-study measurements (run compare.py with --rate_study).")
+    table = rate_study_table(rows)
+    os.makedirs(output_dir, exist_ok=True)
+    write_json(os.path.join(output_dir, "rate_study.json"), {"rows": rows, "table": table})
+    for dataset in sorted({t["dataset"] for t in table}):
+        plot_rate_study([t for t in table if t["dataset"] == dataset], os.path.join(output_dir, f"rate_{dataset}.png"), dataset)
+    text = rate_study_markdown(table)
+    with open(os.path.join(output_dir, "rate_study.md"), "w") as f:
+        f.write(text)
+    print(text)
+    return {"rows": rows, "table": table}
+
+
+def run_job(job: Dict[str, object], out: str, args: argparse.Namespace) -> bool:
+    """Run one job's commands in order, its output into logs/<name>.log; False when one of them fails."""
+    with open(os.path.join(out, "logs", f"{job['name']}.log"), "w") as log:
+        for cmd in commands(job, out, args):
+            if subprocess.call(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"}) != 0:
+                return False
+    return True
+
+
+def run_jobs(jobs: List[Dict[str, object]], out: str, args: argparse.Namespace) -> Dict[str, list]:
+    """Run ``jobs`` ``--workers`` at a time (dsprites SAMI jobs wait for their base), skipping finished ones,
+    starting none after ``--deadline_seconds``; progress.txt (and ``--archive``) after each."""
+    os.makedirs(os.path.join(out, "logs"), exist_ok=True)
+    start = time.time()
+    lock = threading.Lock()
+    state = {"done": [], "failed": [], "queue": list(jobs)}
+    base_ready = threading.Event()
+    if os.path.isfile(os.path.join(out, DSPRITES_BASE, "unet", "config.json")):
+        base_ready.set()
+        state["queue"] = [j for j in state["queue"] if j["kind"] != "pretrain"]
+
+    def next_job():
+        with lock:
+            for i, job in enumerate(state["queue"]):
+                if not (job["dataset"] == "dsprites" and job["kind"] == "sami" and not base_ready.is_set()):  # else it waits for the base
+                    return state["queue"].pop(i)
+            return None
+
+    def worker():
+        while not (args.deadline_seconds and time.time() - start > args.deadline_seconds):
+            job = next_job()
+            if job is None:
+                with lock:
+                    if not state["queue"]:
+                        return
+                time.sleep(2)
+                continue
+            if job["kind"] != "pretrain" and os.path.isfile(os.path.join(out, "runs", str(job["name"]), "compare.json")):
+                continue  # finished in an earlier sweep
+            t0 = time.time()
+            ok = run_job(job, out, args)
+            if job["kind"] == "pretrain" and ok:
+                base_ready.set()
+            with lock:
+                state["done" if ok else "failed"].append(f"{job['name']} ({time.time() - t0:.0f} s)")
+                write_progress(out, state, time.time() - start)
+                print(f"[{time.time() - start:5.0f} s] {'done' if ok else 'FAILED'} {job['name']} ({time.time() - t0:.0f} s)", flush=True)
+                if args.archive:
+                    write_archive(out, args.archive)
+
+    threads = [threading.Thread(target=worker, daemon=True) for _ in range(args.workers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    print(f"{len(state['done'])} done, {len(state['failed'])} failed, {len(state['queue'])} not started in {time.time() - start:.0f} s.")
+    return state
+
+
+def write_progress(out: str, state: Dict[str, list], elapsed: float) -> None:
+    with open(os.path.join(out, "progress.txt"), "w") as f:
+        f.write(f"elapsed {elapsed:.0f} s; done {len(state['done'])}, failed {len(state['failed'])}, queued {len(state['queue'])}\n")
+        f.write("done: " + ", ".join(state["done"]) + "\nfailed: " + ", ".join(state["failed"]) + "\n")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--output_dir", default="sweep", help="Adapters, runs, logs and progress.txt go here.")
+    p.add_argument("--output_dir", default="sweep", help="Adapters, runs, logs and progress.txt go here (with --collect: the table).")
     p.add_argument("--workers", type=int, default=2, help="Jobs at once.")
     p.add_argument("--deadline_seconds", type=float, default=None, help="Start no job after this many seconds.")
     p.add_argument("--sami_steps", type=int, default=2500, help="finetune.py --max_train_steps of every SAMI job.")
@@ -227,7 +316,11 @@ def main(argv=None):
     p.add_argument("--only", nargs="*", default=None, help="Run only jobs whose name contains one of these strings.")
     p.add_argument("--archive", default=None, help="Keep a .tar.gz of every result and log, rewritten after each finished job.")
     p.add_argument("--dry_run", action="store_true", help="Print the commands and exit.")
+    p.add_argument("--collect", nargs="+", default=None, metavar="DIR",
+                   help="Run nothing: merge these finished runs (runs/<name> folders) into one rate-study table and figures in --output_dir.")
     args = p.parse_args(argv)
+    if args.collect:
+        return collect(args.collect, args.output_dir)
     if args.workers < 1:
         p.error(f"--workers must be >= 1, got {args.workers}")
     out = os.path.abspath(args.output_dir)
@@ -237,66 +330,8 @@ def main(argv=None):
         for job in jobs:
             for cmd in commands(job, out, args):
                 print(" ".join(cmd))
-        return
-    os.makedirs(os.path.join(out, "logs"), exist_ok=True)
-    start = time.time()
-    lock = threading.Lock()
-    state = {"done": [], "failed": [], "queue": list(jobs)}
-    base_ready = threading.Event()
-    if os.path.isfile(os.path.join(out, DSPRITES_BASE, "unet", "config.json")):
-        base_ready.set()
-        state["queue"] = [j for j in state["queue"] if j["kind"] != "pretrain"]
-
-    def finished(job) -> bool:
-        return job["kind"] != "pretrain" and os.path.isfile(os.path.join(out, "runs", str(job["name"]), "compare.json"))
-
-    def next_job():
-        with lock:
-            for i, job in enumerate(state["queue"]):
-                if job["dataset"] == "dsprites" and job["kind"] == "sami" and not base_ready.is_set():
-                    continue  # waits for the pretrain job
-                return state["queue"].pop(i)
-            return None
-
-    def worker():
-        while True:
-            if args.deadline_seconds and time.time() - start > args.deadline_seconds:
-                return
-            job = next_job()
-            if job is None:
-                with lock:
-                    if not state["queue"]:
-                        return
-                time.sleep(2)
-                continue
-            if finished(job):
-                continue
-            ok = True
-            t0 = time.time()
-            with open(os.path.join(out, "logs", f"{job['name']}.log"), "w") as log:
-                for cmd in commands(job, out, args):
-                    rc = subprocess.call(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
-                    if rc != 0:
-                        ok = False
-                        break
-            if job["kind"] == "pretrain" and ok:
-                base_ready.set()
-            with lock:
-                state["done" if ok else "failed"].append(f"{job['name']} ({time.time() - t0:.0f} s)")
-                with open(os.path.join(out, "progress.txt"), "w") as f:
-                    f.write(f"elapsed {time.time() - start:.0f} s; done {len(state['done'])}, failed {len(state['failed'])}, "
-                            f"queued {len(state['queue'])}\n")
-                    f.write("done: " + ", ".join(state["done"]) + "\nfailed: " + ", ".join(state["failed"]) + "\n")
-                print(f"[{time.time() - start:5.0f} s] {'done' if ok else 'FAILED'} {job['name']} ({time.time() - t0:.0f} s)", flush=True)
-                if args.archive:
-                    write_archive(out, args.archive)
-
-    threads = [threading.Thread(target=worker, daemon=True) for _ in range(args.workers)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    print(f"{len(state['done'])} done, {len(state['failed'])} failed, {len(state['queue'])} not started in {time.time() - start:.0f} s.")
+        return None
+    return run_jobs(jobs, out, args)
 
 
 if __name__ == "__main__":

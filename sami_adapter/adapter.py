@@ -320,8 +320,8 @@ def save_adapter(
     Raises:
         ValueError: unknown ``unet_mode``, a missing ``unet``/``lora_config``, or weights with NaN or inf.
     """
-    if unet_mode not in ("frozen", "lora", "full"):
-        raise ValueError(f"unet_mode must be 'frozen', 'lora' or 'full', got {unet_mode!r}.")
+    if unet_mode not in UNET_MODES:
+        raise ValueError(f"unet_mode must be one of {', '.join(UNET_MODES)}, got {unet_mode!r}.")
     if unet_mode == "lora" and (unet is None or lora_config is None):
         raise ValueError("unet_mode='lora' needs the unet and its lora_config.")
     if unet_mode == "full" and unet is None:
@@ -452,6 +452,13 @@ def load_saved_unet(path: str, **kwargs) -> Any:
 
 
 HUB_KWARGS = ("cache_dir", "local_files_only", "token")
+
+
+def hub_kwargs(kwargs: Dict[str, Any]) -> Dict[str, Any]:
+    """The Hub download options (:data:`HUB_KWARGS`) among ``kwargs`` that are set."""
+    return {k: kwargs[k] for k in HUB_KWARGS if kwargs.get(k) is not None}
+
+
 LOAD_KWARGS = HUB_KWARGS + ("revision", "torch_dtype", "unet", "scheduler", "merge_lora", "vae", "text_encoder", "tokenizer", "use_safetensors")
 WEIGHTS_NAME, PICKLED_WEIGHTS_NAME = "diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"
 
@@ -523,7 +530,7 @@ def load_adapter_components(
     from .encoder import SAMIEncoder
     from .latent import is_text_conditioned, load_latent_components
 
-    hub = {k: v for k, v in (("cache_dir", cache_dir), ("local_files_only", local_files_only), ("token", token)) if v is not None}
+    hub = hub_kwargs({"cache_dir": cache_dir, "local_files_only": local_files_only, "token": token})
     safe = {} if use_safetensors is False else {"use_safetensors": True}  # opted in: diffusers' default, safetensors first
     config = read_adapter_config(adapter_dir)
     mode = config.get("unet_mode", "frozen")

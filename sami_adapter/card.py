@@ -11,6 +11,8 @@ from __future__ import annotations
 import os
 from typing import Any, Dict, List, Optional
 
+from .evaluation import ACTIVE_KL_NATS
+
 LIBRARY_NAME = "sami-adapter"
 TAGS = ["sami-adapter", "diffusers", "representation-learning", "diffusion", "autoencoder"]
 REPORT_PICTURES = (("reconstructions.png", "Held-out inputs (top) and reconstructions from the posterior mean"),
@@ -26,7 +28,7 @@ def _number_lines(metrics: Dict[str, Any]) -> List[str]:
         kl = ", ".join(f"{v:.2f}" for v in metrics["kl_per_dim"])
         lines.append(f"- KL per dimension (nats; information each code coordinate carries): {kl}")
     if "active_dims" in metrics:
-        lines.append(f"- active dimensions (KL > 0.1 nats): {metrics['active_dims']}")
+        lines.append(f"- active dimensions (KL > {ACTIVE_KL_NATS:g} nats): {metrics['active_dims']}")
     for key, label in (("reconstruction_r2", "reconstruction R² (image moments, input vs decode)"),
                        ("reconstruction_r2_scaled", f"reconstruction R² at sami_scale {metrics.get('reconstruction_sami_scale')}")):
         if isinstance(metrics.get(key), dict):

@@ -154,7 +154,7 @@ class SAMIEncoder(ModelMixin, ConfigMixin):
         super().__init__()
         if bias_free and time_conditioning:
             raise ValueError("bias_free=True needs time_conditioning=False: a timestep embedding adds a constant to the features. "
-                             "Use the noise-blind encoder (time_conditioning=False, --time_blind_encoder) with bias_free.")
+                             "Use the noise-blind encoder (time_conditioning=False; finetune.py --encoder_type paper) with bias_free.")
         if latent_dim < 1:
             raise ValueError(f"latent_dim must be >= 1, got {latent_dim}.")
         if guidance_bands is not None:

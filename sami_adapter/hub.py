@@ -1,4 +1,5 @@
-"""Sharing an adapter: write it again from a loaded pipeline, and upload a folder to the Hub.
+"""Loading and sharing an adapter: the pipeline's ``from_pretrained`` / ``save_pretrained`` / ``push_to_hub``
+(:class:`AdapterPipelineMixin`), writing an adapter again from a loaded pipeline, and uploading a folder to the Hub.
 
 A pipeline loaded from an adapter is shared as that adapter (encoder, LoRA or trained UNet, config
 with the reference to the base model, model card, report pictures), never with the base model's
@@ -14,10 +15,15 @@ from typing import Any, Optional, Sequence, Union
 from .adapter import (
     ADAPTER_CONFIG_NAME,
     LORA_DIR,
+    check_load_kwargs,
     has_lora_layers,
+    hub_kwargs,
+    load_adapter_components,
     lora_state_dict,
+    merge_lora,
     read_adapter_config,
     read_lora,
+    resolve_adapter_dir,
     save_adapter,
     update_adapter_config,
 )
@@ -95,3 +101,114 @@ def upload_to_hub(
         repo_id = create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
     return upload_folder(repo_id=repo_id, folder_path=folder, token=token, commit_message=commit_message or "SAMI adapter",
                          create_pr=create_pr, ignore_patterns=["checkpoint-*", "logs/*", ".tmp-*", "latent_cache/*", *ignore])
+
+
+class AdapterPipelineMixin:
+    """``from_pretrained``, ``save_pretrained`` and ``push_to_hub`` of :class:`~sami_adapter.SAMIPipeline`, for a
+    pipeline that is an adapter: loaded from its folder or repo, saved and shared as that adapter again.
+    Anything else goes to ``DiffusionPipeline``'s own methods (the next class in the pipeline's bases)."""
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: Union[str, os.PathLike], **kwargs) -> Any:
+        """Load a saved pipeline, or an adapter directory/repo (see :mod:`sami_adapter.adapter`).
+
+        An adapter holds only the trained parts and a reference to its base model; the base UNet and
+        scheduler are loaded from that reference (``unet=`` / ``scheduler=`` override them), LoRA
+        weights are applied and, with ``merge_lora=True`` (default), folded into the UNet. When the
+        base is a full latent-diffusion pipeline, its ``vae``, ``text_encoder`` and ``tokenizer`` are
+        loaded from it too (or passed explicitly). Any other directory or repo goes to
+        ``DiffusionPipeline.from_pretrained``.
+
+        For an adapter the keywords are those of :func:`~sami_adapter.adapter.load_adapter_components`
+        plus ``revision`` (of the adapter repo; the base model is loaded at the revision the adapter
+        records). ``cache_dir``, ``local_files_only`` and ``token`` apply to the adapter repo and to the
+        base model; ``torch_dtype`` to every model. Any other keyword raises a TypeError.
+
+        Weights are read from safetensors only; pickled ``.bin`` weights are refused unless
+        ``use_safetensors=False`` is passed (unpickling can run code from the file).
+        """
+        path = str(pretrained_model_name_or_path)
+        hub = hub_kwargs(kwargs)
+        adapter_dir = resolve_adapter_dir(path, revision=kwargs.get("revision"), **hub)
+        if adapter_dir is None:
+            if kwargs.get("use_safetensors") is not False:
+                kwargs["use_safetensors"] = True
+            else:
+                kwargs.pop("use_safetensors")  # opted in: diffusers' default, safetensors first, pickles allowed
+            return super().from_pretrained(path, **kwargs)
+        check_load_kwargs(kwargs)
+        kwargs.pop("revision", None)
+        pipe = cls(**load_adapter_components(adapter_dir, **kwargs))
+        pipe._adapter_dir = adapter_dir  # save_pretrained / push_to_hub write the adapter again, not the base
+        return pipe
+
+    def save_pretrained(self, save_directory: Union[str, os.PathLike], save_base: bool = False, **kwargs) -> None:
+        """Save the pipeline. Loaded from an adapter, it is saved as an adapter again (encoder, LoRA or
+        trained UNet, config with the reference to the base model, model card; :func:`~sami_adapter.adapter.save_adapter`),
+        without the base model's weights unless ``save_base=True``.
+
+        Otherwise (or with ``save_base=True``) this is ``DiffusionPipeline.save_pretrained``; a UNet
+        that still carries unmerged LoRA layers (``from_pretrained(adapter, merge_lora=False)``) is
+        saved with the LoRA folded into a copy, so that the folder loads back as a plain UNet with
+        the same outputs. ``push_to_hub=True`` (with ``repo_id``, ``private``, ``token``,
+        ``commit_message``, ``create_pr``) then uploads the folder, as in diffusers.
+        """
+        if getattr(self, "_adapter_dir", None) is not None and not save_base:
+            push = kwargs.pop("push_to_hub", False)
+            hub = {k: kwargs.pop(k) for k in ("repo_id", "private", "token", "commit_message", "create_pr") if k in kwargs}
+            if kwargs.get("safe_serialization", True):  # safetensors is what an adapter is written in anyway
+                kwargs.pop("safe_serialization", None)
+            if kwargs:
+                raise TypeError(
+                    f"save_pretrained of an adapter got {sorted(kwargs)}; an adapter is written as safetensors as it is. "
+                    "Pass save_base=True to save the whole pipeline with diffusers' options."
+                )
+            repo_id = hub.get("repo_id") or os.path.basename(os.path.normpath(str(save_directory)))
+            save_adapter_from_pipeline(self, str(save_directory), self._adapter_dir, repo_id if push else None)
+            if push:
+                upload_to_hub(str(save_directory), repo_id, **{k: v for k, v in hub.items() if k != "repo_id"})
+            return None
+        if not has_lora_layers(self.unet):
+            return super().save_pretrained(save_directory, **kwargs)
+        import copy
+
+        unet = self.unet
+        self.register_modules(unet=merge_lora(copy.deepcopy(unet)))
+        try:
+            return super().save_pretrained(save_directory, **kwargs)
+        finally:
+            self.register_modules(unet=unet)
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        commit_message: Optional[str] = None,
+        private: Optional[bool] = None,
+        token: Optional[Union[str, bool]] = None,
+        create_pr: bool = False,
+        save_base: bool = False,
+        **kwargs,
+    ) -> Any:
+        """Upload to the Hub repo ``repo_id`` (created if needed), as ``diffusers``' ``push_to_hub``.
+
+        A pipeline loaded from an adapter uploads the adapter only (what :meth:`save_pretrained`
+        writes: encoder, LoRA, config, model card), never the base model's weights unless
+        ``save_base=True``. Authentication and network errors are raised with ``huggingface_hub``'s
+        own message.
+        """
+        if getattr(self, "_adapter_dir", None) is None or save_base:
+            source, self._adapter_dir = getattr(self, "_adapter_dir", None), None  # diffusers' save_pretrained writes everything
+            try:
+                return super().push_to_hub(repo_id, commit_message=commit_message, private=private, token=token, create_pr=create_pr,
+                                           **kwargs)
+            finally:
+                self._adapter_dir = source
+        import tempfile
+
+        from huggingface_hub import create_repo
+
+        repo_id = create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = os.path.join(tmp, "adapter")
+            save_adapter_from_pipeline(self, folder, self._adapter_dir, repo_id)
+            return upload_to_hub(folder, repo_id, token=token, commit_message=commit_message, create_pr=create_pr, create=False)

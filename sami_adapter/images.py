@@ -24,7 +24,7 @@ other than the model's for arrays and tensors (PIL images are converted to it).
 from __future__ import annotations
 
 import warnings
-from typing import Optional, Sequence, Tuple, Union
+from typing import Any, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import PIL.Image
@@ -182,3 +182,11 @@ def unit_from_model(images: torch.Tensor) -> torch.Tensor:
 def model_from_unit(images: torch.Tensor) -> torch.Tensor:
     """[0, 1] images (the pipeline's ``pt`` output) in the UNet's [-1, 1]."""
     return images * 2 - 1
+
+
+def postprocess(sample: torch.Tensor, output_type: str = "pil") -> Any:
+    """(N, C, H, W) in [-1, 1] -> what diffusers' ``VaeImageProcessor.postprocess`` returns:
+    ``"pt"`` (N, C, H, W) in [0, 1], ``"np"`` (N, H, W, C) in [0, 1], ``"pil"`` a list of images."""
+    from diffusers.image_processor import VaeImageProcessor
+
+    return VaeImageProcessor(vae_scale_factor=1).postprocess(sample.clamp(-1, 1), output_type=output_type)

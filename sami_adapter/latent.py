@@ -28,6 +28,12 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Union
 import torch
 from safetensors.torch import load_file, save_file
 
+from .adapter import hub_kwargs
+from .images import ImageInput, postprocess, to_model_range
+
+# A prompt: one text, or one per image.
+PromptInput = Union[str, Sequence[str]]
+
 LATENT_COMPONENTS = ("vae", "text_encoder", "tokenizer")
 _ALLOWED_LIBRARIES = ("diffusers", "transformers")
 
@@ -239,7 +245,7 @@ def load_latent_components(
     Raises:
         ValueError: a component's class comes from a library other than diffusers or transformers.
     """
-    index = _read_model_index(base, revision, **{k: v for k, v in kwargs.items() if k in ("cache_dir", "local_files_only", "token")})
+    index = _read_model_index(base, revision, **hub_kwargs(kwargs))
     loaded: Dict[str, Any] = {}
     for name in components:
         entry = index.get(name)
@@ -378,3 +384,87 @@ __all__: List[str] = [
     "prompt_embeddings",
     "vae_scale_factor",
 ]
+
+
+def repeat_per_image(value: Any, k: int) -> Any:
+    """A prompt list or a batch of embeddings with each entry repeated ``k`` times (once per image it makes);
+    a single prompt, a single embedding or None as it is."""
+    if isinstance(value, (list, tuple)):
+        return [item for item in value for _ in range(k)]
+    if isinstance(value, torch.Tensor) and value.ndim == 3 and value.shape[0] > 1:
+        return value.repeat_interleave(k, dim=0)
+    return value
+
+
+class LatentPipelineMixin:
+    """What :class:`~sami_adapter.SAMIPipeline` needs to work in a VAE's latent space and on prompts: the shapes
+    of its input and of the UNet's, images to the UNet's clean input, prompts to embeddings, samples back to pixels.
+    Without a ``vae`` (pixel space) every one of these is the identity on pixels."""
+
+    @property
+    def is_latent(self) -> bool:
+        """True when the UNet denoises VAE latents (a ``vae`` is attached)."""
+        return getattr(self, "vae", None) is not None
+
+    @property
+    def is_text_conditioned(self) -> bool:
+        """True when the UNet takes ``encoder_hidden_states`` (prompt embeddings)."""
+        return is_text_conditioned(self.unet)
+
+    @property
+    def vae_scale_factor(self) -> int:
+        """Pixels per latent cell and side (8 for Stable Diffusion); 1 without a VAE."""
+        return vae_scale_factor(self.vae) if self.is_latent else 1
+
+    def _sample_shape(self) -> tuple:
+        """(C, H, W) of the UNet's input: pixels, or scaled VAE latents for latent diffusion."""
+        size = self.unet.config.sample_size
+        size = (size, size) if isinstance(size, int) else tuple(size)
+        return (self.unet.config.in_channels, *size)
+
+    def _image_shape(self) -> tuple:
+        """(C, H, W) of the images the pipeline takes and returns."""
+        channels, height, width = self._sample_shape()
+        if not self.is_latent:
+            return channels, height, width
+        f = self.vae_scale_factor
+        return self.vae.config.in_channels, height * f, width * f
+
+    def preprocess(self, images: ImageInput) -> torch.Tensor:
+        """Images -> the UNet's clean input ``x_0`` (N, C, H, W) on the pipeline's device.
+
+        Reads images as diffusers' ``VaeImageProcessor`` does (:mod:`sami_adapter.images`): PIL
+        images, numpy arrays (N, H, W, C) and tensors (N, C, H, W) in [0, 1] (uint8/uint16 scaled by
+        their maximum; a float batch with values below 0 is read as [-1, 1], deprecated as in
+        diffusers). Images of another size are resized to the model's (PIL with Lanczos, arrays and
+        tensors with nearest interpolation). Without a VAE ``x_0`` is the pixels in [-1, 1]; with
+        one, the VAE latent mean scaled by ``vae.config.scaling_factor`` (deterministic, no gradient).
+        """
+        channels, height, width = self._image_shape()
+        images = to_model_range(images, channels=channels, size=(height, width))
+        device = self._execution_device
+        if self.is_latent:
+            return images_to_latents(self.vae, images.to(device)).to(device=device, dtype=self.unet.dtype)
+        return images.to(device=device, dtype=self.unet.dtype)
+
+    def encode_prompt(
+        self,
+        prompt: Optional[PromptInput] = None,
+        batch_size: int = 1,
+        prompt_embeds: Optional[torch.Tensor] = None,
+        negative_prompt: Optional[PromptInput] = None,
+        negative_prompt_embeds: Optional[torch.Tensor] = None,
+        do_cfg: bool = False,
+    ) -> tuple:
+        """The ``(prompt_embeds, negative_prompt_embeds)`` for ``batch_size`` samples, each (N, L, D) or None:
+        :func:`~sami_adapter.latent.prompt_conditioning` with this pipeline's UNet, text encoder and tokenizer."""
+        return prompt_conditioning(
+            self.unet, getattr(self, "text_encoder", None), getattr(self, "tokenizer", None), prompt, batch_size, prompt_embeds,
+            negative_prompt, negative_prompt_embeds, do_cfg, self._execution_device,
+        )
+
+    postprocess = staticmethod(postprocess)
+
+    def decode_sample(self, sample: torch.Tensor) -> torch.Tensor:
+        """A final UNet-space sample as pixels in [-1, 1] (the VAE decodes latents)."""
+        return latents_to_images(self.vae, sample) if self.is_latent else sample

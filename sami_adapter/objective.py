@@ -206,6 +206,7 @@ def sami_loss(
         anchor_mean: (B, D) a reference encoder's posterior means of ``clean_images`` (module docstring).
         anchor_weight: weight of the anchor term (this step's value of its schedule).
     """
+    # Long on purpose: one pass of the objective, each term beside its equation and sharing the forward pass's intermediates.
     if weighting not in ("elbo", "simple"):
         raise ValueError(f"weighting must be 'elbo' or 'simple', got {weighting!r}.")
     if not torch.isfinite(clean_images).all():

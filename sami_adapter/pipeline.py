@@ -4,25 +4,19 @@ in pixel space or in the latent space of a VAE (latent diffusion, composed with 
 from __future__ import annotations
 
 import inspect
-import os
 from dataclasses import dataclass
 from typing import Any, Callable, List, Optional, Sequence, Union
 
 import numpy as np
-import PIL.Image
 import torch
 from diffusers import DiffusionPipeline, ImagePipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-from .adapter import HUB_KWARGS, check_load_kwargs, has_lora_layers, load_adapter_components, merge_lora, resolve_adapter_dir
-from .hub import save_adapter_from_pipeline, upload_to_hub
+from .hub import AdapterPipelineMixin
 from .encoder import LatentPosterior, SAMIEncoder, check_encoder_fits_unet
 from .guidance import add_noise, apply_guidance, check_first_step, check_scheduler, check_timesteps, encoder_noise_level, posterior_score
-from .images import ImageInput, to_model_range
-from .latent import LATENT_COMPONENTS, images_to_latents, is_text_conditioned, latents_to_images, prompt_batch_size, prompt_conditioning
-from .latent import vae_scale_factor as _vae_scale_factor
-
-PromptInput = Union[str, Sequence[str]]
+from .images import ImageInput
+from .latent import LATENT_COMPONENTS, LatentPipelineMixin, PromptInput, prompt_batch_size, repeat_per_image
 
 
 @dataclass
@@ -38,7 +32,7 @@ class SAMIPipelineOutput(ImagePipelineOutput):
     z: Optional[torch.Tensor] = None
 
 
-class SAMIPipeline(DiffusionPipeline):
+class SAMIPipeline(AdapterPipelineMixin, LatentPipelineMixin, DiffusionPipeline):
     r"""Sample from a diffusion model guided by a SAMI code ``z``.
 
     The UNet is the unconditional denoiser ``eps_theta(x_t, t)``; the encoder is the SAMI inference
@@ -86,162 +80,10 @@ class SAMIPipeline(DiffusionPipeline):
             raise ValueError("Pass text_encoder and tokenizer together (or neither and use prompt_embeds).")
         self.register_modules(unet=unet, scheduler=scheduler, encoder=encoder, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer)
 
-    # ------------------------------------------------------------------ loading
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: Union[str, os.PathLike], **kwargs) -> "SAMIPipeline":
-        """Load a saved pipeline, or an adapter directory/repo (see :mod:`sami_adapter.adapter`).
-
-        An adapter holds only the trained parts and a reference to its base model; the base UNet and
-        scheduler are loaded from that reference (``unet=`` / ``scheduler=`` override them), LoRA
-        weights are applied and, with ``merge_lora=True`` (default), folded into the UNet. When the
-        base is a full latent-diffusion pipeline, its ``vae``, ``text_encoder`` and ``tokenizer`` are
-        loaded from it too (or passed explicitly). Any other directory or repo goes to
-        ``DiffusionPipeline.from_pretrained``.
-
-        For an adapter the keywords are those of :func:`~sami_adapter.adapter.load_adapter_components`
-        plus ``revision`` (of the adapter repo; the base model is loaded at the revision the adapter
-        records). ``cache_dir``, ``local_files_only`` and ``token`` apply to the adapter repo and to the
-        base model; ``torch_dtype`` to every model. Any other keyword raises a TypeError.
-
-        Weights are read from safetensors only; pickled ``.bin`` weights are refused unless
-        ``use_safetensors=False`` is passed (unpickling can run code from the file).
-        """
-        path = str(pretrained_model_name_or_path)
-        hub = {k: kwargs[k] for k in HUB_KWARGS if kwargs.get(k) is not None}
-        adapter_dir = resolve_adapter_dir(path, revision=kwargs.get("revision"), **hub)
-        if adapter_dir is None:
-            if kwargs.get("use_safetensors") is not False:
-                kwargs["use_safetensors"] = True
-            else:
-                kwargs.pop("use_safetensors")  # opted in: diffusers' default, safetensors first, pickles allowed
-            return super().from_pretrained(path, **kwargs)
-        check_load_kwargs(kwargs)
-        kwargs.pop("revision", None)
-        pipe = cls(**load_adapter_components(adapter_dir, **kwargs))
-        pipe._adapter_dir = adapter_dir  # save_pretrained / push_to_hub write the adapter again, not the base
-        return pipe
-
-    def save_pretrained(self, save_directory: Union[str, os.PathLike], save_base: bool = False, **kwargs) -> None:
-        """Save the pipeline. Loaded from an adapter, it is saved as an adapter again (encoder, LoRA or
-        trained UNet, config with the reference to the base model, model card; :func:`~sami_adapter.adapter.save_adapter`),
-        without the base model's weights unless ``save_base=True``.
-
-        Otherwise (or with ``save_base=True``) this is ``DiffusionPipeline.save_pretrained``; a UNet
-        that still carries unmerged LoRA layers (``from_pretrained(adapter, merge_lora=False)``) is
-        saved with the LoRA folded into a copy, so that the folder loads back as a plain UNet with
-        the same outputs. ``push_to_hub=True`` (with ``repo_id``, ``private``, ``token``,
-        ``commit_message``, ``create_pr``) then uploads the folder, as in diffusers.
-        """
-        if getattr(self, "_adapter_dir", None) is not None and not save_base:
-            push = kwargs.pop("push_to_hub", False)
-            hub = {k: kwargs.pop(k) for k in ("repo_id", "private", "token", "commit_message", "create_pr") if k in kwargs}
-            if kwargs.get("safe_serialization", True):  # safetensors is what an adapter is written in anyway
-                kwargs.pop("safe_serialization", None)
-            if kwargs:
-                raise TypeError(
-                    f"save_pretrained of an adapter got {sorted(kwargs)}; an adapter is written as safetensors as it is. "
-                    "Pass save_base=True to save the whole pipeline with diffusers' options."
-                )
-            repo_id = hub.get("repo_id") or os.path.basename(os.path.normpath(str(save_directory)))
-            save_adapter_from_pipeline(self, str(save_directory), self._adapter_dir, repo_id if push else None)
-            if push:
-                upload_to_hub(str(save_directory), repo_id, **{k: v for k, v in hub.items() if k != "repo_id"})
-            return None
-        if not has_lora_layers(self.unet):
-            return super().save_pretrained(save_directory, **kwargs)
-        import copy
-
-        unet = self.unet
-        self.register_modules(unet=merge_lora(copy.deepcopy(unet)))
-        try:
-            return super().save_pretrained(save_directory, **kwargs)
-        finally:
-            self.register_modules(unet=unet)
-
-    def push_to_hub(
-        self,
-        repo_id: str,
-        commit_message: Optional[str] = None,
-        private: Optional[bool] = None,
-        token: Optional[Union[str, bool]] = None,
-        create_pr: bool = False,
-        save_base: bool = False,
-        **kwargs,
-    ) -> Any:
-        """Upload to the Hub repo ``repo_id`` (created if needed), as ``diffusers``' ``push_to_hub``.
-
-        A pipeline loaded from an adapter uploads the adapter only (what :meth:`save_pretrained`
-        writes: encoder, LoRA, config, model card), never the base model's weights unless
-        ``save_base=True``. Authentication and network errors are raised with ``huggingface_hub``'s
-        own message.
-        """
-        if getattr(self, "_adapter_dir", None) is None or save_base:
-            source, self._adapter_dir = getattr(self, "_adapter_dir", None), None  # diffusers' save_pretrained writes everything
-            try:
-                return super().push_to_hub(repo_id, commit_message=commit_message, private=private, token=token, create_pr=create_pr,
-                                           **kwargs)
-            finally:
-                self._adapter_dir = source
-        import tempfile
-
-        from huggingface_hub import create_repo
-
-        repo_id = create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
-        with tempfile.TemporaryDirectory() as tmp:
-            folder = os.path.join(tmp, "adapter")
-            save_adapter_from_pipeline(self, folder, self._adapter_dir, repo_id)
-            return upload_to_hub(folder, repo_id, token=token, commit_message=commit_message, create_pr=create_pr, create=False)
-
     # ------------------------------------------------------------------ input checks
     @property
     def latent_dim(self) -> int:
         return self.encoder.config.latent_dim
-
-    @property
-    def is_latent(self) -> bool:
-        """True when the UNet denoises VAE latents (a ``vae`` is attached)."""
-        return getattr(self, "vae", None) is not None
-
-    @property
-    def is_text_conditioned(self) -> bool:
-        """True when the UNet takes ``encoder_hidden_states`` (prompt embeddings)."""
-        return is_text_conditioned(self.unet)
-
-    @property
-    def vae_scale_factor(self) -> int:
-        """Pixels per latent cell and side (8 for Stable Diffusion); 1 without a VAE."""
-        return _vae_scale_factor(self.vae) if self.is_latent else 1
-
-    def _sample_shape(self) -> tuple:
-        """(C, H, W) of the UNet's input: pixels, or scaled VAE latents for latent diffusion."""
-        size = self.unet.config.sample_size
-        size = (size, size) if isinstance(size, int) else tuple(size)
-        return (self.unet.config.in_channels, *size)
-
-    def _image_shape(self) -> tuple:
-        """(C, H, W) of the images the pipeline takes and returns."""
-        channels, height, width = self._sample_shape()
-        if not self.is_latent:
-            return channels, height, width
-        f = self.vae_scale_factor
-        return self.vae.config.in_channels, height * f, width * f
-
-    def preprocess(self, images: ImageInput) -> torch.Tensor:
-        """Images -> the UNet's clean input ``x_0`` (N, C, H, W) on the pipeline's device.
-
-        Reads images as diffusers' ``VaeImageProcessor`` does (:mod:`sami_adapter.images`): PIL
-        images, numpy arrays (N, H, W, C) and tensors (N, C, H, W) in [0, 1] (uint8/uint16 scaled by
-        their maximum; a float batch with values below 0 is read as [-1, 1], deprecated as in
-        diffusers). Images of another size are resized to the model's (PIL with Lanczos, arrays and
-        tensors with nearest interpolation). Without a VAE ``x_0`` is the pixels in [-1, 1]; with
-        one, the VAE latent mean scaled by ``vae.config.scaling_factor`` (deterministic, no gradient).
-        """
-        channels, height, width = self._image_shape()
-        images = to_model_range(images, channels=channels, size=(height, width))
-        device = self._execution_device
-        if self.is_latent:
-            return images_to_latents(self.vae, images.to(device)).to(device=device, dtype=self.unet.dtype)
-        return images.to(device=device, dtype=self.unet.dtype)
 
     def check_z(self, z: torch.Tensor) -> torch.Tensor:
         """Validate a code batch (N, latent_dim) or a single code (latent_dim,)."""
@@ -304,15 +146,6 @@ class SAMIPipeline(DiffusionPipeline):
         return LatentPosterior(torch.cat([posterior.mean, posterior.logvar], dim=-1).view(k, n, 2 * d))
 
     # ------------------------------------------------------------------ sampling
-    def _extra_step_kwargs(self, generator: Optional[torch.Generator], eta: float) -> dict:
-        params = set(inspect.signature(self.scheduler.step).parameters)
-        kwargs = {}
-        if "generator" in params:
-            kwargs["generator"] = generator
-        if "eta" in params:
-            kwargs["eta"] = eta
-        return kwargs
-
     def guided_model_output(
         self,
         sample: torch.Tensor,
@@ -362,22 +195,6 @@ class SAMIPipeline(DiffusionPipeline):
         # The first parameter's dtype: ModelMixin.dtype walks every parameter, a cost paid each step.
         score = posterior_score(self.encoder, z, sample.to(next(self.encoder.parameters()).dtype), t)
         return apply_guidance(model_output, score.to(model_output.dtype), self.scheduler, t, sample, sami_scale)
-
-    def encode_prompt(
-        self,
-        prompt: Optional[PromptInput] = None,
-        batch_size: int = 1,
-        prompt_embeds: Optional[torch.Tensor] = None,
-        negative_prompt: Optional[PromptInput] = None,
-        negative_prompt_embeds: Optional[torch.Tensor] = None,
-        do_cfg: bool = False,
-    ) -> tuple:
-        """The ``(prompt_embeds, negative_prompt_embeds)`` for ``batch_size`` samples, each (N, L, D) or None:
-        :func:`~sami_adapter.latent.prompt_conditioning` with this pipeline's UNet, text encoder and tokenizer."""
-        return prompt_conditioning(
-            self.unet, getattr(self, "text_encoder", None), getattr(self, "tokenizer", None), prompt, batch_size, prompt_embeds,
-            negative_prompt, negative_prompt_embeds, do_cfg, self._execution_device,
-        )
 
     _callback_tensor_inputs = ["latents", "z", "prompt_embeds", "negative_prompt_embeds"]
 
@@ -473,8 +290,7 @@ class SAMIPipeline(DiffusionPipeline):
         if output_type == "latent":
             images = sample
         else:
-            pixels = latents_to_images(self.vae, sample) if self.is_latent else sample
-            images = self.postprocess(pixels, output_type)
+            images = self.postprocess(self.decode_sample(sample), output_type)
         self.maybe_free_model_hooks()
         if not return_dict:
             return images, tensors["z"]
@@ -503,15 +319,8 @@ class SAMIPipeline(DiffusionPipeline):
         else:
             z = self.check_z(z).repeat_interleave(k, dim=0)
 
-        def per_image(value):  # each prompt (or embedding) once per image it makes
-            if isinstance(value, (list, tuple)):
-                return [item for item in value for _ in range(k)]
-            if isinstance(value, torch.Tensor) and value.ndim == 3 and value.shape[0] > 1:
-                return value.repeat_interleave(k, dim=0)
-            return value
-
-        cond, uncond = self.encode_prompt(per_image(prompt), z.shape[0], per_image(prompt_embeds), per_image(negative_prompt),
-                                          per_image(negative_prompt_embeds), guidance_scale != 1)
+        texts = [repeat_per_image(v, k) for v in (prompt, prompt_embeds, negative_prompt, negative_prompt_embeds)]  # one per image
+        cond, uncond = self.encode_prompt(texts[0], z.shape[0], texts[1], texts[2], texts[3], guidance_scale != 1)
         return z, cond, uncond
 
     def _denoise(self, tensors: dict, num_inference_steps: int, sami_scale: float, guidance_scale: float, generator, eta: float,
@@ -521,7 +330,8 @@ class SAMIPipeline(DiffusionPipeline):
         check_first_step(self.scheduler)
         self._num_timesteps, self._interrupt = len(self.scheduler.timesteps), False
         tensors["latents"] = tensors["latents"] * self.scheduler.init_noise_sigma
-        extra = self._extra_step_kwargs(generator, eta)
+        accepted = inspect.signature(self.scheduler.step).parameters  # DDIM takes eta, stochastic schedulers a generator
+        extra = {k: v for k, v in (("generator", generator), ("eta", eta)) if k in accepted}
         for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
             if self.interrupt:
                 continue
@@ -567,14 +377,6 @@ class SAMIPipeline(DiffusionPipeline):
                 n = latents.shape[0]
         if isinstance(generator, (list, tuple)) and n is not None and len(generator) != n:
             raise ValueError(f"A list of generators needs one per sample: got {len(generator)} for a batch of {n}.")
-
-    @staticmethod
-    def postprocess(sample: torch.Tensor, output_type: str) -> Any:
-        """(N, C, H, W) in [-1, 1] -> what diffusers' ``VaeImageProcessor.postprocess`` returns:
-        ``"pt"`` (N, C, H, W) in [0, 1], ``"np"`` (N, H, W, C) in [0, 1], ``"pil"`` a list of images."""
-        from diffusers.image_processor import VaeImageProcessor
-
-        return VaeImageProcessor(vae_scale_factor=1).postprocess(sample.clamp(-1, 1), output_type=output_type)
 
     # ------------------------------------------------------------------ uses of the code
     def _shared_noise(self, n: int, generator: Optional[torch.Generator], latents: Optional[torch.Tensor]) -> torch.Tensor:

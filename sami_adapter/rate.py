@@ -180,6 +180,10 @@ class TCDiscriminator(ModelMixin, ConfigMixin):
         """Estimated total correlation of the codes' distribution, in nats (mean logit)."""
         return self(z).mean()
 
+    def make_optimizer(self) -> torch.optim.Optimizer:
+        """FactorVAE's Adam (lr 1e-4, betas (0.5, 0.9)): the one optimiser of every model's discriminator."""
+        return torch.optim.Adam(self.parameters(), lr=1e-4, betas=(0.5, 0.9))
+
 
 def discriminator_loss(discriminator, z: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """Logistic loss of a :class:`TCDiscriminator` (or its DDP wrapper): ``z`` (detached) labelled 1,

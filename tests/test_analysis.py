@@ -25,14 +25,9 @@ from sami_adapter.baselines import BetaVAE, DiffAE, train_beta_vae, train_diffae
 from sami_adapter.data import Disks, MovingDisks
 from sami_adapter.guidance import alpha_sigma_from_alphas_cumprod
 from sami_adapter.metrics import factor_alignment
-from sami_adapter.report import (
-    flat_metrics,
-    metrics_table_markdown,
-    plot_information_profile,
-    profile_table_markdown,
-    representation_metrics,
-    trajectory_curvatures,
-)
+from sami_adapter.evaluation import representation_metrics, trajectory_curvatures
+from sami_adapter.plotting import plot_information_profile
+from sami_adapter.report import flat_metrics, metrics_table_markdown, profile_table_markdown
 
 TINY_ARCH = {"encoder_channels": (8, 16), "hidden_dim": 32, "norm_num_groups": 4}
 TINY_METRICS = [
@@ -137,10 +132,12 @@ def test_factor_alignment_and_noise_order():
 # ------------------------------------------------------------------------------- baselines
 def test_baselines_train_and_encode(tmp_path):
     data = Disks(num_samples=1, resolution=8)
-    images, _, _ = _disks(5, seed=1)
+    pixels, _, _ = _disks(5, seed=1)
+    images = (pixels + 1) / 2  # the models take [0, 1] images, as the pipeline does
     vae = train_beta_vae(data, beta=4.0, latent_dim=3, max_steps=2, batch_size=8, progress=False, **TINY_ARCH)
     assert vae.training_log["steps"] == 2 and vae.encode(images).mean.shape == (5, 3)
-    assert vae.reconstruct(images).shape == images.shape
+    torch.testing.assert_close(vae.encode(images).mean, vae.encoder(pixels, 0).mean)  # [0, 1] in, the encoder sees [-1, 1]
+    assert vae.reconstruct(images, output_type="pt").images.shape == images.shape
     vae.save_pretrained(str(tmp_path / "vae"))
     torch.testing.assert_close(BetaVAE.from_pretrained(str(tmp_path / "vae")).encode(images).mean, vae.encode(images).mean)
     assert vae.encoder.config.stem_stride == 2
@@ -152,9 +149,30 @@ def test_baselines_train_and_encode(tmp_path):
                        encoder_stem_stride=1, **TINY_ARCH)
     assert dae.encoder.config.stem_stride == 1
     assert dae.training_log["steps"] == 2 and dae.encode(images).mean.shape == (5, 3)
-    assert dae.reconstruct(images, num_inference_steps=2, generator=torch.Generator().manual_seed(0)).shape == images.shape
+    assert dae.reconstruct(images, num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="pt").images.shape == images.shape
     dae.save_pretrained(str(tmp_path / "dae"))
     torch.testing.assert_close(DiffAE.from_pretrained(str(tmp_path / "dae")).encode(images).mean, dae.encode(images).mean)
+
+
+def test_pipeline_and_baselines_take_the_same_calls():
+    """encode, reconstruct and generation are one call for SAMI, the β-VAE and DiffAE: [0, 1] in, [0, 1] out."""
+    data = Disks(num_samples=1, resolution=8)
+    images = (_disks(4, seed=2)[0] + 1) / 2
+    vae = train_beta_vae(data, latent_dim=3, max_steps=1, batch_size=8, progress=False, **TINY_ARCH)
+    dae = train_diffae(data, latent_dim=3, max_steps=1, batch_size=8, progress=False, unet_channels=(8, 16), unet_norm_num_groups=4,
+                       **TINY_ARCH)
+    for model in (tiny_pipeline(), vae, dae):
+        assert model.encode(images).mean.shape == (4, 3)
+        out = model.reconstruct(images, generator=torch.Generator().manual_seed(0), num_inference_steps=2, eta=1.0, output_type="pt").images
+        again = model.reconstruct(images, generator=torch.Generator().manual_seed(0), num_inference_steps=2, eta=1.0, output_type="pt").images
+        assert out.shape == images.shape and 0 <= out.min() and out.max() <= 1
+        torch.testing.assert_close(out, again)  # the generator fixes every draw
+        samples = model(batch_size=3, generator=torch.Generator().manual_seed(0), num_inference_steps=2, output_type="pt").images
+        assert samples.shape == (3, *images.shape[1:])
+    # DiffAE's DDIM takes eta: from the same initial noise, eta 1's fresh noise changes the decode
+    decodes = [dae.reconstruct(images, generator=torch.Generator().manual_seed(1), num_inference_steps=2, eta=eta, output_type="pt").images
+               for eta in (0.0, 1.0)]
+    assert not torch.allclose(*decodes)
 
 
 # ------------------------------------------------------------------------------- harness
@@ -222,7 +240,7 @@ def test_evaluate_script_end_to_end(tiny_adapters, tmp_path):
 def test_compare_script_end_to_end(tiny_adapters, tmp_path):
     out = tmp_path / "compare"
     summary = load_example("compare").main([
-        "--sami_adapter", *tiny_adapters, "--output_dir", str(out), "--seeds", "0", "--betas", "4", "--max_steps", "2", "--batch_size", "8",
+        "--sami_adapter", *tiny_adapters, "--output_dir", str(out), "--seeds", "0", "--baselines", "beta-vae:beta=4", "diffae", "--max_steps", "2", "--batch_size", "8",
         "--diffae_unet_channels", "8,16", "--num_images", "12", "--num_noise_levels", "4", "--num_inference_steps", "2",
         "--num_reconstructions", "3", "--no_trajectories", "--no_progress", "--num_threads", "1", *TINY_METRICS,
     ])
@@ -261,7 +279,8 @@ def test_rate_study_runs_and_collects(tiny_adapters, tmp_path):
                   "--output_dir", str(tmp_path / "sami"), *study])
     compare.main(["--baselines", "beta-vae:beta=1", "capacity-vae:capacity=2,ramp=2", "beta-tcvae:tc_weight=2", "factor-vae:tc_weight=2",
                   "--seeds", "0", "--max_steps", "3", "--output_dir", str(tmp_path / "base"), *study])
-    summary = compare.main(["--collect", str(tmp_path / "sami"), str(tmp_path / "base"), "--output_dir", str(tmp_path / "all")])
+    rate_sweep = load_example("rate_sweep")
+    summary = rate_sweep.main(["--collect", str(tmp_path / "sami"), str(tmp_path / "base"), "--output_dir", str(tmp_path / "all")])
     methods = {row["method"] for row in summary["table"]}
     assert methods == {"SAMI tiny", "β-VAE", "capacity β-VAE", "β-TCVAE", "FactorVAE"}
     sami = next(row for row in summary["table"] if row["method"] == "SAMI tiny")
@@ -272,7 +291,7 @@ def test_rate_study_runs_and_collects(tiny_adapters, tmp_path):
     assert "| SAMI tiny | C=1 | 1 |" in text and "![metrics against rate](rate_disks.png)" in text
     assert (tmp_path / "all" / "rate_disks.png").stat().st_size > 0
     with pytest.raises(SystemExit, match="does not exist"):
-        compare.main(["--collect", str(tmp_path / "nowhere")])
+        rate_sweep.main(["--collect", str(tmp_path / "nowhere")])
 
 
 def test_paper_study_collects_the_mechanism_and_traversals(tmp_path):
@@ -285,7 +304,7 @@ def test_paper_study_collects_the_mechanism_and_traversals(tmp_path):
     AcceleratorState._reset_state(reset_partial_state=True)
     finetune.main(["--recipe", "paper", "--dataset", "background_disks", "--output_dir", str(adapter), "--resolution", "8",
                    "--train_batch_size", "4", "--latent_dim", "3", "--encoder_channels", "8,16", "--report_to", "none",
-                   "--max_train_steps", "3", "--no_report", "--num_threads", "1", "--encoder_init_logvar", "-3"])
+                   "--max_train_steps", "3", "--no_report", "--num_threads", "1"])
     AcceleratorState._reset_state(reset_partial_state=True)
     study = ["--rate_study", "--dataset", "background_disks", "--rate_images", "24", "--num_prior_samples", "4", "--num_images", "12",
              "--num_noise_levels", "3", "--num_inference_steps", "2", "--no_trajectories", "--no_progress", "--num_threads", "1",

@@ -6,10 +6,7 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 from tiny import tiny_pipeline
 
-try:
-    from sami_adapter.evaluation import elbo_bits_per_dim
-except ImportError:
-    from sami_adapter.report import elbo_bits_per_dim
+from sami_adapter.evaluation import elbo_bits_per_dim
 
 
 def test_elbo_bits_per_dim_of_a_zero_denoiser_matches_the_closed_form():

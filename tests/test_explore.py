@@ -60,7 +60,7 @@ def adapter_dir(tmp_path_factory):
     AcceleratorState._reset_state(reset_partial_state=True)
     try:
         finetune.main(["--pretrained_model_name_or_path", str(base), "--output_dir", str(out), "--resolution", "8",
-                       "--train_batch_size", "8", "--latent_dim", "3", "--encoder_channels", "8,16", "--encoder_init_logvar", "-3",
+                       "--train_batch_size", "8", "--latent_dim", "3", "--encoder_channels", "8,16",
                        "--learning_rate", "1e-2", "--max_train_steps", "20", "--report_to", "none", "--validation_steps", "0",
                        "--logging_steps", "10", "--seed", "3", "--num_threads", "1", "--no_report"])
     finally:
@@ -84,7 +84,7 @@ def explorer(adapter_dir, tmp_path_factory):
 # ---------------------------------------------------------------------------------------- views
 def test_active_dimensions_order_and_cached_levels(explorer, adapter_dir):
     assert explorer.kl[OFF] == 0.0
-    assert explorer.kl[0] > explore.KL_THRESHOLD and explorer.kl[1] > explore.KL_THRESHOLD
+    assert explorer.kl[0] > explore.ACTIVE_KL_NATS and explorer.kl[1] > explore.ACTIVE_KL_NATS
     assert sorted(explorer.order) == [0, 1] and explorer.inactive == [OFF]
     assert explorer.dimension_label(OFF) == "z2  (KL 0.00 nats): inactive"
     assert explorer.axes_source == "measured on 32 held-out examples" and os.path.isfile(explorer.axes_cache)
@@ -101,7 +101,8 @@ def test_active_dimensions_order_and_cached_levels(explorer, adapter_dir):
     assert again.order == explorer.order[::-1] and again.axes_cache.startswith(edited)
     np.testing.assert_allclose(again.kl, explorer.kl)
     # An evaluation report in the adapter directory (what examples/evaluate.py writes) takes precedence over measuring.
-    from sami_adapter.report import axes_to_json, discover_axes, write_json
+    from sami_adapter.evaluation import discover_axes
+    from sami_adapter.report import axes_to_json, write_json
 
     axes = discover_axes(explorer.pipe, explorer.examples[:16], timesteps=[0, 200, 400, 600, 800, 999], seed=1)
     report = write_json(os.path.join(adapter_dir, "evaluation", "report.json"), {"axis_discovery": axes_to_json(axes)})

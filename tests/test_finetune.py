@@ -176,7 +176,7 @@ def test_diverged_run_stops_naming_the_step_and_keeps_the_previous_adapter_byte_
     before = _adapter_digest(out)
     assert "encoder" in before and "sami_adapter_config.json" in before
     with pytest.raises(SystemExit) as stop:
-        finetune.main(_args(base_dir, out, "--max_train_steps", "8", "--learning_rate", "1e6", "--lr_warmup_steps", "0",
+        finetune.main(_args(base_dir, out, "--max_train_steps", "8", "--learning_rate", "1e6", "--lr_scheduler", "constant",
                             "--checkpointing_steps", "1", "--overwrite_output_dir"))
     message = stop.value.code
     assert isinstance(message, str), "a string exit code means exit status 1"  # sys.exit(str) exits non-zero
@@ -189,7 +189,7 @@ def test_diverged_run_stops_naming_the_step_and_keeps_the_previous_adapter_byte_
 
 def test_an_earlier_run_is_refused_unless_overwrite_output_dir_and_then_cleared(base_dir, tmp_path, capsys):
     out = tmp_path / "run"
-    finetune.main(_args(base_dir, out, "--max_train_steps", "2", "--checkpointing_steps", "1", "--checkpoints_total_limit", "5"))
+    finetune.main(_args(base_dir, out, "--max_train_steps", "2", "--checkpointing_steps", "1"))
     assert (out / "checkpoint-1").is_dir() and (out / "report" / "report.json").exists()
     before = _tree_digest(out)
     with pytest.raises(SystemExit):
@@ -213,12 +213,10 @@ def test_an_earlier_run_is_refused_unless_overwrite_output_dir_and_then_cleared(
     ("--free_bits", "-1", "--free_bits must be a finite number >= 0"),
     ("--resolution", "0", "--resolution must be an integer >= 1"),
     ("--checkpointing_steps", "0", "--checkpointing_steps must be an integer >= 1"),
-    ("--eval_eta", "2", "--eval_eta must be in [0, 1]"),
-    ("--eval_sami_scale", "inf", "--eval_sami_scale must be a finite number >= 0"),
+    ("--beta", "0.1,-1", "--beta must be two finite numbers >= 0, got '0.1,-1.0'"),
     ("--num_eval_images", "0", "--num_eval_images must be an integer >= 1"),
     ("--lr_scheduler", "cosnie", "--lr_scheduler must be one of"),
     ("--encoder_channels", "8,x", "--encoder_channels must be comma-separated multiples of 8"),
-    ("--encoder_min_logvar", "0", "--encoder_min_logvar must be finite and below --encoder_init_logvar"),
 ])
 def test_every_flag_is_checked_before_anything_runs(base_dir, tmp_path, capsys, flag, value, named):
     out = tmp_path / "never"
@@ -283,7 +281,6 @@ def test_rate_flags_log_every_term_and_resume_bit_identically(base_dir, tmp_path
     [
         (("--noise_bands", "500,250"), "--noise_bands needs one upper timestep per latent dimension (3), got 2"),
         (("--noise_bands", "wide"), "--noise_bands must be 'nested' or comma-separated timesteps, got 'wide'"),
-        (("--tc_weight", "1", "--tc_on", "mean", "--tc_estimator", "minibatch"), "tc_on='mean' needs tc_estimator='discriminator'"),
         (("--capacity", "-1"), "capacity must be a finite number of nats >= 0, got -1.0."),
         (("--intervention_weight", "-1"), "--intervention_weight must be a finite number >= 0, got -1.0"),
     ],
@@ -307,24 +304,28 @@ def test_a_checkpoint_with_a_discriminator_is_refused_by_a_run_without_one(base_
 def test_paper_recipe_sets_its_defaults_and_explicit_flags_win():
     args = finetune.parse_args(["--dataset", "background_disks"])  # the dataset's default recipe
     assert args.recipe == "paper" and args.unet_mode == "full" and args.pretrained_model_name_or_path is None
-    assert args.time_blind_encoder and args.bias_free_encoder and args.timestep_sampling == "uniform" and args.use_ema
+    assert args.encoder_type == "paper" and args.timestep_sampling == "uniform" and args.use_ema
     assert args.free_bits == 0 and args.latent_noise_warmup_steps == 0 and args.max_grad_norm == 1.0
     # The paper's per-pixel-mean KL weights times the pixel count (this script sums the error over pixels).
     assert args.beta == pytest.approx(5e-6 * 256) and args.beta_final == pytest.approx(1e-4 * 256)
     assert finetune.parse_args(["--recipe", "paper", "--resolution", "32"]).beta == pytest.approx(5e-6 * 1024)
     explicit = finetune.parse_args(["--dataset", "background_disks", "--beta", "0.5", "--free_bits", "0.25"])
-    assert explicit.beta == 0.5 and explicit.free_bits == 0.25 and explicit.beta_final == pytest.approx(1e-4 * 256)
+    assert explicit.beta == 0.5 and explicit.free_bits == 0.25 and explicit.beta_final is None  # --beta sets the whole schedule
+    ramp = finetune.parse_args(["--beta", "0.003,0.1"])
+    assert (ramp.beta, ramp.beta_final) == (0.003, 0.1)
     default = finetune.parse_args([])
-    assert default.recipe == "adapter" and default.unet_mode == "frozen" and default.beta == 0.01 and not default.bias_free_encoder
+    assert default.recipe == "adapter" and default.unet_mode == "frozen" and default.beta == 0.01 and default.encoder_type == "timed"
     frozen = finetune.parse_args(["--recipe", "adapter", "--dataset", "background_disks"])  # the shipped base of that dataset
     assert frozen.pretrained_model_name_or_path.endswith(os.path.join("models", "ddpm-background-disks-16"))
     assert "paper: --unet_mode full" in finetune.recipe_help()
 
 
-def test_bias_free_encoder_flag_needs_a_noise_blind_encoder(base_dir, tmp_path, capsys):
-    with pytest.raises(SystemExit):
-        finetune.main(_args(base_dir, tmp_path / "never", "--max_train_steps", "1", "--bias_free_encoder"))
-    assert "--bias_free_encoder needs --time_blind_encoder" in capsys.readouterr().err
+def test_encoder_type_builds_the_encoder_it_names(base_dir, tmp_path):
+    for encoder_type, expected in (("time_blind", (False, False)), ("paper", (False, True))):
+        out = tmp_path / encoder_type
+        finetune.main(_args(base_dir, out, "--max_train_steps", "1", "--no_report", "--encoder_type", encoder_type))
+        config = json.loads((out / "encoder" / "config.json").read_text())
+        assert (config["time_conditioning"], config["bias_free"]) == expected, encoder_type
 
 
 def test_paper_recipe_trains_from_scratch_and_loads_with_the_paper_encoder(tmp_path):

@@ -154,7 +154,7 @@ def test_hub_errors_reach_the_user_with_their_own_message(tmp_path, hub, monkeyp
     assert caught.value is refused and not hub.files
 
 
-def test_finetune_pushes_a_private_repo_without_checkpoints(tmp_path, hub):
+def test_finetune_pushes_the_adapter_without_checkpoints(tmp_path, hub):
     from accelerate.state import AcceleratorState
 
     finetune = load_example("finetune")
@@ -165,10 +165,10 @@ def test_finetune_pushes_a_private_repo_without_checkpoints(tmp_path, hub):
         finetune.main(["--pretrained_model_name_or_path", base, "--output_dir", str(out), "--resolution", "8", "--train_batch_size", "2",
                        "--latent_dim", "2", "--encoder_channels", "8,16", "--report_to", "none", "--max_train_steps", "2",
                        "--checkpointing_steps", "1", "--no_report", "--validation_steps", "0", "--num_threads", "1",
-                       "--push_to_hub", "--hub_model_id", "me/sami-tiny", "--hub_private_repo"])
+                       "--push_to_hub", "me/sami-tiny"])
     finally:
         AcceleratorState._reset_state(reset_partial_state=True)
-    assert hub.created == [{"repo_id": "me/sami-tiny", "private": True}]
+    assert hub.created == [{"repo_id": "me/sami-tiny", "private": None}]
     assert (out / "checkpoint-1").is_dir() and not any(f.startswith("checkpoint-") for f in hub.files)
     assert hub.cards[0].data.library_name == "sami-adapter" and hub.cards[0].data.to_dict().get("base_model") is None
     assert 'from_pretrained("me/sami-tiny")' in hub.cards[0].text

@@ -2,6 +2,7 @@
 
 import ast
 import os
+import re
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGE = os.path.join(ROOT, "sami_adapter")
@@ -48,3 +49,73 @@ def test_the_sami_knob_is_sami_scale_everywhere():
                 takers.append(f"{path}:{node.lineno} passes {node.arg}=")
     assert sorted(takers) == ["sami_adapter/pipeline.py:__call__", "sami_adapter/pipeline.py:_denoise", "sami_adapter/pipeline.py:_prepare_codes",
                               "sami_adapter/pipeline.py:check_inputs", "sami_adapter/pipeline.py:guided_model_output"], takers
+
+
+EXAMPLES = os.path.join(ROOT, "examples")
+
+
+def _sources():
+    """Every module of the library and of examples/, parsed, with its text."""
+    for folder in (PACKAGE, EXAMPLES):
+        for path in sorted(os.path.join(d, f) for d, _, files in os.walk(folder) for f in files if f.endswith(".py")):
+            with open(path) as f:
+                text = f.read()
+            yield os.path.relpath(path, ROOT), ast.parse(text, path), text
+
+
+def _functions(tree):
+    return [node for node in ast.walk(tree) if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))]
+
+
+def test_no_caller_of_reconstruct_branches_on_the_model():
+    """SAMI, the β-VAE and DiffAE take one reconstruct(images, generator=...) call, so no function that calls
+    ``.reconstruct(`` asks which model it holds: no isinstance/type, no comparison with a name."""
+    found = []
+    for path, tree, _ in _sources():
+        for fn in _functions(tree):
+            calls = [n for n in ast.walk(fn) if isinstance(n, ast.Call)]
+            if not any(isinstance(c.func, ast.Attribute) and c.func.attr == "reconstruct" for c in calls):
+                continue
+            if any(isinstance(c.func, ast.Name) and c.func.id in ("isinstance", "type") for c in calls):
+                found.append(f"{path}:{fn.name} calls isinstance/type")
+            for node in ast.walk(fn):
+                if isinstance(node, ast.Compare) and any(isinstance(c, ast.Constant) and isinstance(c.value, str)
+                                                         for c in [node.left, *node.comparators]):
+                    found.append(f"{path}:{fn.name}:{node.lineno} compares with a name")
+    assert not found, found
+
+
+def test_the_active_threshold_is_one_constant_imported_everywhere():
+    """The 0.1-nat "active dimension" rule is ``evaluation.ACTIVE_KL_NATS``: defined once, imported, never retyped."""
+    retyped, defined = [], []
+    for path, tree, text in _sources():
+        for number, line in enumerate(text.splitlines(), 1):
+            if re.search(r"0\.1", line) and re.search(r"kl|active", line, re.IGNORECASE) and not line.startswith("ACTIVE_KL_NATS = "):
+                retyped.append(f"{path}:{number}")
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "ACTIVE_KL_NATS" for t in node.targets):
+                defined.append(path)
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                args = node.args.args + node.args.kwonlyargs
+                defaults = [None] * (len(node.args.args) - len(node.args.defaults)) + node.args.defaults + node.args.kw_defaults
+                for arg, default in zip(args, defaults):
+                    if "threshold" in arg.arg and isinstance(default, ast.Constant) and default.value == 0.1:
+                        retyped.append(f"{path}:{node.name}({arg.arg}=0.1)")
+    assert defined == [os.path.join("sami_adapter", "evaluation.py")], defined
+    assert not retyped, retyped
+
+
+def test_long_functions_say_why_at_their_top():
+    """A function of more than 80 lines of code (its docstring aside) starts with a ``# Long ...`` comment saying why."""
+    unexplained = []
+    for path, tree, text in _sources():
+        lines = text.splitlines()
+        for fn in _functions(tree):
+            body = fn.body[1:] if ast.get_docstring(fn, clean=False) is not None else fn.body
+            if not body or fn.end_lineno - body[0].lineno + 1 <= 80:
+                continue
+            first = body[0].lineno - 1
+            above = lines[first - 1].strip() if first > 0 else ""
+            if not above.startswith("# Long"):
+                unexplained.append(f"{path}:{fn.name} ({fn.end_lineno - body[0].lineno + 1} lines)")
+    assert not unexplained, unexplained

@@ -5,8 +5,9 @@
 * :class:`DiffAE` (:func:`train_diffae`): a DiffAE-style diffusion autoencoder, the same encoder
   feeding a code ``z`` into a ``UNet2DModel`` through its class embedding, trained jointly.
 
-Both expose ``encode(images) -> LatentPosterior`` (use ``.mean`` as the representation), so the
-metrics of :mod:`sami_adapter.report` apply to them exactly as to a SAMI pipeline.
+Both take :class:`~sami_adapter.SAMIPipeline`'s calls (``encode``, ``reconstruct``, generation by
+``model(batch_size=...)``; images in [0, 1]; :class:`~sami_adapter.baselines.common.AutoencoderMixin`), so
+the measurements of :mod:`sami_adapter.evaluation` apply to them exactly as to a SAMI pipeline.
 """
 
 from .beta_vae import BetaVAE, ConvDecoder, train_beta_vae

@@ -33,7 +33,7 @@ from torch import nn
 from ..data.base import FactorDataset
 from ..encoder import LatentPosterior, SAMIEncoder
 from ..rate import RateControl, TCDiscriminator, discriminator_step, rate_terms
-from .common import TrainingBudget, resolve_dataset, train_loop
+from .common import AutoencoderMixin, TrainingBudget, resolve_dataset, train_loop
 
 
 class ConvDecoder(ModelMixin, ConfigMixin):
@@ -83,7 +83,7 @@ class ConvDecoder(ModelMixin, ConfigMixin):
         return out
 
 
-class BetaVAE(ModelMixin, ConfigMixin):
+class BetaVAE(AutoencoderMixin, ModelMixin, ConfigMixin):
     """β-VAE with a noise-blind SAMI encoder and a :class:`ConvDecoder` (module docstring).
 
     ``save_pretrained`` / ``from_pretrained`` work as for any diffusers model.
@@ -143,25 +143,16 @@ class BetaVAE(ModelMixin, ConfigMixin):
         """``q(z | x)`` with gradients (training)."""
         return self.encoder(images, 0)
 
-    @torch.no_grad()
-    def encode(self, images: torch.Tensor) -> LatentPosterior:
-        """``q(z | x)`` of images (N, C, H, W) in [-1, 1]; ``.mean`` is the representation (N, D)."""
-        return self.encoder(images.to(device=self.device, dtype=self.dtype), 0)
-
     def decoder_output(self, z: torch.Tensor) -> torch.Tensor:
         """Raw decoder output: logits (Bernoulli) or means (Gaussian)."""
         return self.decoder(z)
 
     @torch.no_grad()
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """Images in [-1, 1] from codes (N, D): the mean of ``p(x | z)`` mapped to pixels."""
+    def decode(self, z: torch.Tensor, generator: Optional[torch.Generator] = None, num_inference_steps: int = 50, eta: float = 0.0) -> torch.Tensor:
+        """Images in [-1, 1] from codes (N, D): the mean of ``p(x | z)`` mapped to pixels (deterministic: the
+        sampling arguments of :class:`~sami_adapter.baselines.common.AutoencoderMixin` change nothing)."""
         out = self.decoder(z.to(device=self.device, dtype=self.dtype))
         return (2 * torch.sigmoid(out) - 1) if self.config.likelihood == "bernoulli" else out.clamp(-1, 1)
-
-    @torch.no_grad()
-    def reconstruct(self, images: torch.Tensor) -> torch.Tensor:
-        """``decode(mean q(z | x))``: (N, C, H, W) in [-1, 1]."""
-        return self.decode(self.encode(images).mean)
 
     def negative_log_likelihood(self, images: torch.Tensor, decoder_output: torch.Tensor) -> torch.Tensor:
         """Per-image ``-log p(x | z)`` in nats (summed over pixels), for the configured likelihood."""
@@ -253,7 +244,7 @@ def train_beta_vae(
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed + 1)
             discriminator = TCDiscriminator(latent_dim=latent_dim).to(device or "cpu")
-        disc_optimizer = torch.optim.Adam(discriminator.parameters(), lr=1e-4, betas=(0.5, 0.9))
+        disc_optimizer = discriminator.make_optimizer()
     state = {"step": 0}
 
     def step_loss(images, g):

@@ -1,4 +1,5 @@
-"""The training loop the baselines share: seeded fresh batches, a step and/or wall-clock budget, a log."""
+"""What the baselines share: the face they show a caller (:class:`AutoencoderMixin`) and the training loop
+(seeded fresh batches, a step and/or wall-clock budget, a log)."""
 
 from __future__ import annotations
 
@@ -8,10 +9,51 @@ from typing import Callable, Dict, List, Optional, Union
 
 import numpy as np
 import torch
+from diffusers import ImagePipelineOutput
+from diffusers.utils.torch_utils import randn_tensor
 
 from ..data import DATASETS
 from ..data.base import FactorDataset
+from ..encoder import LatentPosterior
+from ..images import ImageInput, postprocess, to_model_range
 from ..training import StepBatches
+
+
+class AutoencoderMixin:
+    """:class:`~sami_adapter.SAMIPipeline`'s calls for a baseline: ``encode(images)``,
+    ``reconstruct(images, generator=..., num_inference_steps=..., eta=..., output_type=...)`` and generation by
+    ``model(batch_size=..., generator=..., ...)``, with images in and out as diffusers takes and returns them
+    ([0, 1]), so that no caller branches on which model it holds.
+
+    The model provides ``encoder`` (a :class:`~sami_adapter.SAMIEncoder`, called on clean pixels in [-1, 1]),
+    ``latent_dim`` and ``decode(z, generator=, num_inference_steps=, eta=)`` -> pixels in [-1, 1]; a deterministic
+    decoder ignores the sampling arguments.
+    """
+
+    def _pixels(self, images: ImageInput) -> torch.Tensor:
+        size = self.config.sample_size
+        return to_model_range(images, channels=self.config.in_channels, size=(size, size)).to(device=self.device, dtype=self.dtype)
+
+    @torch.no_grad()
+    def encode(self, images: ImageInput) -> LatentPosterior:
+        """``q(z | x)`` of images (tensors (N, C, H, W) in [0, 1], arrays, PIL images); ``.mean`` is the representation (N, D)."""
+        return self.encoder(self._pixels(images), 0)
+
+    @torch.no_grad()
+    def reconstruct(self, images: ImageInput, generator: Optional[torch.Generator] = None, num_inference_steps: int = 50,
+                    eta: float = 0.0, output_type: str = "pil", return_dict: bool = True):
+        """Decode ``z = mean q(z | x)`` of ``images``; ``.images`` as ``output_type`` (``"pt"``: (N, C, H, W) in [0, 1])."""
+        sample = self.decode(self.encode(images).mean, generator=generator, num_inference_steps=num_inference_steps, eta=eta)
+        images = postprocess(sample, output_type)
+        return ImagePipelineOutput(images=images) if return_dict else (images,)
+
+    @torch.no_grad()
+    def forward(self, batch_size: int = 1, generator: Optional[torch.Generator] = None, num_inference_steps: int = 50,
+                eta: float = 0.0, output_type: str = "pil", return_dict: bool = True):
+        """Generate as a diffusers pipeline does: decode ``batch_size`` codes drawn from the prior ``N(0, I)``."""
+        z = randn_tensor((batch_size, self.latent_dim), generator=generator, device=self.device, dtype=self.dtype)
+        images = postprocess(self.decode(z, generator=generator, num_inference_steps=num_inference_steps, eta=eta), output_type)
+        return ImagePipelineOutput(images=images) if return_dict else (images,)
 
 
 @dataclass

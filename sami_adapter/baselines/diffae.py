@@ -24,11 +24,11 @@ from diffusers.utils.torch_utils import randn_tensor
 from torch import nn
 
 from ..data.base import FactorDataset
-from ..encoder import LatentPosterior, SAMIEncoder
-from .common import TrainingBudget, resolve_dataset, train_loop
+from ..encoder import SAMIEncoder
+from .common import AutoencoderMixin, TrainingBudget, resolve_dataset, train_loop
 
 
-class DiffAE(ModelMixin, ConfigMixin):
+class DiffAE(AutoencoderMixin, ModelMixin, ConfigMixin):
     """Encoder + ``z``-conditioned ``UNet2DModel`` (module docstring).
 
     Args:
@@ -85,11 +85,6 @@ class DiffAE(ModelMixin, ConfigMixin):
         """The deterministic code ``z`` (posterior mean of the encoder), with gradients."""
         return self.encoder(images, 0).mean
 
-    @torch.no_grad()
-    def encode(self, images: torch.Tensor) -> LatentPosterior:
-        """Encoder posterior of images (N, C, H, W) in [-1, 1]; ``.mean`` is the code ``z`` (N, D)."""
-        return self.encoder(images.to(device=self.device, dtype=self.dtype), 0)
-
     def denoise(self, noisy: torch.Tensor, timesteps: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """``eps_theta(x_t, t, z)``."""
         return self.unet(noisy, timesteps, class_labels=self.z_proj(z)).sample
@@ -111,8 +106,9 @@ class DiffAE(ModelMixin, ConfigMixin):
         num_inference_steps: int = 50,
         generator: Optional[torch.Generator] = None,
         latents: Optional[torch.Tensor] = None,
+        eta: float = 0.0,
     ) -> torch.Tensor:
-        """DDIM (eta = 0) sampling conditioned on codes (N, D); returns images (N, C, H, W) in [-1, 1]."""
+        """DDIM sampling (``eta``: 0 deterministic, 1 stochastic) conditioned on codes (N, D); returns images (N, C, H, W) in [-1, 1]."""
         z = z.to(device=self.device, dtype=self.dtype)
         shape = (z.shape[0], self.config.in_channels, self.config.sample_size, self.config.sample_size)
         sample = latents.to(self.device, self.dtype) if latents is not None else randn_tensor(shape, generator=generator, device=self.device, dtype=self.dtype)
@@ -120,13 +116,8 @@ class DiffAE(ModelMixin, ConfigMixin):
         scheduler.set_timesteps(num_inference_steps, device=self.device)
         for t in scheduler.timesteps:
             eps = self.denoise(sample, t.expand(z.shape[0]), z)
-            sample = scheduler.step(eps, t, sample).prev_sample
+            sample = scheduler.step(eps, t, sample, eta=eta, generator=generator).prev_sample
         return sample.clamp(-1, 1)
-
-    @torch.no_grad()
-    def reconstruct(self, images: torch.Tensor, num_inference_steps: int = 50, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-        """``decode(z(x))`` from fresh noise: (N, C, H, W) in [-1, 1]."""
-        return self.decode(self.encode(images).mean, num_inference_steps=num_inference_steps, generator=generator)
 
 
 def train_diffae(
