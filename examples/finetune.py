@@ -417,7 +417,7 @@ def step_kl_per_dim(accelerator, encoder, cleans) -> torch.Tensor:
     Free bits compare this with their threshold, so that the clamp sees the same batch mean whatever
     the number of processes and accumulation steps.
     """
-    with accelerator.autocast():
+    with torch.no_grad(), accelerator.autocast():
         total = sum(encoder(c, torch.zeros(c.shape[0], dtype=torch.long, device=c.device)).kl_per_dim().float().sum(0) for c in cleans)
     count = torch.tensor([float(sum(c.shape[0] for c in cleans))], device=total.device)
     if accelerator.num_processes > 1:
@@ -841,7 +841,9 @@ def train_step(run: Run, step: int) -> float:
     noise_scale = min(1.0, step / args.latent_noise_warmup_steps) if args.latent_noise_warmup_steps else 1.0
     anchor_weight = args.anchor_weight * max(0.0, 1.0 - step / args.anchor_steps) if run.anchor is not None else 0.0
     parts = micro_batches(run, step)
-    kl_reference = step_kl_per_dim(accelerator, accelerator.unwrap_model(run.objective).encoder, [p[1] for p in parts]) if args.free_bits > 0 else None
+    kl_reference = None  # one batch on one process: the loss's own batch mean is the step's (no second encoder pass)
+    if args.free_bits > 0 and (len(parts) > 1 or accelerator.num_processes > 1):
+        kl_reference = step_kl_per_dim(accelerator, accelerator.unwrap_model(run.objective).encoder, [p[1] for p in parts])
     discriminator = accelerator.unwrap_model(run.discriminator) if run.discriminator is not None else None
     for micro, (local, clean, captions) in enumerate(parts):
         unet_kwargs = unet_conditioning(run.unet_kwargs_one, run.components, captions, clean.shape[0], accelerator.device)
