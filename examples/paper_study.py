@@ -43,6 +43,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--num_noise_levels", type=int, default=21, help="Noise levels of the probe.")
     p.add_argument("--traversal_steps", type=int, default=7, help="Values per traversal row.")
     p.add_argument("--seed", type=int, default=0, help="Seed of the probe and the traversal image.")
+    p.add_argument("--reuse_probe", default=None,
+                   help="A paper_study.json whose factor noise scales to reuse (they depend on the data and the noise "
+                        "schedule only): skips the probe for the datasets it holds.")
     return p.parse_args(argv)
 
 
@@ -142,9 +145,13 @@ def main(argv=None) -> Dict[str, Any]:
     alphas = DDPMScheduler(num_train_timesteps=1000).alphas_cumprod
     grid = np.round(np.linspace(0, 999, args.num_noise_levels)).astype(int).tolist()
     recover, scales, factor_names = {}, {}, {}
+    earlier = json.load(open(args.reuse_probe)) if args.reuse_probe else {"recoverability": {}}
     for dataset, resolution in sorted({(s["dataset"], s["resolution"]) for s in summaries.values()}):
         data = DATASETS[dataset](num_samples=1, resolution=resolution, seed=args.seed + 40_000)
-        recover[dataset] = factor_recoverability(data, alphas, grid, num_steps=args.probe_steps, seed=args.seed)
+        if dataset in earlier["recoverability"]:
+            recover[dataset] = {k: np.asarray(v) if k != "names" else list(v) for k, v in earlier["recoverability"][dataset].items()}
+        else:
+            recover[dataset] = factor_recoverability(data, alphas, grid, num_steps=args.probe_steps, seed=args.seed)
         scales[dataset] = factor_noise_scales(recover[dataset])
         factor_names[dataset] = list(data.factor_names)
         print(f"{dataset}: factor noise scales {scales[dataset]}", flush=True)

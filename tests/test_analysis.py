@@ -324,3 +324,7 @@ def test_paper_study_collects_the_mechanism_and_traversals(tmp_path):
     for name in ("mechanism-background_disks-sami-paper-s0.png", "traversals-background_disks-sami-paper-s0.png",
                  "traversals-background_disks-bvae1-gaussian-s0.png", "paper_study.json"):
         assert (out / name).stat().st_size > 0, name
+    # The probe depends on the data and the schedule only: a second collection can reuse it, scales unchanged.
+    again = paper_study.main([str(sweep), "--output_dir", str(tmp_path / "again"), "--reuse_probe", str(out / "paper_study.json"),
+                              "--probe_steps", "1000000", "--traversal_steps", "3"])
+    assert again["scales"] == result["scales"]
