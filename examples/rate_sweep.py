@@ -83,19 +83,21 @@ SAMI.update({
 })
 # Levers for the x/y rotation (docs/paper-reproduction.md, part 6), on the frozen setting: one capacity
 # per dimension (unequal rates, so a rotation of the code changes the posterior widths), a capacity ramp
-# that starts at half its target, and a warm start from the β-TCVAE's encoder (same seed) whose anchor
-# is annealed away by step 1250. {warm} is that baseline's saved model.
+# that starts at half its target, and a warm start from a baseline's encoder (same seed: the β-TCVAE,
+# and the best tuned baseline, the Bernoulli β-VAE) whose anchor is annealed away by step 1250.
+# {warm:KEY} is the saved model of baseline KEY's job.
 BG_CAP = f"--recipe adapter --pretrained_model_name_or_path {BG_BASE} --beta 0 --free_bits 0 --capacity_ramp_steps 1250 --mismatch_weight 1"
-WARM_FROM = "btcvae1-gaussian"
 SAMI.update({
     "sami-frozen-unequal": f"{BG_CAP} --capacity 4,3,2.5,1,0.5,0.25,0.1,0.1",
     "sami-frozen-capstart": f"{BG_CAP} --capacity 12 --capacity_start 0.5",
-    "sami-frozen-warm": f"--recipe adapter --pretrained_model_name_or_path {BG_BASE} --init_encoder {{warm}} --anchor_steps 1250",
+    "sami-frozen-warm": f"--recipe adapter --pretrained_model_name_or_path {BG_BASE} --init_encoder {{warm:btcvae1-gaussian}} --anchor_steps 1250",
+    "sami-frozen-warm-bvae": f"--recipe adapter --pretrained_model_name_or_path {BG_BASE} --init_encoder {{warm:bvae1-bernoulli}} --anchor_steps 1250",
 })
 METHOD.update({
     "sami-frozen-unequal": ("SAMI frozen, unequal capacities", "4,3,2.5,1,0.5,0.25,0.1,0.1 nats"),
     "sami-frozen-capstart": ("SAMI frozen, capacity ramp from half", "C=12"),
     "sami-frozen-warm": ("SAMI frozen, warm start from the β-TCVAE", "anchor annealed over 1250 steps"),
+    "sami-frozen-warm-bvae": ("SAMI frozen, warm start from the Bernoulli β-VAE", "anchor annealed over 1250 steps"),
     "sami-paper": ("SAMI, the paper's recipe", "joint from scratch"),
     "sami-frozen-paper-enc": ("SAMI frozen, paper's encoder", "shipped base"),
     "sami-frozen-ours": ("SAMI frozen, our encoder", "shipped base"),
@@ -154,7 +156,7 @@ def build_paper_jobs() -> List[Dict[str, object]]:
     jobs += [job("disks", "sami", "sami-paper", seed) for seed in (0, 1, 2)] + [job(bg, "baseline", "diffae", 0)]
     jobs += [job(bg, "baseline", f"{kind}{beta}-{lik}", seed) for seed in (0, 1, 2) for kind in ("bvae", "btcvae") for beta in (1, 4)
              for lik in ("gaussian", "bernoulli") if (beta, lik) != (1, "gaussian")]
-    jobs += [job(bg, "sami", key, seed) for seed in (0, 1, 2) for key in ("sami-frozen-unequal", "sami-frozen-capstart", "sami-frozen-warm")]
+    jobs += [job(bg, "sami", key, seed) for seed in (0, 1, 2) for key in ("sami-frozen-unequal", "sami-frozen-capstart", "sami-frozen-warm", "sami-frozen-warm-bvae")]
     return jobs
 
 
@@ -171,10 +173,11 @@ def commands(job: Dict[str, object], out: str, args: argparse.Namespace) -> List
         return [[py, "examples/compare.py", "--baselines", BASELINES[str(job["key"])], "--seeds", str(job["seed"]),
                  "--max_steps", str(args.baseline_steps), "--budget_seconds", "1e9", "--save_models"] + evaluation]
     flags = SAMI[str(job["key"])].split()
-    if "{warm}" in flags:  # the same seed's β-TCVAE, saved by its job's compare.py --save_models
-        models = os.path.join(out, "runs", f"{job['dataset']}-{WARM_FROM}-s{job['seed']}", "models")
-        found = sorted(os.listdir(models)) if os.path.isdir(models) else []
-        flags[flags.index("{warm}")] = os.path.join(models, found[0]) if found else f"{models}/MISSING-run-its-baseline-job-first"
+    for i, flag in enumerate(flags):
+        if flag.startswith("{warm:"):  # the same seed's baseline, saved by its job's compare.py --save_models
+            models = os.path.join(out, "runs", f"{job['dataset']}-{flag[6:-1]}-s{job['seed']}", "models")
+            found = sorted(os.listdir(models)) if os.path.isdir(models) else []
+            flags[i] = os.path.join(models, found[0]) if found else f"{models}/MISSING-run-its-baseline-job-first"
     if job["dataset"] == "dsprites":
         base = os.path.join(out, DSPRITES_BASE)
         if "--pretrained_model_name_or_path" in flags:
