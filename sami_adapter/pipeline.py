@@ -14,7 +14,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from .hub import AdapterPipelineMixin
 from .encoder import LatentPosterior, SAMIEncoder, check_encoder_fits_unet
-from .guidance import add_noise, apply_guidance, check_first_step, check_scheduler, check_timesteps, encoder_noise_level, posterior_score
+from .guidance import add_noise, apply_guidance, check_first_step, check_scheduler, check_timesteps, encoder_noise_level, frozen_parameters, posterior_score
 from .images import ImageInput
 from .latent import LATENT_COMPONENTS, LatentPipelineMixin, PromptInput, prompt_batch_size, repeat_per_image
 
@@ -285,8 +285,9 @@ class SAMIPipeline(AdapterPipelineMixin, LatentPipelineMixin, DiffusionPipeline)
             raise ValueError(f"latents must have shape {shape} (one noise image per code), got {tuple(latents.shape)}.")
         tensors = {"latents": latents.to(device=self._execution_device, dtype=self.unet.dtype), "z": z,
                    "prompt_embeds": cond, "negative_prompt_embeds": uncond}
-        sample = self._denoise(tensors, num_inference_steps, float(sami_scale), guidance_scale, generator, eta,
-                               callback_on_step_end, callback_on_step_end_tensor_inputs)
+        with frozen_parameters(self.encoder):
+            sample = self._denoise(tensors, num_inference_steps, float(sami_scale), guidance_scale, generator, eta,
+                                   callback_on_step_end, callback_on_step_end_tensor_inputs)
         if output_type == "latent":
             images = sample
         else:
@@ -330,8 +331,7 @@ class SAMIPipeline(AdapterPipelineMixin, LatentPipelineMixin, DiffusionPipeline)
         check_first_step(self.scheduler)
         self._num_timesteps, self._interrupt = len(self.scheduler.timesteps), False
         tensors["latents"] = tensors["latents"] * self.scheduler.init_noise_sigma
-        accepted = inspect.signature(self.scheduler.step).parameters  # DDIM takes eta, stochastic schedulers a generator
-        extra = {k: v for k, v in (("generator", generator), ("eta", eta)) if k in accepted}
+        extra = {k: v for k, v in (("generator", generator), ("eta", eta)) if k in inspect.signature(self.scheduler.step).parameters}
         for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
             if self.interrupt:
                 continue

@@ -251,3 +251,23 @@ def test_free_bits_on_parts_of_a_batch_give_the_whole_batch_gradient():
         torch.testing.assert_close((a + b) / 2, f, atol=1e-5, rtol=1e-4)
     own = [grads(slice(0, 4)), grads(slice(4, 8))]  # each half against its own mean: not the whole batch's gradient
     assert max(((a + b) / 2 - f).abs().max().item() for f, a, b in zip(full, *own)) > 1e-4
+
+
+def test_frozen_parameters_gives_the_same_score_and_restores_the_flags():
+    """Sampling takes the score with the encoder's weights frozen: same values, and the flags come back
+    (a weight that was frozen before stays frozen)."""
+    from sami_adapter.guidance import frozen_parameters
+    from tiny import tiny_encoder
+
+    torch.manual_seed(0)
+    enc = tiny_encoder(latent_dim=3)
+    with torch.no_grad():
+        enc.head.weight.normal_(0, 0.3)
+    enc.conv_in.weight.requires_grad_(False)
+    x, z, t = torch.randn(4, 1, 8, 8), torch.randn(4, 3), torch.full((4,), 300)
+    plain = posterior_score(enc, z, x, t)
+    with frozen_parameters(enc):
+        assert not any(p.requires_grad for p in enc.parameters())
+        frozen = posterior_score(enc, z, x, t)
+    assert torch.equal(plain, frozen)
+    assert not enc.conv_in.weight.requires_grad and enc.head.weight.requires_grad
