@@ -244,7 +244,7 @@ def test_command_line_flags():
 
 # ---------------------------------------------------------------------------------------- the running app
 @contextmanager
-def serve(adapter, workdir, steps=25, num_examples=256):
+def serve(adapter, workdir, steps=explore.EXPLORER_STEPS, num_examples=256):
     """Run examples/explore.py on 127.0.0.1 and a free port; yield its URL; stop its process group."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "RANK", "WORLD_SIZE", "MASTER_", "LOCAL_"))}
     env.update({"PYTHONPATH": ROOT, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False", "GRADIO_TEMP_DIR": str(workdir / "gradio")})
