@@ -301,7 +301,8 @@ def test_a_checkpoint_with_a_discriminator_is_refused_by_a_run_without_one(base_
     assert _tree_digest(out) == before
 
 
-def test_paper_recipe_sets_its_defaults_and_explicit_flags_win():
+def test_paper_recipe_sets_its_defaults_and_explicit_flags_win(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the default --output_dir is relative: a run in the checkout must not make this fail
     args = finetune.parse_args(["--dataset", "background_disks"])  # the dataset's default recipe
     assert args.recipe == "paper" and args.unet_mode == "full" and args.pretrained_model_name_or_path is None
     assert args.encoder_type == "paper" and args.timestep_sampling == "uniform" and args.use_ema
