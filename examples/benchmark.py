@@ -314,16 +314,22 @@ def _interleaved_times(calls: Dict[str, Callable[[], Any]], args, device: torch.
 
 
 # ----------------------------------------------------------------------------- part one: sampling
+def sampling_setup(unet, train_scheduler, encoder, batch: int, args, device: torch.device):
+    """The DDIM SAMIPipeline of the timed calls and the profile, its codes ``z`` (batch, D) and their generator."""
+    pipe = SAMIPipeline(unet=unet.to(device), scheduler=DDIMScheduler.from_config(train_scheduler.config, clip_sample=False),
+                        encoder=encoder.to(device))
+    pipe.set_progress_bar_config(disable=True)
+    g = torch.Generator().manual_seed(args.seed + 2)
+    return pipe, torch.randn(batch, LATENT_DIM, generator=g).to(device), g
+
+
 def bench_sampling(size: str, unet, train_scheduler, encoder, args, device: torch.device) -> Dict[str, Any]:
     """Guided vs unguided DDIM sampling time per image, and encode throughput, with one SAMIPipeline."""
     batch = args.sample_batch_size or DEFAULT_SAMPLE_BATCH[size]
     steps = args.num_inference_steps
-    scheduler = DDIMScheduler.from_config(train_scheduler.config, clip_sample=False)
-    pipe = SAMIPipeline(unet=unet.to(device), scheduler=scheduler, encoder=encoder.to(device))
+    pipe, z, g = sampling_setup(unet, train_scheduler, encoder, batch, args, device)
+    scheduler = pipe.scheduler
     pipe.unet, pipe.encoder = maybe_compile(pipe.unet, args), maybe_compile(pipe.encoder, args)
-    pipe.set_progress_bar_config(disable=True)
-    g = torch.Generator().manual_seed(args.seed + 2)
-    z = torch.randn(batch, LATENT_DIM, generator=g).to(device)
     latents = torch.randn((batch, *pipe._sample_shape()), generator=g).to(device)
     images = torch.rand((batch, *pipe._sample_shape()), generator=g).to(device)  # [0, 1], diffusers' image range
 
@@ -488,11 +494,7 @@ def profile_table(fn: Callable[[], Any], device: torch.device, rows: int = PROFI
 def bench_profiles(size: str, unet, scheduler, encoder, args, device: torch.device) -> Dict[str, Any]:
     """Profiles of one guided DDIM call (``--num_inference_steps`` steps) and one frozen-adapter training step."""
     batch = args.sample_batch_size or DEFAULT_SAMPLE_BATCH[size]
-    pipe = SAMIPipeline(unet=copy.deepcopy(unet).eval().to(device), scheduler=DDIMScheduler.from_config(scheduler.config, clip_sample=False),
-                        encoder=copy.deepcopy(encoder).eval().to(device))
-    pipe.set_progress_bar_config(disable=True)
-    g = torch.Generator().manual_seed(args.seed + 2)
-    z = torch.randn(batch, LATENT_DIM, generator=g).to(device)
+    pipe, z, _ = sampling_setup(copy.deepcopy(unet).eval(), scheduler, copy.deepcopy(encoder).eval(), batch, args, device)
     sample = with_precision(lambda: pipe(z=z, num_inference_steps=args.num_inference_steps, output_type="pt"), args, device)
     train_batch = training_batch(unet, scheduler, args.train_batch_size or DEFAULT_TRAIN_BATCH[size], args.seed, device)
     step, _ = build_variant("frozen", copy.deepcopy(unet).to(device), copy.deepcopy(encoder).to(device), scheduler, train_batch, args.lora_rank)

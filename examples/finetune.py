@@ -22,6 +22,7 @@ decoded by a DataLoader per process, each taking only its own items of the globa
 from __future__ import annotations
 
 import argparse
+import copy
 import gc
 import importlib.util
 import json
@@ -698,7 +699,7 @@ def build_models(args, accelerator) -> Run:
         args.encoder_type = next(k for k, v in ENCODER_TYPES.items() if v == (encoder.config.time_conditioning, encoder.config.bias_free))
         args.encoder_channels = ",".join(str(c) for c in encoder.config.block_out_channels)
         if args.anchor_steps:
-            run.anchor = load_init_encoder(args.init_encoder, args.latent_dim).requires_grad_(False).eval().to(accelerator.device)
+            run.anchor = copy.deepcopy(encoder).requires_grad_(False).eval().to(accelerator.device)  # the start, kept fixed
     if args.gradient_checkpointing:
         encoder.enable_gradient_checkpointing()
     if args.unet_mode == "frozen":
