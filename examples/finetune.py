@@ -139,6 +139,7 @@ def add_model_arguments(p) -> None:
     g.add_argument("--lora_rank", type=int, default=4, help="LoRA rank.")
     g.add_argument("--latent_dim", type=int, default=8, help="Size of the SAMI code z.")
     g.add_argument("--encoder_channels", default="32,64", help="Encoder down-block widths (each block after the first halves the resolution).")
+    g.add_argument("--encoder_hidden_dim", type=int, default=256, help="Width of the encoder's head (the layer between its pooled features and mean/log-variance).")
     g.add_argument("--encoder_type", default="timed", choices=sorted(ENCODER_TYPES),
                    help="timed: the encoder sees the noise level; time_blind: it does not (an ablation); paper: the SAMI paper's noise-blind, "
                         "bias-free encoder (no additive constant before the head, normalisation without mean or offset, a middle block).")
@@ -328,6 +329,8 @@ def check_args(args) -> str | None:
         channels = []
     if not channels or min(channels) < 8 or any(c % 8 for c in channels):
         return bad("encoder_channels", args.encoder_channels, "comma-separated multiples of 8 (the encoder's GroupNorm has 8 groups)")
+    if args.encoder_hidden_dim < 1:
+        return bad("encoder_hidden_dim", args.encoder_hidden_dim, "an integer >= 1")
     if args.lr_scheduler not in [t.value for t in SchedulerType]:
         return bad("lr_scheduler", args.lr_scheduler, f"one of {', '.join(t.value for t in SchedulerType)}")
     if args.train_data_dir and args.dataset_name:
@@ -692,12 +695,13 @@ def build_models(args, accelerator) -> Run:
         run.vae.requires_grad_(False).eval().to(accelerator.device)
     time_conditioning, bias_free = ENCODER_TYPES[args.encoder_type]
     encoder = SAMIEncoder(in_channels=unet.config.in_channels, sample_size=unet.config.sample_size, latent_dim=args.latent_dim,
-                          block_out_channels=tuple(int(c) for c in args.encoder_channels.split(",")), time_conditioning=time_conditioning,
-                          guidance_bands=args.guidance_bands, bias_free=bias_free)
+                          block_out_channels=tuple(int(c) for c in args.encoder_channels.split(",")), hidden_dim=args.encoder_hidden_dim,
+                          time_conditioning=time_conditioning, guidance_bands=args.guidance_bands, bias_free=bias_free)
     if args.init_encoder:  # its architecture replaces the flags', so the adapter's metadata says what was trained
         encoder = load_init_encoder(args.init_encoder, args.latent_dim)
         args.encoder_type = next(k for k, v in ENCODER_TYPES.items() if v == (encoder.config.time_conditioning, encoder.config.bias_free))
         args.encoder_channels = ",".join(str(c) for c in encoder.config.block_out_channels)
+        args.encoder_hidden_dim = encoder.config.hidden_dim
         if args.anchor_steps:
             run.anchor = copy.deepcopy(encoder).requires_grad_(False).eval().to(accelerator.device)  # the start, kept fixed
     if args.gradient_checkpointing:
@@ -803,6 +807,8 @@ def resume(run: Run) -> None:
         run.run_config["tc_discriminator"] = True
     if encoder.config.bias_free:
         run.run_config["bias_free_encoder"] = True
+    if encoder.config.hidden_dim != 256:  # 256 was the only width before --encoder_hidden_dim
+        run.run_config["encoder_hidden_dim"] = encoder.config.hidden_dim
     if args.resume_from_checkpoint:
         path = resolve_checkpoint(args)  # only 'latest' can find nothing here: check_args refused other missing names
         if path is None:

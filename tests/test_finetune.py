@@ -113,9 +113,11 @@ def test_lora_mode_saves_lora_weights_that_change_the_unet(base_dir, tmp_path):
 def test_full_mode_from_scratch_saves_its_unet(tmp_path):
     out = tmp_path / "joint"
     finetune.main(["--unet_mode", "full", "--output_dir", str(out), "--resolution", "8", "--train_batch_size", "2", "--latent_dim", "2",
-                   "--encoder_channels", "8,16", "--report_to", "none", "--max_train_steps", "1", "--no_report", "--mixed_precision", "bf16", "--num_threads", "1"])
+                   "--encoder_channels", "8,16", "--encoder_hidden_dim", "24", "--report_to", "none", "--max_train_steps", "1", "--no_report",
+                   "--mixed_precision", "bf16", "--num_threads", "1"])
     assert (out / "unet" / "diffusion_pytorch_model.safetensors").exists()
-    assert SAMIPipeline.from_pretrained(str(out)).unet.config.sample_size == 8
+    pipe = SAMIPipeline.from_pretrained(str(out))
+    assert pipe.unet.config.sample_size == 8 and pipe.encoder.config.hidden_dim == 24
 
 
 def test_image_folder_errors(base_dir, tmp_path):
@@ -217,6 +219,7 @@ def test_an_earlier_run_is_refused_unless_overwrite_output_dir_and_then_cleared(
     ("--num_eval_images", "0", "--num_eval_images must be an integer >= 1"),
     ("--lr_scheduler", "cosnie", "--lr_scheduler must be one of"),
     ("--encoder_channels", "8,x", "--encoder_channels must be comma-separated multiples of 8"),
+    ("--encoder_hidden_dim", "0", "--encoder_hidden_dim must be an integer >= 1, got 0"),
 ])
 def test_every_flag_is_checked_before_anything_runs(base_dir, tmp_path, capsys, flag, value, named):
     out = tmp_path / "never"

@@ -95,6 +95,18 @@ def test_pushing_the_default_adapter_uploads_the_adapter_not_the_base(tmp_path, 
     assert pipe.encoder is not None and os.path.isdir(os.path.join(adapter, "checkpoint-100"))  # the source is left alone
 
 
+def test_the_default_adapter_pushed_in_half_precision_is_under_1_mb_and_loads_back_in_float32(tmp_path, hub):
+    adapter, encoder = _default_adapter(tmp_path)
+    pipe = SAMIPipeline.from_pretrained(adapter, torch_dtype=torch.float16)  # weights are pushed in the dtype they are loaded in
+    pipe.push_to_hub("me/sami-disks-fp16")
+    assert "encoder/diffusion_pytorch_model.safetensors" in hub.files and max(hub.files.values()) < 1_000_000
+    pipe.save_pretrained(str(tmp_path / "fp16"))
+    again = SAMIPipeline.from_pretrained(str(tmp_path / "fp16"))
+    assert next(again.encoder.parameters()).dtype == torch.float32  # diffusers upcasts to the model's dtype
+    for name, value in encoder.state_dict().items():
+        torch.testing.assert_close(again.encoder.state_dict()[name], value.half().float(), rtol=0, atol=0)
+
+
 def test_a_hub_base_is_the_cards_base_model_and_save_base_pushes_everything(tmp_path, hub, monkeypatch):
     cache = str(tmp_path / "cache")
     hub_cache(cache, "sami-test/tiny-base", save_tiny_base(str(tmp_path / "base")))
