@@ -86,7 +86,7 @@ import statistics
 import sys
 import tempfile
 import time
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -161,6 +161,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--train_batch_size", type=int, default=None,
                    help="Images per training step, for every size (default: demo 64, cifar 16, tiny 8).")
     p.add_argument("--lora_rank", type=int, default=4, help="LoRA rank of the lora variant.")
+    p.add_argument("--encoder_channels", default="32,64",
+                   help="Encoder block widths at the demo and cifar sizes (finetune.py --encoder_channels; its default).")
     p.add_argument("--warmup", type=int, default=1, help="Untimed calls of every variant before timing.")
     p.add_argument("--repeats", type=int, default=5, help="Timed rounds; every variant runs once per round; the median is reported.")
     p.add_argument("--skip_sampling", action="store_true", help="Skip part one.")
@@ -191,6 +193,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     for name in ("sample_batch_size", "train_batch_size", "threads"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name} must be >= 1")
+    try:
+        args.encoder_channels = tuple(int(c) for c in args.encoder_channels.split(","))
+    except ValueError:
+        args.encoder_channels = ()
+    if not args.encoder_channels or any(c < 8 or c % 8 for c in args.encoder_channels):
+        p.error("--encoder_channels takes comma-separated multiples of 8 (the encoder's GroupNorm has 8 groups), e.g. 32,64")
     if args.skip_sampling and args.skip_training:
         p.error("--skip_sampling and --skip_training together leave nothing to measure")
     args.threads = args.threads or _available_cores()
@@ -246,8 +254,8 @@ def build_unet(size: str, demo_weights: str = "shipped", seed: int = 0):
     raise ValueError(f"unknown size {size!r}; expected one of {SIZES}")
 
 
-def build_encoder(unet: UNet2DModel, size: str, seed: int = 0) -> SAMIEncoder:
-    """A default SAMIEncoder for the UNet's input (the tiny size gets a tiny encoder).
+def build_encoder(unet: UNet2DModel, size: str, seed: int = 0, channels: Tuple[int, ...] = (32, 64)) -> SAMIEncoder:
+    """A SAMIEncoder with block widths ``channels`` for the UNet's input (the tiny size gets a tiny encoder).
 
     The head is zero-initialised for training; it gets small random weights here so that the
     posterior really depends on the input, as a trained encoder's does (autograd does the same work
@@ -255,7 +263,7 @@ def build_encoder(unet: UNet2DModel, size: str, seed: int = 0) -> SAMIEncoder:
     """
     torch.manual_seed(seed + 1)
     sample_size = unet.config.sample_size if isinstance(unet.config.sample_size, int) else unet.config.sample_size[0]
-    kwargs = dict(block_out_channels=(8, 16), hidden_dim=32, norm_num_groups=4) if size == "tiny" else {}
+    kwargs = dict(block_out_channels=(8, 16), hidden_dim=32, norm_num_groups=4) if size == "tiny" else dict(block_out_channels=channels)
     encoder = SAMIEncoder(in_channels=unet.config.in_channels, sample_size=sample_size, latent_dim=LATENT_DIM, **kwargs)
     with torch.no_grad():
         encoder.head.weight.normal_(0.0, 0.02)
@@ -571,7 +579,7 @@ def _memory_run(job: Dict[str, Any]) -> Dict[str, float]:
     else:
         before = _current_rss_bytes() or _max_rss_bytes()
     unet, scheduler = build_unet(job["size"], job["demo_weights"], job["seed"])
-    encoder = build_encoder(unet, job["size"], job["seed"]) if job["variant"] != "plain" else None
+    encoder = build_encoder(unet, job["size"], job["seed"], job["encoder_channels"]) if job["variant"] != "plain" else None
     unet.to(device)
     if encoder is not None:
         encoder.to(device)
@@ -624,7 +632,7 @@ def measure_memory(size: str, args, device: torch.device, bar=None) -> Dict[str,
     ctx = None if device.type == "cuda" else _fresh_process_context()
     for name in VARIANTS:
         job = {"size": size, "variant": name, "demo_weights": args.demo_weights, "seed": args.seed, "batch_size": batch_size,
-               "lora_rank": args.lora_rank, "device": str(device), "threads": args.threads}
+               "lora_rank": args.lora_rank, "device": str(device), "threads": args.threads, "encoder_channels": args.encoder_channels}
         if ctx is None:
             results[name] = _memory_run(job)
         else:
@@ -770,8 +778,9 @@ def main(argv=None) -> Dict[str, Any]:
     results: Dict[str, Any] = {"machine": machine, "argv": argv, "args": vars(args), "dtype": args.dtype, "compile": args.compile, "sizes": {}}
     for size in args.sizes:
         unet, scheduler = build_unet(size, args.demo_weights, args.seed)
-        encoder = build_encoder(unet, size, args.seed)
+        encoder = build_encoder(unet, size, args.seed, args.encoder_channels)
         entry = {"unet_params": _num_params([unet]), "encoder_params": _num_params([encoder]),
+                 "encoder_channels": list(encoder.config.block_out_channels),
                  "unet_weights": "shipped" if size == "demo" and args.demo_weights == "shipped" and os.path.isfile(
                      os.path.join(DEMO_DIR, "unet", "diffusion_pytorch_model.safetensors")) else "random"}
         results["sizes"][size] = entry

@@ -11,11 +11,13 @@ def test_benchmark_tiny_run_writes_all_variants(tmp_path):
     results = benchmark.main([
         "--sizes", "demo", "--num_inference_steps", "2", "--sample_batch_size", "2", "--train_batch_size", "4",
         "--repeats", "1", "--warmup", "0", "--threads", "1", "--device", "cpu", "--no_progress", "--output_dir", str(out),
+        "--encoder_channels", "32",
     ])
     with open(out / "benchmark.json") as f:
         saved = json.load(f)
     assert saved["sizes"].keys() == {"demo"} == results["sizes"].keys()
     assert saved["machine"]["torch"] and saved["machine"]["torch_threads"] == 1
+    assert saved["sizes"]["demo"]["encoder_channels"] == [32] and saved["sizes"]["demo"]["encoder_params"] == 212_336  # one block
 
     sampling = saved["sizes"]["demo"]["sampling"]
     for key in ("guided_s_per_image", "unguided_s_per_image", "guided_over_unguided", "encode_images_per_s", "sample50_over_encode"):
@@ -35,3 +37,14 @@ def test_benchmark_tiny_run_writes_all_variants(tmp_path):
 
     table = (out / "benchmark.md").read_text()
     assert "| demo | frozen |" in table and "| demo | plain |" in table and "50-step sample / encode" in table
+
+
+def test_benchmark_refuses_encoder_widths_the_encoder_cannot_build(capsys):
+    benchmark = load_example("benchmark")
+    try:
+        benchmark.main(["--tiny", "--encoder_channels", "32,x"])
+    except SystemExit as stop:
+        assert stop.code == 2
+    else:
+        raise AssertionError("--encoder_channels 32,x was accepted")
+    assert "--encoder_channels takes comma-separated multiples of 8" in capsys.readouterr().err
