@@ -1,18 +1,33 @@
-"""Command-line flags that examples/evaluate.py and examples/compare.py share.
+"""Command-line flags that the example scripts share.
 
-The library takes explicit parameters; this file defines the flags both scripts take (metric sizes,
-axis discovery, device) and turns them into those parameters.
+The library takes explicit parameters; this file defines the flags several scripts take (metric
+sizes, axis discovery, device for evaluate.py and compare.py; the encoder's widths for finetune.py and
+benchmark.py) and turns them into those parameters.
 """
 
 from __future__ import annotations
 
 import argparse
-from typing import Any, Dict
+from typing import Any, Dict, Tuple
 
 import torch
 
 from sami_adapter.data import MOVING, MovingDisks
 from sami_adapter.evaluation import ACTIVE_KL_NATS
+
+
+ENCODER_CHANNELS_RULE = "comma-separated multiples of 8 (the encoder's GroupNorm has 8 groups)"
+
+
+def parse_encoder_channels(text: str) -> Tuple[int, ...]:
+    """``--encoder_channels``, e.g. ``"32,64"``, as block widths; ValueError naming the rule otherwise."""
+    try:
+        channels = tuple(int(c) for c in text.split(","))
+    except ValueError:
+        channels = ()
+    if not channels or min(channels) < 8 or any(c % 8 for c in channels):
+        raise ValueError(ENCODER_CHANNELS_RULE)
+    return channels
 
 
 def add_axis_arguments(parser: argparse.ArgumentParser) -> None:

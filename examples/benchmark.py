@@ -95,6 +95,8 @@ from tqdm.auto import tqdm
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
+sys.path.insert(0, os.path.join(REPO_ROOT, "examples"))
+from _args import parse_encoder_channels  # noqa: E402
 from sami_adapter import SAMIEncoder, SAMIPipeline, sami_loss  # noqa: E402
 from sami_adapter.adapter import add_lora  # noqa: E402
 
@@ -194,11 +196,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name} must be >= 1")
     try:
-        args.encoder_channels = tuple(int(c) for c in args.encoder_channels.split(","))
-    except ValueError:
-        args.encoder_channels = ()
-    if not args.encoder_channels or any(c < 8 or c % 8 for c in args.encoder_channels):
-        p.error("--encoder_channels takes comma-separated multiples of 8 (the encoder's GroupNorm has 8 groups), e.g. 32,64")
+        args.encoder_channels = parse_encoder_channels(args.encoder_channels)
+    except ValueError as e:
+        p.error(f"--encoder_channels takes {e}, e.g. 32,64; got {args.encoder_channels!r}")
     if args.skip_sampling and args.skip_training:
         p.error("--skip_sampling and --skip_training together leave nothing to measure")
     args.threads = args.threads or _available_cores()

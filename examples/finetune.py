@@ -45,6 +45,8 @@ from diffusers.training_utils import EMAModel, cast_training_params
 from tqdm.auto import tqdm
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _args import parse_encoder_channels  # noqa: E402
 from sami_adapter import SAMIEncoder, SAMILossOutput, SAMIPipeline, nested_guidance_bands, sami_loss  # noqa: E402
 from sami_adapter.rate import RateControl, TCDiscriminator, discriminator_step  # noqa: E402
 from sami_adapter import adapter as adapter_lib  # noqa: E402
@@ -324,11 +326,9 @@ def check_args(args) -> str | None:
     if args.num_threads is not None and args.num_threads < 1:
         return bad("num_threads", args.num_threads, "an integer >= 1")
     try:
-        channels = [int(c) for c in args.encoder_channels.split(",")]
-    except ValueError:
-        channels = []
-    if not channels or min(channels) < 8 or any(c % 8 for c in channels):
-        return bad("encoder_channels", args.encoder_channels, "comma-separated multiples of 8 (the encoder's GroupNorm has 8 groups)")
+        parse_encoder_channels(args.encoder_channels)
+    except ValueError as e:
+        return bad("encoder_channels", args.encoder_channels, str(e))
     if args.encoder_hidden_dim < 1:
         return bad("encoder_hidden_dim", args.encoder_hidden_dim, "an integer >= 1")
     if args.lr_scheduler not in [t.value for t in SchedulerType]:
@@ -695,7 +695,7 @@ def build_models(args, accelerator) -> Run:
         run.vae.requires_grad_(False).eval().to(accelerator.device)
     time_conditioning, bias_free = ENCODER_TYPES[args.encoder_type]
     encoder = SAMIEncoder(in_channels=unet.config.in_channels, sample_size=unet.config.sample_size, latent_dim=args.latent_dim,
-                          block_out_channels=tuple(int(c) for c in args.encoder_channels.split(",")), hidden_dim=args.encoder_hidden_dim,
+                          block_out_channels=parse_encoder_channels(args.encoder_channels), hidden_dim=args.encoder_hidden_dim,
                           time_conditioning=time_conditioning, guidance_bands=args.guidance_bands, bias_free=bias_free)
     if args.init_encoder:  # its architecture replaces the flags', so the adapter's metadata says what was trained
         encoder = load_init_encoder(args.init_encoder, args.latent_dim)
