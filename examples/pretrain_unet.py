@@ -9,6 +9,10 @@ grid of DDIM samples and the share of samples that hold one clean disk.
 
     python examples/pretrain_unet.py --output_dir models/ddpm-disks-16 --resolution 16
     python examples/pretrain_unet.py --dataset background_disks --output_dir models/ddpm-background-disks-16
+    python examples/pretrain_unet.py --dataset digits --output_dir models/ddpm-digits-16 --max_train_steps 8000
+
+For ``digits`` (real scans: a finite set) the UNet trains on the fixed ``train`` split only, and the report
+adds the share of samples that a classifier of real digits is sure of (``confident_digit_fraction``).
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from sami_adapter.data import DATASETS, clean_background_disk_fraction, clean_disk_fraction  # noqa: E402
+from sami_adapter.data import DATASETS, clean_background_disk_fraction, clean_disk_fraction, confident_digit_fraction  # noqa: E402
 from sami_adapter.report import save_image_grid  # noqa: E402
 
 
@@ -115,6 +119,8 @@ def main(argv=None):
         clean_check = {"disks": clean_disk_fraction, "background_disks": clean_background_disk_fraction}.get(args.dataset)
         if clean_check is not None:  # the share of samples that are one clean image of the dataset
             report["clean_disk_fraction"] = clean_check(samples)[0]
+        if args.dataset == "digits":  # real data: how often a classifier of real digits is sure of a sample, against real held-out scans
+            report["confident_digit_fraction"] = confident_digit_fraction(samples)
         report["parameters"] = sum(p.numel() for p in model.parameters())
         with open(os.path.join(args.output_dir, "pretrain_report.json"), "w") as f:
             json.dump(report, f, indent=2)

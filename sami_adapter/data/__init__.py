@@ -2,13 +2,14 @@
 
 from .background_disks import BackgroundDisks, background_disk_fit, clean_background_disk_fraction, render_background_disks
 from .base import FactorDataset
+from .digits import Digits, confident_digit_fraction, digit_attributes, digit_split
 from .disks import Disks, clean_disk_fraction, disk_moments, render_disks
 from .dsprites import DSprites, render_sprites
 from .moving_disks import MovingBackgroundDisks, MovingDisks
 
 # The moving (video) version of each dataset that has one: the trajectory-curvature measurement.
 MOVING = {"disks": MovingDisks, "background_disks": MovingBackgroundDisks}
-DATASETS = {"disks": Disks, "dsprites": DSprites, "background_disks": BackgroundDisks}
+DATASETS = {"disks": Disks, "dsprites": DSprites, "background_disks": BackgroundDisks, "digits": Digits}
 
 __all__ = [
     "FactorDataset",
@@ -16,6 +17,10 @@ __all__ = [
     "background_disk_fit",
     "clean_background_disk_fraction",
     "render_background_disks",
+    "Digits",
+    "confident_digit_fraction",
+    "digit_attributes",
+    "digit_split",
     "Disks",
     "DSprites",
     "MovingDisks",

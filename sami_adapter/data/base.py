@@ -14,6 +14,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+SPLITS = ("train", "test")
+
 
 class FactorDataset(Dataset):
     """Base class: ``num_samples`` observations drawn once from ``seed``.
@@ -25,13 +27,18 @@ class FactorDataset(Dataset):
         num_samples: how many observations the dataset holds (they are rendered lazily).
         resolution: image side in pixels.
         seed: seed of the factor draw; the same seed always gives the same data.
+        split: "train" or "test". Procedural draws are fresh for every seed, so the split changes nothing
+            here; a finite set of real images (``digits``) holds a fixed set of images out for "test".
     """
 
     factor_names: Tuple[str, ...] = ()
     factor_sizes: Tuple[int, ...] = ()
     num_channels: int = 1
 
-    def __init__(self, num_samples: int = 10000, resolution: int = 32, seed: int = 0):
+    def __init__(self, num_samples: int = 10000, resolution: int = 32, seed: int = 0, split: str = "train"):
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}.")
+        self.split = split
         if num_samples < 1:
             raise ValueError(f"num_samples must be >= 1, got {num_samples}.")
         if resolution < 8:

@@ -134,9 +134,9 @@ class DSprites(FactorDataset):
     num_channels = 1
     grids = (np.arange(3, dtype=np.float64), SCALES, ORIENTATIONS, POSITIONS, POSITIONS)
 
-    def __init__(self, num_samples: int = 10000, resolution: int = 32, seed: int = 0, supersample: int = 4):
+    def __init__(self, num_samples: int = 10000, resolution: int = 32, seed: int = 0, supersample: int = 4, split: str = "train"):
         self.supersample = int(supersample)
-        super().__init__(num_samples=num_samples, resolution=resolution, seed=seed)
+        super().__init__(num_samples=num_samples, resolution=resolution, seed=seed, split=split)
 
     def values_from_indices(self, indices: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         """Grid values (N, 5) for indices (N, 5); ``rng`` is unused (the factors are discrete)."""
