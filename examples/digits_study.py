@@ -113,7 +113,7 @@ def code_scores(z_train: np.ndarray, z_test: np.ndarray, y_train: np.ndarray, y_
     align = factor_alignment(z_test, v_test[:, 1:], list(ATTRIBUTES))
     matrix = np.abs(np.asarray(align["matrix"]))
     for k, name in enumerate(ATTRIBUTES):
-        out[f"best |ρ| {name}"] = float(np.nanmax(matrix[:, k]))
+        out[f"best ρ {name}"] = float(np.nanmax(matrix[:, k]))
         out[f"best dim {name}"] = int(np.nanargmax(matrix[:, k]))
     return out
 
@@ -223,8 +223,8 @@ def aggregate_rows(rows: Dict[str, Dict[str, Any]]) -> Dict[str, Dict[str, Dict[
     return out
 
 
-COLUMNS = ("linear_probe", "linear_probe_cv5", "knn", "I(x;z) upper (nats)", "MSE", "SSIM", "MSE, best scale", "best |ρ| ink",
-           "best |ρ| slant", "best |ρ| width")
+COLUMNS = ("linear_probe", "linear_probe_cv5", "knn", "I(x;z) upper (nats)", "MSE", "SSIM", "MSE, best scale", "best ρ ink",
+           "best ρ slant", "best ρ width")
 
 
 def table_markdown(groups: Dict[str, Dict[str, Dict[str, float]]]) -> str:
