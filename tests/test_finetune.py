@@ -322,6 +322,10 @@ def test_paper_recipe_sets_its_defaults_and_explicit_flags_win(tmp_path, monkeyp
     frozen = finetune.parse_args(["--recipe", "adapter", "--dataset", "background_disks"])  # the shipped base of that dataset
     assert frozen.pretrained_model_name_or_path.endswith(os.path.join("models", "ddpm-background-disks-16"))
     assert "paper: --unet_mode full" in finetune.recipe_help()
+    digits = finetune.parse_args(["--dataset", "digits"])  # real images: the images recipe and the shipped digits base
+    assert digits.recipe == "images" and digits.timestep_sampling == "mid" and digits.unet_mode == "frozen" and digits.beta == 0.01
+    assert digits.pretrained_model_name_or_path.endswith(os.path.join("models", "ddpm-digits-16"))
+    assert finetune.parse_args(["--recipe", "images"]).timestep_sampling == "mid"  # the preset for image folders
 
 
 def test_encoder_type_builds_the_encoder_it_names(base_dir, tmp_path):
