@@ -101,6 +101,26 @@ def pca_codes(train: np.ndarray, test: np.ndarray, dims: int) -> tuple:
     return (x_train - mean) @ basis, (x_test - mean) @ basis
 
 
+def _digits_measure(c_train: np.ndarray, c_test: np.ndarray, resolution: int, seed: int) -> Dict[str, Any]:
+    from .data.digits import Digits, digit_split
+
+    _, f_train, _ = digit_split("train", resolution)
+    _, f_test, v_test = digit_split("test", resolution)
+    return {**label_usefulness(c_train, f_train[:, 0], c_test, f_test[:, 0], seed=seed),
+            "attributes": best_dimensions(c_test, v_test[:, 1:], list(Digits.factor_names[1:]))}
+
+
+def digits_references(resolution: int, dims: int, seed: int = 0) -> Dict[str, Dict[str, Any]]:
+    """:func:`digits_usefulness`'s entries for PCA of the pixels at ``dims`` components (fit on ``train``) and for the
+    raw pixels: the numbers a ``dims``-dimensional code of the digits is read against."""
+    from .data.digits import digit_split
+
+    x_train, x_test = digit_split("train", resolution)[0], digit_split("test", resolution)[0]
+    flat_train, flat_test = x_train.reshape(len(x_train), -1), x_test.reshape(len(x_test), -1)
+    return {"pca": _digits_measure(*pca_codes(flat_train, flat_test, dims), resolution, seed),
+            "pixels": _digits_measure(flat_train, flat_test, resolution, seed)}
+
+
 def digits_usefulness(encode_fn, resolution: int, batch_size: int = 256, references: bool = True, seed: int = 0) -> Dict[str, Any]:
     """The usefulness of a representation on the real digits: every ``train`` scan fits, every ``test`` scan scores.
 
@@ -108,7 +128,7 @@ def digits_usefulness(encode_fn, resolution: int, batch_size: int = 256, referen
         encode_fn: images (N, C, H, W) in [-1, 1] -> codes (N, D), as the evaluation's ``encode_fn``.
         resolution: the images' side (the model's).
         batch_size: images per ``encode_fn`` call.
-        references: also score PCA of the pixels at the code's size and the raw pixels, the numbers a code is read against.
+        references: also score PCA of the pixels at the code's size and the raw pixels (:func:`digits_references`).
         seed: seed of the cross-validation folds.
 
     Returns:
@@ -116,23 +136,14 @@ def digits_usefulness(encode_fn, resolution: int, batch_size: int = 256, referen
         ``attributes``: :func:`best_dimensions` of the test codes for ink, slant, width and height,
         and with ``references`` a ``references`` dict of the same entries for ``pca`` and ``pixels``.
     """
-    from .data.digits import Digits, digit_split
+    from .data.digits import digit_split
     from .evaluation import encode_codes
 
-    x_train, f_train, v_train = digit_split("train", resolution)
-    x_test, f_test, v_test = digit_split("test", resolution)
-    names = list(Digits.factor_names[1:])
-
-    def measure(c_train: np.ndarray, c_test: np.ndarray) -> Dict[str, Any]:
-        return {**label_usefulness(c_train, f_train[:, 0], c_test, f_test[:, 0], seed=seed),
-                "attributes": best_dimensions(c_test, v_test[:, 1:], names)}
-
-    c_train = encode_codes(encode_fn, torch.from_numpy(x_train), batch_size)
-    c_test = encode_codes(encode_fn, torch.from_numpy(x_test), batch_size)
-    out = {**measure(c_train, c_test), "label": "digit class", "data": f"digits at {resolution} px"}
+    c_train = encode_codes(encode_fn, torch.from_numpy(digit_split("train", resolution)[0]), batch_size)
+    c_test = encode_codes(encode_fn, torch.from_numpy(digit_split("test", resolution)[0]), batch_size)
+    out = {**_digits_measure(c_train, c_test, resolution, seed), "label": "digit class", "data": f"digits at {resolution} px"}
     if references:
-        out["references"] = {"pca": measure(*pca_codes(x_train, x_test, c_train.shape[1])),
-                             "pixels": measure(x_train.reshape(len(x_train), -1), x_test.reshape(len(x_test), -1))}
+        out["references"] = digits_references(resolution, c_train.shape[1], seed)
     return out
 
 
@@ -153,7 +164,7 @@ def usefulness_rows(usefulness: Optional[Dict[str, Any]], prefix: str = "") -> D
 def usefulness_markdown(usefulness: Dict[str, Any]) -> str:
     """The usefulness section of a report: what was measured, how, and the numbers (with references when present)."""
     f, k = usefulness["num_folds"], usefulness["k"]
-    split = (f"a fixed class-stratified {usefulness['test_fraction']:.0%} of the images (seed {usefulness['split_seed']})"
+    split = (f"a fixed class-stratified {usefulness['test_fraction']:.0%} of the images, drawn with seed {usefulness['split_seed']}"
              if "test_fraction" in usefulness else "the fixed held-out split")
     lines = [
         f"Label: {usefulness.get('label', 'class')}; {usefulness['num_classes']} classes. The classifiers fit on the codes of "
