@@ -154,10 +154,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     args = parse_args(argv)
     table = open_image_table(args)  # a missing folder or column fails before any model loads
     device = select_device(args)
-    start = time.perf_counter()
-    timings: Dict[str, float] = {}
-    pipe = SAMIPipeline.from_pretrained(args.adapter_dir)
-    pipe.to(device)
+    start, timings = time.perf_counter(), {}
+    pipe = SAMIPipeline.from_pretrained(args.adapter_dir).to(device)
     pipe.set_progress_bar_config(disable=True)
     if pipe.is_latent or pipe.is_text_conditioned:
         raise SystemExit("evaluate.py measures pixel-space, unconditional adapters; this one is latent or text-conditioned.")
