@@ -2,16 +2,21 @@
 
 The library takes explicit parameters; this file defines the flags several scripts take (metric
 sizes, axis discovery, device for evaluate.py and compare.py; the encoder's widths for finetune.py and
-benchmark.py) and turns them into those parameters.
+benchmark.py; the image-data flags of finetune.py, pretrain_unet.py and evaluate.py) and turns them
+into those parameters.
 """
 
 from __future__ import annotations
 
 import argparse
-from typing import Any, Dict, Tuple
+import contextlib
+import importlib.util
+import os
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 
+from sami_adapter import hf_data
 from sami_adapter.data import MOVING, MovingDisks
 from sami_adapter.evaluation import ACTIVE_KL_NATS
 
@@ -86,3 +91,71 @@ def metric_kwargs(args: argparse.Namespace) -> Dict[str, Any]:
 def moving_disks_for(args: argparse.Namespace, resolution: int, dataset: str = "disks") -> MovingDisks:
     """The held-out videos of the curvature measurement (the moving version of ``dataset``; seed offset from ``--seed``)."""
     return MOVING[dataset](num_sequences=args.num_sequences, num_frames=args.num_frames, resolution=resolution, seed=args.seed + 20_000)
+
+
+def add_image_source_arguments(group) -> None:
+    """The flags that name the user's images: a folder or a `datasets` dataset, and its image column."""
+    group.add_argument("--train_data_dir", default=None,
+                       help="A folder of images (searched recursively) read with `datasets`' imagefolder builder: a metadata.jsonl "
+                            "beside them adds columns such as captions or labels. Instead of --dataset.")
+    group.add_argument("--dataset_name", default=None,
+                       help="A `datasets` dataset: a Hub id (e.g. huggan/smithsonian_butterflies_subset), a local folder that "
+                            "datasets.load_dataset reads (images, parquet/csv/json files), or a folder written by save_to_disk.")
+    group.add_argument("--dataset_config_name", default=None, help="Configuration of --dataset_name, when it has several.")
+    group.add_argument("--cache_dir", default=None, help="Where `datasets` keeps downloaded and prepared data (default: its own cache).")
+    group.add_argument("--image_column", default="image", help="Image column of --dataset_name / --train_data_dir.")
+
+
+def add_image_training_arguments(group) -> None:
+    """How training reads the user's images: crop, flip, decoding workers."""
+    group.add_argument("--center_crop", action="store_true", help="Center-crop folder images (default: random crop).")
+    group.add_argument("--random_flip", action="store_true", help="Randomly flip folder images horizontally.")
+    group.add_argument("--dataloader_num_workers", type=int, default=0,
+                       help="Processes that decode file data (0: in the training process). Results do not depend on it.")
+
+
+def image_data_problem(args: argparse.Namespace) -> Optional[str]:
+    """The image-data flags' problem (:func:`add_image_source_arguments`, :func:`add_image_training_arguments`), or None. A --dataset_name is looked up (a
+    local folder resolved, a Hub id asked for with a 10 s limit) but nothing is downloaded or decoded."""
+    if args.train_data_dir and args.dataset_name:
+        return "use either --train_data_dir or --dataset_name, not both"
+    if args.train_data_dir and not os.path.isdir(args.train_data_dir):
+        return f"--train_data_dir {args.train_data_dir!r} is not a directory"
+    if getattr(args, "dataloader_num_workers", 0) < 0:
+        return f"--dataloader_num_workers must be an integer >= 0, got {args.dataloader_num_workers!r}"
+    if args.dataset_config_name and not args.dataset_name:
+        return "--dataset_config_name needs --dataset_name (the dataset it configures)"
+    if args.dataset_name:
+        problem = hf_data.source_problem(args.dataset_name, args.dataset_config_name, args.cache_dir)
+        if problem and "has no configuration" in problem:
+            return f"--dataset_config_name names a configuration of --dataset_name: {problem}"
+        if problem:
+            return f"--dataset_name takes a Hub dataset id, a local dataset folder or a save_to_disk folder: {problem}"
+    elif args.train_data_dir and importlib.util.find_spec("datasets") is None:
+        return f"--train_data_dir {hf_data.DATASETS_HINT}"
+    return None
+
+
+def open_image_table(args: argparse.Namespace, accelerator=None):
+    """The `datasets.Dataset` of --dataset_name / --train_data_dir with its columns checked (--image_column and,
+    where the script has them, --caption_column and --label_column); None for a built-in --dataset.
+
+    With an ``accelerator`` one process prepares the `datasets` cache and the others then read it.
+    """
+    if not (args.train_data_dir or args.dataset_name):
+        return None
+    flag, source = ("--train_data_dir", args.train_data_dir) if args.train_data_dir else ("--dataset_name", args.dataset_name)
+    try:
+        with accelerator.main_process_first() if accelerator is not None else contextlib.nullcontext():
+            table = hf_data.load_split(args.dataset_name, args.train_data_dir, args.dataset_config_name, args.cache_dir)
+    except Exception as e:  # datasets raises many types (FileNotFoundError, ValueError, DatasetGenerationError, ...)
+        found = "no images found: " if type(e).__name__ == "EmptyDatasetError" else ""
+        raise SystemExit(f"{flag} {source!r}: {found}`datasets` could not load it ({type(e).__name__}: {e})") from e
+    if len(table) == 0:
+        raise SystemExit(f"{flag} {source!r}: the training data is empty (no images found); pass a folder or dataset with images.")
+    for column_flag in ("image_column", "caption_column", "label_column"):
+        column = getattr(args, column_flag, None)
+        if column is not None and column not in table.column_names:
+            raise SystemExit(f"--{column_flag} {column!r} is not a column of {source} (columns: {', '.join(table.column_names)}); "
+                             f"pass --{column_flag} with one of them.")
+    return table

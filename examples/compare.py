@@ -62,6 +62,7 @@ from sami_adapter.evaluation import (  # noqa: E402
 )
 from sami_adapter.plotting import plot_axes, plot_metric_bars  # noqa: E402
 from sami_adapter.rate import RateControl  # noqa: E402
+from sami_adapter.usefulness import digits_references, digits_usefulness, usefulness_rows  # noqa: E402
 from sami_adapter.report import (  # noqa: E402
     aggregate,
     axes_to_json,
@@ -211,6 +212,8 @@ def _adapter_seconds(adapter_dir: str) -> Optional[float]:
 def evaluate_model(encode_fn: EncodeFn, dataset: FactorDataset, args: argparse.Namespace, resolution: int, use_trajectories: bool) -> Dict[str, Any]:
     """The metrics (and curvature) of one representation on the shared held-out draws."""
     result = representation_metrics(encode_fn, dataset, **metric_kwargs(args))
+    if args.dataset == "digits":  # labelled real images: how well each code reads the class
+        result["usefulness"] = digits_usefulness(encode_fn, resolution, args.encode_batch_size, references=False, seed=args.seed)
     if use_trajectories:
         result["trajectories"] = trajectory_curvatures(encode_fn, moving_disks_for(args, resolution, args.dataset), args.encode_batch_size)
     return result
@@ -238,7 +241,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     if budget is None:
         recorded = _adapter_seconds(args.sami_adapter[0]) if args.sami_adapter else None
         budget = recorded if recorded else DEFAULT_BUDGET
-    dataset = DATASETS[args.dataset](num_samples=1, resolution=arch["resolution"], seed=args.seed + 30_000)
+    dataset = DATASETS[args.dataset](num_samples=1, resolution=arch["resolution"], seed=args.seed + 30_000, split="test")
     use_trajectories = args.trajectories if args.trajectories is not None else args.dataset in MOVING
     os.makedirs(args.output_dir, exist_ok=True)
     print(f"Budget per baseline run: {budget:.0f} s; encoder {arch}; seeds {args.seeds}; device {device}.")
@@ -257,6 +260,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     bar_rows = ["MIG", "DCI disentanglement", "DCI completeness", "SAP", "modularity", "FactorVAE score (eval acc.)"]
     plot_metric_bars(flat, os.path.join(args.output_dir, "metrics.png"), bar_rows)
 
+    references = digits_references(arch["resolution"], arch["latent_dim"], args.seed) if args.dataset == "digits" else None
     agreement = None
     if len(axes_runs) >= 2:
         agreement = [noise_order_agreement(axes_runs[0]["factor_noise_levels"], other["factor_noise_levels"]) for other in axes_runs[1:]]
@@ -267,12 +271,16 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         "runs": columns,
         "sami_axes": [axes_to_json(a) for a in axes_runs],
         "noise_order_agreement": agreement,
+        "usefulness_references": references,
         "reconstruction_rows": row_names,
         "seconds": round(time.perf_counter() - start, 1),
         "args": {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, list, type(None)))},
     }
     write_json(os.path.join(args.output_dir, "compare.json"), summary)
-    write_markdown(args, arch, budget, metrics_table_markdown(flat), axes_runs, agreement, row_names, summary["seconds"])
+    shown = dict(flat)
+    if references:  # the same probes on PCA of the pixels and on the pixels: what a code of this size is read against
+        shown.update({f"PCA of the pixels ({arch['latent_dim']})": usefulness_rows(references["pca"]), "raw pixels": usefulness_rows(references["pixels"])})
+    write_markdown(args, arch, budget, metrics_table_markdown(shown), axes_runs, agreement, row_names, summary["seconds"])
     return summary
 
 

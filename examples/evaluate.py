@@ -1,7 +1,9 @@
 #!/usr/bin/env python
-"""Evaluate a SAMI adapter on a procedural dataset with exact factors and write a report folder.
+"""Evaluate a SAMI adapter on a dataset with known factors, or on your own images, and write a report folder.
 
     python examples/evaluate.py sami-disks-adapter --dataset disks --output_dir report
+    python examples/evaluate.py sami-digits-adapter --dataset digits --output_dir sami-digits-adapter/evaluation
+    python examples/evaluate.py sami-my-adapter --train_data_dir my-images --label_column label --output_dir sami-my-adapter/evaluation
 
 The report folder holds report.md, report.json and PNGs:
 
@@ -11,7 +13,18 @@ The report folder holds report.md, report.json and PNGs:
 * samples.png: unconditional samples, ``z ~ N(0, I)``;
 * the metric table (MIG, DCI, SAP, modularity, explicitness, FactorVAE) and the per-factor linear
   R² of the posterior mean, the ELBO in bits per dimension, the characteristic-noise-level table
-  and, for disks and background_disks adapters, the trajectory curvature on their moving versions (SAMI codes vs pixels).
+  and, for disks and background_disks adapters, the trajectory curvature on their moving versions (SAMI codes vs pixels);
+* for labelled data, the code's usefulness for the label: held-out and 5-fold cross-validated accuracy of a linear
+  probe and of a 5-nearest-neighbour vote (``sami_adapter.usefulness``). ``--dataset digits`` measures it for
+  the class automatically (fit on every ``train`` scan, scored on every ``test`` scan, against PCA of the pixels at
+  the code's size and the raw pixels) with each attribute's best single dimension (ink, slant, width, height).
+
+Your own images: ``--train_data_dir`` / ``--dataset_name`` (the data flags of finetune.py) replace
+``--dataset``; there are no factors, so the report holds the axis discovery, the pictures, the ELBO and,
+with ``--label_column COL``, the usefulness for that column, a class-stratified ``--label_test_fraction``
+of the images (drawn with ``--seed``) held out for the probes' scores. Images are resized (short side,
+bicubic) and center-cropped to the UNet's size. With ``--output_dir ADAPTER/evaluation`` the adapter's
+model card (README.md) is written again with these numbers.
 
 The defaults run in a few minutes on CPU for the 16 px disks adapter; the metric-size flags trade
 time for precision (disentanglement_lib's sizes are far larger).
@@ -30,15 +43,27 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _args import add_axis_arguments, add_device_arguments, add_metric_arguments, metric_kwargs, moving_disks_for, select_device  # noqa: E402
+from _args import (  # noqa: E402
+    add_axis_arguments,
+    add_device_arguments,
+    add_image_source_arguments,
+    add_metric_arguments,
+    image_data_problem,
+    metric_kwargs,
+    moving_disks_for,
+    open_image_table,
+    select_device,
+)
 from sami_adapter import SAMIPipeline  # noqa: E402
-from sami_adapter.adapter import read_adapter_config  # noqa: E402
+from sami_adapter.adapter import ADAPTER_CONFIG_NAME, read_adapter_config, update_adapter_config  # noqa: E402
+from sami_adapter.card import adapter_model_card  # noqa: E402
 from sami_adapter.images import model_from_unit  # noqa: E402
 from sami_adapter.data import DATASETS, MOVING  # noqa: E402
 from sami_adapter.evaluation import (  # noqa: E402
     default_timestep_grid,
     discover_axes,
     elbo_bits_per_dim,
+    encode_codes,
     factor_noise_scales,
     factor_recoverability,
     mean_code_fn,
@@ -47,6 +72,7 @@ from sami_adapter.evaluation import (  # noqa: E402
     trajectory_curvatures,
 )
 from sami_adapter.plotting import plot_axes, plot_mechanism  # noqa: E402
+from sami_adapter.usefulness import LABEL_TEST_FRACTION, digits_usefulness, labelled_usefulness, usefulness_markdown  # noqa: E402
 from sami_adapter.report import (  # noqa: E402
     axes_to_json,
     flat_metrics,
@@ -84,7 +110,24 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     add_device_arguments(p)
     add_axis_arguments(p)
     add_metric_arguments(p)
+    g = p.add_argument_group("your own images (instead of --dataset)")
+    add_image_source_arguments(g)
+    g.add_argument("--label_column", default=None,
+                   help="A column of class labels (integers or strings, e.g. from a metadata.jsonl): the report then gives the code's "
+                        "usefulness for it (linear probe and kNN accuracy).")
+    g.add_argument("--label_test_fraction", type=float, default=LABEL_TEST_FRACTION,
+                   help="The share of each class held out for the probes' scores (class-stratified, drawn with --seed).")
     args = p.parse_args(argv)
+    user_data = bool(args.train_data_dir or args.dataset_name)
+    if user_data and args.dataset:
+        p.error("use either --dataset or --train_data_dir / --dataset_name, not both")
+    if args.label_column and not user_data:
+        p.error("--label_column needs --train_data_dir or --dataset_name (the labelled images); a built-in --dataset brings its own factors")
+    if not 0.0 < args.label_test_fraction < 1.0:
+        p.error("--label_test_fraction must be in (0, 1)")
+    problem = image_data_problem(args)
+    if problem:
+        p.error(problem)
     if args.num_images < 2:
         p.error("--num_images must be >= 2")
     if not 0.0 < args.fraction < 1.0:
@@ -109,55 +152,52 @@ def traversal_values(codes: np.ndarray, dims: List[int], quantile: float, steps:
 def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     """Run the evaluation and write the report; returns the report dict (as saved in report.json)."""
     args = parse_args(argv)
+    table = open_image_table(args)  # a missing folder or column fails before any model loads
     device = select_device(args)
-    start = time.perf_counter()
-    timings: Dict[str, float] = {}
-    pipe = SAMIPipeline.from_pretrained(args.adapter_dir)
-    pipe.to(device)
+    start, timings = time.perf_counter(), {}
+    pipe = SAMIPipeline.from_pretrained(args.adapter_dir).to(device)
     pipe.set_progress_bar_config(disable=True)
     if pipe.is_latent or pipe.is_text_conditioned:
-        raise SystemExit("evaluate.py measures pixel-space, unconditional adapters on procedural datasets; this one is latent or text-conditioned.")
+        raise SystemExit("evaluate.py measures pixel-space, unconditional adapters; this one is latent or text-conditioned.")
     adapter_config = recorded_config(args.adapter_dir)
-    dataset_name = args.dataset or (adapter_config["training"].get("dataset") if adapter_config["training"].get("dataset") in DATASETS else "disks")
     resolution = int(pipe.unet.config.sample_size)
-    dataset = DATASETS[dataset_name](num_samples=1, resolution=resolution, seed=args.seed + 30_000)
-    if dataset.num_channels != pipe.unet.config.in_channels:
-        raise SystemExit(f"{dataset_name} has {dataset.num_channels} channel(s) but the adapter's UNet takes {pipe.unet.config.in_channels}.")
     os.makedirs(args.output_dir, exist_ok=True)
-    images, _, values = dataset.sample(args.num_images, np.random.default_rng([args.seed, 100]))
-    names = list(dataset.factor_names)
+    clock = time.perf_counter()
+    data = folder_data(args, pipe, table, resolution) if table is not None else builtin_data(args, pipe, adapter_config, resolution)
+    timings["data"] = time.perf_counter() - clock  # with the usefulness measurement on labelled data
+    dataset, images, title = data["dataset"], data["images"], f"{os.path.basename(os.path.normpath(args.adapter_dir))} on {data['name']}"
 
     # ---------------------------------------------------------------- axis discovery
     clock = time.perf_counter()
     grid = default_timestep_grid(pipe.scheduler.config.num_train_timesteps, args.num_noise_levels)
-    axes = discover_axes(pipe, images, values, names, grid, fraction=args.fraction, kl_threshold=args.kl_threshold, seed=args.seed,
-                         batch_size=args.encode_batch_size)
-    profile, levels, alignment = axes["profile"], axes["levels"], axes["alignment"]
-    plot_axes(axes, os.path.join(args.output_dir, "information_profile.png"),
-              title=f"{os.path.basename(os.path.normpath(args.adapter_dir))} on {dataset_name}")
+    axes = discover_axes(pipe, images, data["values"], data["names"], grid, fraction=args.fraction, kl_threshold=args.kl_threshold,
+                         seed=args.seed, batch_size=args.encode_batch_size)
+    plot_axes(axes, os.path.join(args.output_dir, "information_profile.png"), title=title)
     timings["axis_discovery"] = time.perf_counter() - clock
     mechanism = None
-    if args.probe_steps > 0:
+    if args.probe_steps > 0 and dataset is not None:
         clock = time.perf_counter()
-        mechanism = measure_mechanism(args, pipe, dataset, grid, axes, title=f"{os.path.basename(os.path.normpath(args.adapter_dir))} on {dataset_name}")
+        mechanism = measure_mechanism(args, pipe, dataset, grid, axes, title=title)
         timings["mechanism"] = time.perf_counter() - clock
     clock = time.perf_counter()
     rows, values = draw_pictures(args, pipe, images, axes)
     timings["pictures"] = time.perf_counter() - clock
 
     # ---------------------------------------------------------------- metrics
-    clock = time.perf_counter()
-    metrics = representation_metrics(mean_code_fn(pipe), dataset, **metric_kwargs(args))
-    timings["metrics"] = time.perf_counter() - clock
+    metrics = None
+    if dataset is not None:
+        clock = time.perf_counter()
+        metrics = representation_metrics(mean_code_fn(pipe), dataset, **metric_kwargs(args))
+        timings["metrics"] = time.perf_counter() - clock
     clock = time.perf_counter()
     elbo = elbo_bits_per_dim(pipe, images[: min(args.elbo_images, images.shape[0])], args.elbo_timesteps, seed=args.seed,
                              batch_size=args.encode_batch_size)
     timings["elbo"] = time.perf_counter() - clock
-    use_trajectories = args.trajectories if args.trajectories is not None else dataset_name in MOVING
+    use_trajectories = dataset is not None and (args.trajectories if args.trajectories is not None else data["name"] in MOVING)
     trajectories = None
     if use_trajectories:
         clock = time.perf_counter()
-        trajectories = trajectory_curvatures(mean_code_fn(pipe), moving_disks_for(args, resolution, dataset_name), args.encode_batch_size)
+        trajectories = trajectory_curvatures(mean_code_fn(pipe), moving_disks_for(args, resolution, data["name"]), args.encode_batch_size)
         timings["trajectories"] = time.perf_counter() - clock
     timings["total"] = time.perf_counter() - start
 
@@ -166,13 +206,15 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         "base_model": adapter_config.get("base_model_name_or_path"),
         "unet_mode": adapter_config.get("unet_mode"),
         "adapter_train_seconds": (adapter_config.get("metrics") or {}).get("train_seconds"),
-        "dataset": dataset_name,
+        "dataset": data["name"],
+        "data": data["description"],
         "resolution": resolution,
         "latent_dim": pipe.latent_dim,
         "device": device,
-        "num_images": args.num_images,
+        "num_images": int(images.shape[0]),
         "num_inference_steps": args.num_inference_steps,
         "metrics": metrics,
+        "usefulness": data["usefulness"],
         "elbo": elbo,
         "trajectories": trajectories,
         "axis_discovery": axes_to_json(axes),
@@ -184,9 +226,77 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     }
     write_json(os.path.join(args.output_dir, "report.json"), report)
     with open(os.path.join(args.output_dir, "report.md"), "w") as f:
-        f.write(report_markdown(report, profile, levels, alignment, metrics, args))
-    print(f"Report written to {os.path.join(args.output_dir, 'report.md')} in {timings['total']:.0f} s.")
+        f.write(report_markdown(report, axes, args))
+    card = refresh_model_card(args)
+    print(f"Report written to {os.path.join(args.output_dir, 'report.md')} in {timings['total']:.0f} s" + (f"; model card {card}." if card else "."))
     return report
+
+
+def builtin_data(args: argparse.Namespace, pipe: SAMIPipeline, adapter_config: Dict[str, Any], resolution: int) -> Dict[str, Any]:
+    """Held-out images of a built-in dataset (its ``test`` split: for digits the fixed held-out scans) with their factors,
+    and for digits the code's usefulness for the class."""
+    name = args.dataset or (adapter_config["training"].get("dataset") if adapter_config["training"].get("dataset") in DATASETS else "disks")
+    dataset = DATASETS[name](num_samples=1, resolution=resolution, seed=args.seed + 30_000, split="test")
+    if dataset.num_channels != pipe.unet.config.in_channels:
+        raise SystemExit(f"{name} has {dataset.num_channels} channel(s) but the adapter's UNet takes {pipe.unet.config.in_channels}.")
+    # A finite set (digits) gives each held-out image once rather than repeats.
+    num = min(args.num_images, getattr(dataset, "split_size", args.num_images))
+    images, _, values = dataset.sample(num, np.random.default_rng([args.seed, 100]))
+    usefulness = digits_usefulness(mean_code_fn(pipe), resolution, args.encode_batch_size, seed=args.seed) if name == "digits" else None
+    held_out = "the fixed held-out split" if hasattr(dataset, "split_size") else f"fresh held-out draws (seed {args.seed})"
+    return {"name": name, "dataset": dataset, "images": images, "values": values, "names": list(dataset.factor_names),
+            "usefulness": usefulness, "description": f"`{name}` at {resolution} px, {held_out}"}
+
+
+def folder_data(args: argparse.Namespace, pipe: SAMIPipeline, table, resolution: int) -> Dict[str, Any]:
+    """The user's images (--train_data_dir / --dataset_name), resized and center-cropped as finetune.py reads them, and with
+    --label_column the code's usefulness for that column."""
+    from sami_adapter.training import ImageFolderDataset
+
+    source = args.train_data_dir or args.dataset_name
+    try:
+        images = ImageFolderDataset.from_datasets(table, args.image_column, resolution, pipe.unet.config.in_channels, center_crop=True,
+                                                  seed=args.seed)
+    except ValueError as e:  # a model with other than 1 or 3 channels
+        raise SystemExit(f"{source!r}: {e}") from e
+    order = np.random.default_rng([args.seed, 100]).permutation(len(images))[: args.num_images]
+    shown = torch.stack([images[int(i)]["pixel_values"] for i in order])
+    usefulness = None
+    if args.label_column:
+        labels = read_labels(table, args.label_column)
+        encode = mean_code_fn(pipe)
+        codes = np.concatenate([encode_codes(encode, torch.stack([images[i]["pixel_values"] for i in range(s, min(s + args.encode_batch_size, len(images)))]))
+                                for s in range(0, len(images), args.encode_batch_size)])
+        try:
+            usefulness = labelled_usefulness(codes, labels, args.label_test_fraction, seed=args.seed)
+        except ValueError as e:  # a single class, or too few images to hold any out
+            raise SystemExit(f"--label_column {args.label_column!r}: {e}") from e
+        usefulness["label"] = args.label_column
+    return {"name": os.path.basename(os.path.normpath(source)), "dataset": None, "images": shown, "values": None, "names": None,
+            "usefulness": usefulness, "description": f"`{source}`: {len(images)} images, resized and center-cropped to {resolution} px"}
+
+
+def read_labels(table, column: str) -> np.ndarray:
+    """The ``column`` of the table as one class label per image (integers or strings); SystemExit naming a bad entry."""
+    labels = list(table[column])
+    for i, label in enumerate(labels):
+        if label is None:
+            raise SystemExit(f"--label_column {column!r}: image {i} has no label; label every image or leave it out of the data.")
+        if not isinstance(label, (str, int, np.integer, float)) or isinstance(label, float) and not float(label).is_integer():
+            raise SystemExit(f"--label_column {column!r} must hold one class per image (an integer or a string); image {i} has {label!r}.")
+    return np.asarray(labels)
+
+
+def refresh_model_card(args: argparse.Namespace) -> Optional[str]:
+    """When the report went to ADAPTER/evaluation, write the adapter's model card again (it shows that report's numbers);
+    returns the card's path, or None."""
+    evaluation_dir = os.path.join(args.adapter_dir, "evaluation")
+    if not os.path.isfile(os.path.join(args.adapter_dir, ADAPTER_CONFIG_NAME)) or os.path.realpath(args.output_dir) != os.path.realpath(evaluation_dir):
+        return None
+    config = read_adapter_config(args.adapter_dir)
+    repo_id = (config.get("training") or {}).get("push_to_hub") if isinstance(config.get("training"), dict) else None
+    update_adapter_config(args.adapter_dir, {}, str(adapter_model_card(config, args.adapter_dir, repo_id)))
+    return os.path.join(args.adapter_dir, "README.md")
 
 
 def recorded_config(adapter_dir: str) -> Dict[str, Any]:
@@ -225,23 +335,32 @@ def draw_pictures(args: argparse.Namespace, pipe: SAMIPipeline, images: torch.Te
     return rows, values
 
 
-def report_markdown(report: Dict[str, Any], profile: Dict[str, Any], levels: Dict[str, Any], alignment: Dict[str, Any],
-                    metrics: Dict[str, Any], args: argparse.Namespace) -> str:
+def report_markdown(report: Dict[str, Any], axes: Dict[str, Any], args: argparse.Namespace) -> str:
     """The report.md text."""
-    flat = flat_metrics({**metrics, "elbo": report["elbo"], "trajectories": report["trajectories"]})
-    elbo, traj = report["elbo"], report["trajectories"]
-    kl0 = np.asarray(profile["kl"])[0]
+    metrics, usefulness = report["metrics"], report["usefulness"]
+    flat = flat_metrics({**(metrics or {}), "elbo": report["elbo"], "trajectories": report["trajectories"]})  # usefulness: its own section
+    fitted = (f"metrics fit on {metrics['num_train']} and score on {metrics['num_test']} observations; FactorVAE with "
+              f"{args.factor_vae_train}/{args.factor_vae_eval} votes of {args.factor_vae_batch}") if metrics else "no ground-truth factors"
     lines = [
         "# SAMI evaluation report", "",
         f"- adapter: `{report['adapter_dir']}` (base `{report['base_model']}`, UNet mode {report['unet_mode']}, "
         f"adapter training {report['adapter_train_seconds']} s)",
-        f"- data: `{report['dataset']}` at {report['resolution']} px, fresh held-out draws (seed {args.seed}); latent_dim {report['latent_dim']}",
-        f"- representation: the posterior mean of `q(z | x_0)`; metrics fit on {metrics['num_train']} and score on "
-        f"{metrics['num_test']} observations; FactorVAE with {args.factor_vae_train}/{args.factor_vae_eval} votes of {args.factor_vae_batch}",
+        f"- data: {report['data']}; latent_dim {report['latent_dim']}",
+        f"- representation: the posterior mean of `q(z | x_0)`; {fitted}",
         f"- sampling: DDIM, {args.num_inference_steps} steps, sami_scale {args.sami_scale:g}; device {report['device']}; total {report['seconds']['total']} s", "",
         "## Metrics", "",
         metrics_table_markdown({"SAMI": flat}), "",
-        "Linear R² is an in-sample least-squares fit of each continuous factor value from the posterior mean (all dimensions).", "",
+    ]
+    if metrics:
+        lines += ["Linear R² is an in-sample least-squares fit of each continuous factor value from the posterior mean (all dimensions).", ""]
+    if usefulness:
+        lines += ["## Usefulness for the label", "", usefulness_markdown(usefulness), ""]
+    return "\n".join(lines + elbo_lines(report["elbo"]) + axis_lines(report, axes, args) + picture_lines(report, args))
+
+
+def elbo_lines(elbo: Dict[str, Any]) -> List[str]:
+    """The ELBO section of report.md."""
+    return [
         "## ELBO", "",
         f"SAMI bound: **{elbo['bpd']:.4f} ± {elbo['bpd_stderr']:.4f} bits/dim** ({elbo['nats_per_image']:.1f} nats per image, "
         f"of which KL {elbo['kl_nats']:.2f} nats); the base model's own bound on the same noise and timesteps (guidance off, no KL): "
@@ -249,6 +368,14 @@ def report_markdown(report: Dict[str, Any], profile: Dict[str, Any], levels: Dic
         f"`sami_loss(weighting='elbo', beta=1)`.",
         "The pixels are continuous values in [-1, 1], so this is a continuous-density bpd (it can be negative and is not "
         "the discrete 8-bit bpd of image benchmarks).", "",
+    ]
+
+
+def axis_lines(report: Dict[str, Any], axes: Dict[str, Any], args: argparse.Namespace) -> List[str]:
+    """The axis-discovery, mechanism and trajectory sections of report.md."""
+    profile, levels = axes["profile"], axes["levels"]
+    kl0 = np.asarray(profile["kl"])[0]
+    lines = [
         "## Axis discovery", "",
         f"Active dimensions (data-mean KL to the prior > {args.kl_threshold} nats): {levels['active']} of {len(kl0)}. "
         f"KL per dimension: {[round(float(v), 3) for v in kl0]}.", "",
@@ -256,15 +383,16 @@ def report_markdown(report: Dict[str, Any], profile: Dict[str, Any], levels: Dic
         f"in nats over {profile['num_images']} held-out images (one noise draw each). A dimension's characteristic noise level t* is "
         f"where `I_i(t)` first falls below {args.fraction:g} of `I_i(0)`, linearly interpolated between the "
         f"{len(profile['timesteps'])} grid levels; `s_t*` is the noise scale there (`x_t = a_t x_0 + s_t eps`).", "",
-        profile_table_markdown(profile, levels, alignment), "",
+        profile_table_markdown(profile, levels, axes.get("alignment")), "",
     ]
-    order = report["axis_discovery"]["factor_order"]
-    fl = report["axis_discovery"]["factor_noise_levels"]
-    lines += [
-        "Factor order by characteristic noise level (a factor takes the t* of the measured dimension whose best-matching factor it is; factors no dimension stands for are left out): "
-        + (" < ".join(f"{n} ({fl[n]:.0f})" for n in order) if order else "none measured") + ".", "",
-        "![information profile](information_profile.png)", "",
-    ]
+    if "factor_order" in report["axis_discovery"]:
+        order, fl = report["axis_discovery"]["factor_order"], report["axis_discovery"]["factor_noise_levels"]
+        lines += [
+            "Factor order by characteristic noise level (a factor takes the t* of the measured dimension whose best-matching factor it is; "
+            "factors no dimension stands for are left out): " + (" < ".join(f"{n} ({fl[n]:.0f})" for n in order) if order else "none measured")
+            + ".", "",
+        ]
+    lines += ["![information profile](information_profile.png)", ""]
     if report["mechanism"] is not None:
         lines += [
             "## The mechanism: each dimension at its factor's noise scale", "",
@@ -274,6 +402,7 @@ def report_markdown(report: Dict[str, Any], profile: Dict[str, Any], levels: Dic
             mechanism_markdown(report["mechanism"]), "",
             "![mechanism](mechanism.png)", "",
         ]
+    traj = report["trajectories"]
     if traj:
         lines += [
             f"## Trajectory curvature (moving {report['dataset']})", "",
@@ -281,8 +410,13 @@ def report_markdown(report: Dict[str, Any], profile: Dict[str, Any], levels: Dic
             f"SAMI posterior means **{traj['latent']:.1f}°**, pixels {traj['pixels']:.1f}°, ground-truth factor path "
             f"{traj['factors']:.1f}°.", "",
         ]
+    return lines
+
+
+def picture_lines(report: Dict[str, Any], args: argparse.Namespace) -> List[str]:
+    """The pictures section of report.md."""
     ranges = report["traversal"]["ranges"]
-    lines += [
+    return [
         "## Pictures", "",
         "![reconstructions](reconstructions.png)", "",
         "Top row: held-out inputs; bottom row: reconstructions from the posterior mean.", "",
@@ -294,7 +428,6 @@ def report_markdown(report: Dict[str, Any], profile: Dict[str, Any], levels: Dic
         "![samples](samples.png)", "",
         "Unconditional samples: `z ~ N(0, I)`, guided DDIM.", "",
     ]
-    return "\n".join(lines)
 
 
 if __name__ == "__main__":

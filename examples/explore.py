@@ -140,7 +140,8 @@ def load_examples(adapter_config: Dict[str, Any], pipe: SAMIPipeline, num_exampl
     if name not in DATASETS or training.get("train_data_dir") or training.get("dataset_name") or pipe.is_latent:
         return None
     resolution = int(pipe.unet.config.sample_size)
-    dataset = DATASETS[name](num_samples=num_examples, resolution=resolution, seed=int(training.get("seed", 0)) + 10_000)
+    dataset = DATASETS[name](num_samples=num_examples, resolution=resolution, seed=int(training.get("seed", 0)) + 10_000,
+                             split="test")
     if dataset.num_channels != pipe.unet.config.in_channels:
         return None
     return unit_from_model(dataset_images(dataset, num_examples))  # the datasets' [-1, 1] -> the pipeline's [0, 1]

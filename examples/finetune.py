@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
-import importlib.util
 import json
 import logging
 import math
@@ -46,15 +45,15 @@ from tqdm.auto import tqdm
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _args import parse_encoder_channels  # noqa: E402
+from _args import add_image_source_arguments, add_image_training_arguments, image_data_problem, open_image_table, parse_encoder_channels  # noqa: E402
 from sami_adapter import SAMIEncoder, SAMILossOutput, SAMIPipeline, nested_guidance_bands, sami_loss  # noqa: E402
 from sami_adapter.rate import RateControl, TCDiscriminator, discriminator_step  # noqa: E402
 from sami_adapter import adapter as adapter_lib  # noqa: E402
 from sami_adapter.card import adapter_model_card  # noqa: E402
 from sami_adapter.hub import upload_to_hub  # noqa: E402
-from sami_adapter import hf_data  # noqa: E402
 from sami_adapter.data import DATASETS  # noqa: E402
-from sami_adapter.evaluation import ACTIVE_KL_NATS, DISK_DATASETS, NOISE_BANDS, active_dimensions, band_gains  # noqa: E402
+from sami_adapter.evaluation import ACTIVE_KL_NATS, DISK_DATASETS, NOISE_BANDS, active_dimensions, band_gains, mean_code_fn  # noqa: E402
+from sami_adapter.usefulness import digits_usefulness  # noqa: E402
 from sami_adapter.latent import LatentCache, images_to_latents, load_latent_components, prompt_embeddings, vae_scale_factor  # noqa: E402
 from sami_adapter.training import (  # noqa: E402
     ImageFolderDataset,
@@ -164,24 +163,13 @@ def add_model_arguments(p) -> None:
 def add_data_arguments(p) -> None:
     g = p.add_argument_group("data")
     g.add_argument("--dataset", default="disks", choices=sorted(DATASETS), help="Built-in procedural dataset (fresh samples every step).")
-    g.add_argument("--train_data_dir", default=None,
-                   help="A folder of images (searched recursively) read with `datasets`' imagefolder builder: a metadata.jsonl "
-                        "beside them adds columns such as captions. Instead of --dataset.")
-    g.add_argument("--dataset_name", default=None,
-                   help="A `datasets` dataset: a Hub id (e.g. huggan/smithsonian_butterflies_subset), a local folder that "
-                        "datasets.load_dataset reads (images, parquet/csv/json files), or a folder written by save_to_disk.")
-    g.add_argument("--dataset_config_name", default=None, help="Configuration of --dataset_name, when it has several.")
-    g.add_argument("--cache_dir", default=None, help="Where `datasets` keeps downloaded and prepared data (default: its own cache).")
-    g.add_argument("--image_column", default="image", help="Image column of --dataset_name / --train_data_dir.")
+    add_image_source_arguments(g)
     g.add_argument("--caption_column", default=None,
                    help="Caption column: a text-conditioned base then trains on these captions instead of the empty prompt.")
     g.add_argument("--proportion_empty_prompts", type=float, default=0.0,
                    help="Share of captions replaced by the empty prompt (keeps the unconditional model, for classifier-free guidance).")
     g.add_argument("--resolution", type=int, default=None, help="Training resolution; default: the UNet's sample_size.")
-    g.add_argument("--center_crop", action="store_true", help="Center-crop folder images (default: random crop).")
-    g.add_argument("--random_flip", action="store_true", help="Randomly flip folder images horizontally.")
-    g.add_argument("--dataloader_num_workers", type=int, default=0,
-                   help="Processes that decode file data (0: in the training process). Results do not depend on it.")
+    add_image_training_arguments(g)
     g.add_argument("--cache_latents", action="store_true",
                    help="Latent diffusion: store VAE latents of folder images on disk (safetensors) and reuse them in later epochs. "
                         "Needs deterministic preprocessing (--center_crop, no --random_flip).")
@@ -340,10 +328,6 @@ def check_args(args) -> str | None:
         return bad("encoder_hidden_dim", args.encoder_hidden_dim, "an integer >= 1")
     if args.lr_scheduler not in [t.value for t in SchedulerType]:
         return bad("lr_scheduler", args.lr_scheduler, f"one of {', '.join(t.value for t in SchedulerType)}")
-    if args.train_data_dir and args.dataset_name:
-        return "use either --train_data_dir or --dataset_name, not both"
-    if args.train_data_dir and not os.path.isdir(args.train_data_dir):
-        return f"--train_data_dir {args.train_data_dir!r} is not a directory"
     if args.pretrained_model_name_or_path in DEFAULT_BASES.values() and not os.path.isdir(args.pretrained_model_name_or_path):
         return (f"the shipped base {args.pretrained_model_name_or_path} is missing; rebuild it with "
                 f"python examples/pretrain_unet.py --dataset {args.dataset} --output_dir {args.pretrained_model_name_or_path}")
@@ -367,25 +351,13 @@ def run_problem(args) -> str | None:
 def data_problem(args) -> str | None:
     """The data flags' problem, or None. A --dataset_name is looked up (a local folder resolved, a Hub id
     asked for with a 10 s limit) but nothing is downloaded or decoded."""
-    if args.dataloader_num_workers < 0:
-        return f"--dataloader_num_workers must be an integer >= 0, got {args.dataloader_num_workers!r}"
     if not 0 <= args.proportion_empty_prompts <= 1:
         return f"--proportion_empty_prompts must be in [0, 1], got {args.proportion_empty_prompts!r}"
-    if args.dataset_config_name and not args.dataset_name:
-        return "--dataset_config_name needs --dataset_name (the dataset it configures)"
     if args.caption_column and not (args.dataset_name or args.train_data_dir):
         return "--caption_column needs --dataset_name or --train_data_dir (the procedural --dataset has no captions)"
     if args.proportion_empty_prompts > 0 and not args.caption_column:
         return "--proportion_empty_prompts needs --caption_column (without captions every prompt is already the empty one)"
-    if args.dataset_name:
-        problem = hf_data.source_problem(args.dataset_name, args.dataset_config_name, args.cache_dir)
-        if problem and "has no configuration" in problem:
-            return f"--dataset_config_name names a configuration of --dataset_name: {problem}"
-        if problem:
-            return f"--dataset_name takes a Hub dataset id, a local dataset folder or a save_to_disk folder: {problem}"
-    elif args.train_data_dir and importlib.util.find_spec("datasets") is None:
-        return f"--train_data_dir {hf_data.DATASETS_HINT}"
-    return None
+    return image_data_problem(args)
 
 
 def resolve_checkpoint(args) -> str | None:
@@ -637,7 +609,7 @@ def main(argv=None):
     args = parse_args(argv)
     accelerator = make_accelerator(args)
     start_time = time.time()
-    table = open_training_table(args, accelerator)  # before the models: a missing column or split fails at once
+    table = open_image_table(args, accelerator)  # before the models: a missing column or split fails at once
     run = build_models(args, accelerator)
     run.start_time = start_time
     build_data(run, table)
@@ -773,7 +745,8 @@ def build_data(run: Run, table) -> None:
         dataset = DATASETS[args.dataset](num_samples=1, resolution=run.resolution, seed=args.seed)
         if dataset.num_channels != pixel_channels:
             raise SystemExit(f"--dataset {args.dataset} has {dataset.num_channels} channel(s) but the model takes {pixel_channels}.")
-        run.held_out = DATASETS[args.dataset](num_samples=max(args.num_eval_images, 16), resolution=run.resolution, seed=args.seed + 10_000)
+        run.held_out = DATASETS[args.dataset](num_samples=max(args.num_eval_images, 16), resolution=run.resolution, seed=args.seed + 10_000,
+                                              split="test")
     # One draw per optimiser step, sliced into micro-batches and then among processes: N processes with
     # A accumulation steps at batch B see exactly what one process sees at batch N * A * B.
     run.batches = StepBatches(dataset, args.train_batch_size * run.accelerator.num_processes * args.gradient_accumulation_steps, args.seed,
@@ -988,9 +961,13 @@ def evaluation_report(run: Run, model) -> Dict[str, Any]:
     images = held_out_images(run.held_out, args.num_eval_images, run.accelerator.device)
     report_dir = os.path.join(args.output_dir, "report")
     shutil.rmtree(report_dir, ignore_errors=True)  # no picture of an earlier run may stay next to this one's
-    disks = args.dataset if args.dataset in DISK_DATASETS and not (args.train_data_dir or args.dataset_name) else None
-    return write_report(pipe, images, report_dir, run.noise_scheduler, seed=args.seed, num_inference_steps=args.num_inference_steps,
-                        eta=EVAL_ETA, sami_scale=REPORT_SAMI_SCALE, disk_factors=disks)
+    procedural = not (args.train_data_dir or args.dataset_name)
+    disks = args.dataset if args.dataset in DISK_DATASETS and procedural else None
+    report = write_report(pipe, images, report_dir, run.noise_scheduler, seed=args.seed, num_inference_steps=args.num_inference_steps,
+                          eta=EVAL_ETA, sami_scale=REPORT_SAMI_SCALE, disk_factors=disks)
+    if args.dataset == "digits" and procedural and run.vae is None:  # labelled real images: how well the code reads the class
+        report["usefulness"] = digits_usefulness(mean_code_fn(pipe), run.resolution, references=False, seed=args.seed)
+    return report
 
 
 def tear_down(run: Run) -> None:
@@ -1010,26 +987,6 @@ def tear_down(run: Run) -> None:
     run.objective = run.optimizer = run.lr_scheduler = run.discriminator = run.disc_optimizer = None
     gc.collect()
     del group
-
-
-def open_training_table(args, accelerator):
-    """The `datasets.Dataset` of --dataset_name / --train_data_dir with its columns checked; None for a procedural --dataset."""
-    if not (args.train_data_dir or args.dataset_name):
-        return None
-    flag, source = ("--train_data_dir", args.train_data_dir) if args.train_data_dir else ("--dataset_name", args.dataset_name)
-    try:
-        with accelerator.main_process_first():  # one process prepares the cache, the others then read it
-            table = hf_data.load_split(args.dataset_name, args.train_data_dir, args.dataset_config_name, args.cache_dir)
-    except Exception as e:  # datasets raises many types (FileNotFoundError, ValueError, DatasetGenerationError, ...)
-        found = "no images found: " if type(e).__name__ == "EmptyDatasetError" else ""
-        raise SystemExit(f"{flag} {source!r}: {found}`datasets` could not load it ({type(e).__name__}: {e})") from e
-    if len(table) == 0:
-        raise SystemExit(f"{flag} {source!r}: the training data is empty (no images found); pass a folder or dataset with images.")
-    for column_flag, column in (("--image_column", args.image_column), ("--caption_column", args.caption_column)):
-        if column is not None and column not in table.column_names:
-            raise SystemExit(f"{column_flag} {column!r} is not a column of {source} (columns: {', '.join(table.column_names)}); "
-                             f"pass {column_flag} with one of them.")
-    return table
 
 
 def setup_precision_and_memory(args, accelerator, unet, components) -> torch.dtype:

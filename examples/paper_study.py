@@ -92,7 +92,7 @@ def traversal_grid(row: Dict[str, Any], sweep_dir: str, path: str, steps: int, s
     from sami_adapter import SAMIPipeline
     from sami_adapter.baselines.beta_vae import BetaVAE
 
-    dataset = DATASETS[row["dataset"]](num_samples=1, resolution=row["resolution"], seed=seed + 30_000)
+    dataset = DATASETS[row["dataset"]](num_samples=1, resolution=row["resolution"], seed=seed + 30_000, split="test")
     image = dataset.sample(1, np.random.default_rng([seed, 9]))[0]
     adapter = os.path.join(sweep_dir, "adapters", row["run"])
     saved = [d for d in sorted(glob.glob(os.path.join(sweep_dir, "runs", row["run"], "models", "*")))
@@ -147,7 +147,7 @@ def main(argv=None) -> Dict[str, Any]:
     recover, scales, factor_names = {}, {}, {}
     earlier = json.load(open(args.reuse_probe)) if args.reuse_probe else {"recoverability": {}}
     for dataset, resolution in sorted({(s["dataset"], s["resolution"]) for s in summaries.values()}):
-        data = DATASETS[dataset](num_samples=1, resolution=resolution, seed=args.seed + 40_000)
+        data = DATASETS[dataset](num_samples=1, resolution=resolution, seed=args.seed + 40_000, split="test")
         if dataset in earlier["recoverability"]:
             recover[dataset] = {k: np.asarray(v) if k != "names" else list(v) for k, v in earlier["recoverability"][dataset].items()}
         else:

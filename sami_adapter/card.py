@@ -11,8 +11,6 @@ from __future__ import annotations
 import os
 from typing import Any, Dict, List, Optional
 
-from .evaluation import ACTIVE_KL_NATS
-
 LIBRARY_NAME = "sami-adapter"
 TAGS = ["sami-adapter", "diffusers", "representation-learning", "diffusion", "autoencoder"]
 REPORT_PICTURES = (("reconstructions.png", "Held-out inputs (top) and reconstructions from the posterior mean"),
@@ -21,6 +19,8 @@ REPORT_PICTURES = (("reconstructions.png", "Held-out inputs (top) and reconstruc
 
 def _number_lines(metrics: Dict[str, Any]) -> List[str]:
     """Markdown bullet lines for the numbers a reader compares adapters by, those that were measured."""
+    from .evaluation import ACTIVE_KL_NATS  # here, not at import: the evaluation needs the eval extra (scikit-learn), a pipeline does not
+
     lines = []
     if "relative_guidance_gain" in metrics:
         lines.append(f"- guidance gain (denoising error the code removes, held-out images): {metrics['relative_guidance_gain']:.1%}")
@@ -37,22 +37,34 @@ def _number_lines(metrics: Dict[str, Any]) -> List[str]:
         lines.append(f"- MIG: {metrics['mig']:.3f}")
     if isinstance(metrics.get("dci"), dict) and "disentanglement" in metrics["dci"]:
         lines.append(f"- DCI disentanglement: {metrics['dci']['disentanglement']:.3f}")
+    usefulness = metrics.get("usefulness")
+    if isinstance(usefulness, dict) and "linear_probe" in usefulness:
+        f, k = usefulness.get("num_folds", 5), usefulness.get("k", 5)
+        lines.append(f"- usefulness for the label ({usefulness.get('label', 'class')}; {usefulness.get('num_classes')} classes, "
+                     f"{usefulness.get('num_test')} held-out images): linear probe {usefulness['linear_probe']:.3f} "
+                     f"({f}-fold CV {usefulness.get(f'linear_probe_cv{f}', float('nan')):.3f}), kNN (k={k}) {usefulness['knn']:.3f} "
+                     f"({f}-fold CV {usefulness.get(f'knn_cv{f}', float('nan')):.3f}); the most common class alone "
+                     f"{usefulness.get('majority_class', float('nan')):.3f}")
     if "train_seconds" in metrics:
         lines.append(f"- training time: {metrics['train_seconds']:.0f} s")
     return lines
 
 
 def evaluation_metrics(adapter_dir: Optional[str]) -> Dict[str, Any]:
-    """MIG and DCI from ``evaluation/report.json`` (what ``examples/evaluate.py --output_dir ADAPTER/evaluation``
-    writes for a dataset with ground-truth factors), or {}."""
+    """MIG and DCI (a dataset with ground-truth factors) and the usefulness for a label (labelled data) from
+    ``evaluation/report.json``, what ``examples/evaluate.py --output_dir ADAPTER/evaluation`` writes; or {}."""
     import json
 
     path = os.path.join(adapter_dir or "", "evaluation", "report.json")
     if not adapter_dir or not os.path.isfile(path):
         return {}
     with open(path) as f:
-        metrics = json.load(f).get("metrics") or {}
-    return {k: metrics[k] for k in ("mig", "dci") if k in metrics}
+        report = json.load(f)
+    metrics = report.get("metrics") or {}
+    out = {k: metrics[k] for k in ("mig", "dci") if k in metrics}
+    if isinstance(report.get("usefulness"), dict):
+        out["usefulness"] = report["usefulness"]
+    return out
 
 
 def adapter_model_card(config: Dict[str, Any], adapter_dir: Optional[str] = None, repo_id: Optional[str] = None) -> Any:

@@ -24,6 +24,7 @@ from PIL import Image
 
 from .evaluation import ACTIVE_KL_NATS, INFORMATION_MEASURE, active_dimensions, disk_reconstruction_r2, guidance_gain, informative_dimensions
 from .images import model_from_unit, unit_from_model
+from .usefulness import usefulness_rows
 
 
 COUNT_ROWS = ("training steps", "training seconds")  # table rows shown as whole numbers
@@ -109,7 +110,7 @@ def profile_to_json(profile: Dict[str, Any], levels: Optional[Dict[str, Any]] = 
 
 def flat_metrics(result: Dict[str, Any]) -> Dict[str, float]:
     """One row label -> value per scalar of a :func:`representation_metrics` result (plus
-    ``trajectories`` and ``elbo`` entries when present), in table order."""
+    ``usefulness``, ``trajectories`` and ``elbo`` entries when present), in table order."""
     rows: Dict[str, float] = {}
     if "mig" in result:
         rows["MIG"] = result["mig"]
@@ -124,6 +125,7 @@ def flat_metrics(result: Dict[str, Any]) -> Dict[str, float]:
         rows["FactorVAE score (eval acc.)"] = result["factor_vae"]["eval_accuracy"]
         for name, value in result["linear_r2"].items():
             rows[f"linear R² {name}"] = value
+    rows.update(usefulness_rows(result.get("usefulness")))
     traj = result.get("trajectories")
     if traj:
         rows["trajectory curvature, latent (deg)"] = traj["latent"]

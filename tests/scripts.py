@@ -14,6 +14,7 @@ def load_example(name: str):
     """``examples/<name>.py`` as a fresh module (each call executes the file again)."""
     spec = importlib.util.spec_from_file_location(f"example_{name}", os.path.join(ROOT, "examples", f"{name}.py"))
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses (explore.py's) look their module up by name
     spec.loader.exec_module(module)
     return module
 

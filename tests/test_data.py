@@ -1,7 +1,9 @@
-"""Tests of the procedural datasets: determinism, shapes and ranges, fixed-factor sampling,
-resolution independence, disk measurements and the moving-disks videos."""
+"""Tests of the datasets: determinism, shapes and ranges, fixed-factor sampling, resolution
+independence, disk measurements, the moving-disks videos, and the real digits' split and factors."""
 
 from __future__ import annotations
+
+import os
 
 import numpy as np
 import pytest
@@ -296,3 +298,84 @@ def test_background_disk_fit_recovers_factors_and_flags_unclean_images():
     assert not clean_background_disk_fraction(blank)[1].item()
     with pytest.raises(ValueError, match=r"\(N, 3\) = \(x, y, background\)"):
         render_background_disks(np.zeros((2, 4)), 16)
+
+
+# ------------------------------------------------------------------------------- digits (real scans)
+def _rows(images):
+    return {image.tobytes() for image in np.asarray(images)}
+
+
+def test_digits_split_is_fixed_disjoint_and_stratified():
+    from sami_adapter.data import Digits, digit_split
+    from sami_adapter.data.digits import TEST_FRACTION, load_digit_scans, split_indices
+
+    _, labels = load_digit_scans()
+    train, test = split_indices(labels, "train"), split_indices(labels, "test")
+    assert (train.size, test.size) == (1438, 359) and not set(train) & set(test) and set(train) | set(test) == set(range(1797))
+    for c in range(10):  # every class gives round(20%) of its scans to the held-out side
+        assert np.sum(labels[test] == c) == round(TEST_FRACTION * np.sum(labels == c))
+    held_out = _rows(digit_split("test", 16)[0])
+    for seed in (0, 7):  # the dataset's seed draws from the split, it never moves the split
+        data = Digits(359, resolution=16, seed=seed, split="test")
+        assert data.split_size == 359 and _rows(data.arrays()[0]) == held_out
+    assert not _rows(Digits(1438, resolution=16, seed=3, split="train").arrays()[0]) & held_out
+    assert np.array_equal(Digits(20, seed=1).arrays()[0], Digits(20, seed=1).arrays()[0])
+
+
+def test_digit_attributes_on_constructed_scans():
+    """A vertical bar has no slant and is taller than wide; '/' (top to the right, rows counted downwards) has slant +1,
+    '\\' slant -1; ink is the mean of level / 16."""
+    from sami_adapter.data import digit_attributes
+
+    bar = np.zeros((8, 8))
+    bar[1:7, 3:5] = 16.0
+    slash = np.zeros((8, 8))
+    slash[np.arange(8), 7 - np.arange(8)] = 16.0
+    attrs = digit_attributes(np.stack([bar, slash, slash[:, ::-1], bar / 2]))
+    assert attrs["slant"][0] == pytest.approx(0.0, abs=1e-12)
+    assert attrs["width"][0] == pytest.approx(0.5) and attrs["height"][0] == pytest.approx(np.sqrt(35 / 12))  # std of 2 and 6 unit steps
+    assert attrs["slant"][1] == pytest.approx(1.0) and attrs["slant"][2] == pytest.approx(-1.0)
+    assert attrs["ink"][0] == pytest.approx(12 / 64) and attrs["ink"][3] == pytest.approx(6 / 64)
+    assert attrs["width"][3] == pytest.approx(attrs["width"][0])  # the shape statistics do not depend on the grey level
+
+
+@pytest.mark.parametrize("res", [8, 16, 32])
+def test_digits_shapes_ranges_and_factors(res):
+    from sami_adapter.data import Digits, digit_split
+    from sami_adapter.data.digits import load_digit_scans
+
+    images, indices, values = Digits(64, resolution=res, seed=2).arrays()
+    assert images.shape == (64, 1, res, res) and images.dtype == np.float32
+    assert images.min() == -1.0 and images.max() <= 1.0 and images.max() > 0.9  # dark background, bright ink, clipped
+    assert indices.shape == values.shape == (64, 5) and indices[:, 0].tolist() == values[:, 0].astype(int).tolist()
+    assert (indices.min(0) >= 0).all() and (indices.max(0) < np.array(Digits.factor_sizes)).all()
+    if res == 8:  # no resampling: the scans themselves, 2 level / 16 - 1
+        scans, _ = load_digit_scans()
+        x, _, _ = digit_split("train", 8)
+        assert _rows(x) <= _rows((2 * scans / 16 - 1)[:, None].astype(np.float32))
+
+
+def test_digits_without_scikit_learn_names_the_extra():
+    import subprocess
+    import sys
+
+    block = (
+        "import importlib.abc, importlib.machinery, sys\n"
+        "class Missing(importlib.abc.Loader):\n"
+        "    def create_module(self, spec): raise ModuleNotFoundError(f'No module named {spec.name!r}', name=spec.name)\n"
+        "    def exec_module(self, module): pass\n"
+        "class Block(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        return importlib.machinery.ModuleSpec(name, Missing()) if name.split('.')[0] == 'sklearn' else None\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "from sami_adapter.data import Digits\n"
+        "try:\n"
+        "    Digits(4)\n"
+        "except ImportError as e:\n"
+        "    print('ERROR', e)\n"
+    )
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", block], capture_output=True, text=True, cwd=root, timeout=300,
+                         env={**os.environ, "PYTHONPATH": root, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert 'ERROR the digits data need scikit-learn, which ships them: pip install "sami-adapter[eval]"' in out.stdout

@@ -17,6 +17,24 @@ from torch.utils.data import Dataset
 SPLITS = ("train", "test")
 
 
+def stratified_holdout(labels: np.ndarray, test_fraction: float, seed: int) -> np.ndarray:
+    """A boolean mask of the held-out ("test") samples: ``round(test_fraction * n_c)`` members of each class ``c``.
+
+    The classes are taken in sorted order and each class's members are drawn with one generator
+    seeded by ``seed``, so the split depends on the labels and the seed only. A class with too few
+    members for a rounded share (one member at a fifth) stays wholly on the training side.
+    """
+    if not 0.0 < test_fraction < 1.0:
+        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction!r}.")
+    y = np.asarray(labels)
+    rng = np.random.default_rng(seed)
+    mask = np.zeros(y.shape[0], dtype=bool)
+    for c in np.unique(y):
+        members = np.flatnonzero(y == c)
+        mask[rng.permutation(members)[: int(round(test_fraction * members.size))]] = True
+    return mask
+
+
 class FactorDataset(Dataset):
     """Base class: ``num_samples`` observations drawn once from ``seed``.
 

@@ -37,7 +37,7 @@ from typing import Dict, Optional, Tuple
 import numpy as np
 import torch
 
-from .base import SPLITS, FactorDataset
+from .base import SPLITS, FactorDataset, stratified_holdout
 
 TEST_FRACTION = 0.2
 SPLIT_SEED = 20_240_601  # the split's own seed: the same held-out images for every tool and every run
@@ -86,13 +86,7 @@ def split_indices(labels: np.ndarray, split: str) -> np.ndarray:
     """Indices of ``split`` ("train" or "test"): a fixed class-stratified draw of 20% of each class for "test"."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}.")
-    rng = np.random.default_rng(SPLIT_SEED)
-    test = []
-    for c in np.unique(labels):
-        members = np.flatnonzero(labels == c)
-        test.append(rng.permutation(members)[: int(round(TEST_FRACTION * members.size))])
-    test_mask = np.zeros(labels.size, dtype=bool)
-    test_mask[np.concatenate(test)] = True
+    test_mask = stratified_holdout(labels, TEST_FRACTION, SPLIT_SEED)
     return np.flatnonzero(test_mask if split == "test" else ~test_mask)
 
 

@@ -1,7 +1,9 @@
 """Array-level scores of a representation: disentanglement metrics with disentanglement_lib's
-definitions (Locatello et al. 2019), factor alignment, linear R², trajectory curvature and reconstruction similarity (SSIM).
+definitions (Locatello et al. 2019), factor alignment, linear R², trajectory curvature, reconstruction
+similarity (SSIM), and the usefulness of a code for a label (linear-probe and kNN accuracy, held-out and
+cross-validated).
 
-``codes`` are (N, D) float arrays, ``factors`` are (N, K) integer factor indices.
+``codes`` are (N, D) float arrays, ``factors`` are (N, K) integer factor indices, ``labels`` (N,) classes.
 """
 
 from ._discretize import discrete_entropy, discrete_mutual_info, histogram_discretize
@@ -9,6 +11,8 @@ from .alignment import factor_alignment
 from .curvature import trajectory_curvature
 from .dci import completeness_from_importance, dci, dci_importance, disentanglement_from_importance
 from .factor_vae import factor_vae_score
+from .knn import knn_accuracy, knn_cv_accuracy
+from .linear_probe import linear_probe_accuracy, linear_probe_cv_accuracy
 from .linear_r2 import linear_r2, r2_score
 from .mig import mig, mig_per_factor
 from .modularity import explicitness, modularity, modularity_from_mutual_info
@@ -36,4 +40,8 @@ __all__ = [
     "linear_r2",
     "r2_score",
     "ssim",
+    "linear_probe_accuracy",
+    "linear_probe_cv_accuracy",
+    "knn_accuracy",
+    "knn_cv_accuracy",
 ]
