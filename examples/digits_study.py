@@ -40,7 +40,7 @@ import torch
 from sami_adapter import SAMIPipeline
 from sami_adapter.data import digit_split
 from sami_adapter.images import unit_from_model
-from sami_adapter.metrics import factor_alignment, ssim
+from sami_adapter.metrics import ssim
 from sami_adapter.rate import information_upper_bound
 
 ATTRIBUTES = ("ink", "slant", "width", "height")
@@ -107,14 +107,11 @@ def posterior(model, images: np.ndarray, batch_size: int = 256):
 
 def code_scores(z_train: np.ndarray, z_test: np.ndarray, y_train: np.ndarray, y_test: np.ndarray, v_test: np.ndarray) -> Dict[str, Any]:
     """Usefulness of a representation (class probes) and its best single dimension per measured attribute."""
-    from sami_adapter.metrics import label_usefulness
+    from sami_adapter.usefulness import best_dimensions, label_usefulness
 
-    out: Dict[str, Any] = dict(label_usefulness(z_train, y_train, z_test, y_test))
-    align = factor_alignment(z_test, v_test[:, 1:], list(ATTRIBUTES))
-    matrix = np.abs(np.asarray(align["matrix"]))
-    for k, name in enumerate(ATTRIBUTES):
-        out[f"best ρ {name}"] = float(np.nanmax(matrix[:, k]))
-        out[f"best dim {name}"] = int(np.nanargmax(matrix[:, k]))
+    out: Dict[str, Any] = {k: v for k, v in label_usefulness(z_train, y_train, z_test, y_test).items() if isinstance(v, float)}
+    for name, best in best_dimensions(z_test, v_test[:, 1:], ATTRIBUTES).items():
+        out[f"best ρ {name}"], out[f"best dim {name}"] = best["abs_spearman"], best["dim"]
     return out
 
 
@@ -163,7 +160,7 @@ def score_model(model, data: Dict[str, np.ndarray], args, scales: List[float]) -
 
 def accuracy_along_training(pipe, path: str, data) -> Dict[int, float]:
     """Linear-probe accuracy of the encoder at every kept checkpoint of a SAMI run (and at its end)."""
-    from sami_adapter.metrics import label_usefulness
+    from sami_adapter.usefulness import label_usefulness
 
     final = {k: v.clone() for k, v in pipe.encoder.state_dict().items()}
     (x_tr, f_tr, _), (x_te, f_te, _) = data["train"], data["test"]
@@ -177,17 +174,18 @@ def accuracy_along_training(pipe, path: str, data) -> Dict[int, float]:
 
 def pixel_references(data, dims: List[int]) -> Dict[str, Dict[str, Any]]:
     """PCA of the pixels (fit on the train scans) at each size, and the raw pixels: scores and PCA reconstructions."""
+    from sami_adapter.usefulness import pca_codes
+
     (x_tr, f_tr, _), (x_te, f_te, v_te) = data["train"], data["test"]
     flat_tr, flat_te = x_tr.reshape(len(x_tr), -1).astype(np.float64), x_te.reshape(len(x_te), -1).astype(np.float64)
-    mean = flat_tr.mean(0)
-    _, _, vt = np.linalg.svd(flat_tr - mean, full_matrices=False)
+    target = (x_te + 1) / 2
     rows = {}
     for d in dims:
-        basis = vt[:d]
-        c_tr, c_te = (flat_tr - mean) @ basis.T, (flat_te - mean) @ basis.T
+        c_tr, c_te = pca_codes(x_tr, x_te, d)
         row = code_scores(c_tr, c_te, f_tr[:, 0], f_te[:, 0], v_te)
-        recon = np.clip(((c_te @ basis + mean) + 1) / 2, 0, 1).reshape(x_te.shape)
-        target = (x_te + 1) / 2
+        # The PCA decoder: least squares from the training codes back to the pixels (the projection's transpose).
+        back, *_ = np.linalg.lstsq(np.c_[c_tr, np.ones(len(c_tr))], flat_tr, rcond=None)
+        recon = np.clip((np.c_[c_te, np.ones(len(c_te))] @ back + 1) / 2, 0, 1).reshape(x_te.shape)
         row.update({"MSE": float(((recon - target) ** 2).mean()), "SSIM": float(ssim(recon, target).mean()), "latent_dim": d})
         rows[f"PCA of pixels-d{d}"] = row
     raw = code_scores(flat_tr, flat_te, f_tr[:, 0], f_te[:, 0], v_te)
@@ -223,7 +221,7 @@ def aggregate_rows(rows: Dict[str, Dict[str, Any]]) -> Dict[str, Dict[str, Dict[
     return out
 
 
-COLUMNS = ("linear_probe", "linear_probe_cv5", "knn", "I(x;z) upper (nats)", "MSE", "SSIM", "MSE, best scale", "best ρ ink",
+COLUMNS = ("linear_probe", "linear_probe_cv5", "knn", "knn_cv5", "I(x;z) upper (nats)", "MSE", "SSIM", "MSE, best scale", "best ρ ink",
            "best ρ slant", "best ρ width")
 
 
