@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""SAMI against β-VAE (β = 1, 4) and a DiffAE-style autoencoder in one harness, side by side.
+"""SAMI against β-VAE (β = 1, 4), a DiffAE-style autoencoder and PDAE in one harness, side by side.
 
     python examples/compare.py --dataset disks --budget_seconds 600 --sami_adapter sami-disks-adapter --seeds 0 1
 
@@ -11,8 +11,13 @@ the posterior mean is the representation). Several ``--sami_adapter`` directorie
 training seeds) make SAMI's column a mean ± std and are compared on the order in which their
 characteristic noise levels put the factors.
 
+PDAE (``--baselines pdae``, ``pdae:lr=5e-4,snr_gamma=0.1``) trains its encoder and gradient estimator on a
+frozen pretrained base: ``--pdae_base``, by default the base of the first ``--sami_adapter`` (the same
+frozen model SAMI guides), else the shipped ``models/ddpm-<dataset>-<resolution>`` when there is one, else
+``models/ddpm-disks-16``.
+
 Rate study. ``--baselines`` picks the baseline variants (``beta-vae:beta=4``,
-``capacity-vae:capacity=5``, ``beta-tcvae:tc_weight=5``, ``factor-vae:tc_weight=10``, ``diffae``) and
+``capacity-vae:capacity=5``, ``beta-tcvae:tc_weight=5``, ``factor-vae:tc_weight=10``, ``diffae``, ``pdae``) and
 ``--rate_study`` adds, for every model, the information its code carries on held-out data (the
 mixture lower bound and the moment-matched upper bound on ``I(x; z)``, in nats), the share of clean
 prior samples (``z ~ N(0, I)``; disks), the exact-decoder reconstruction R² (disks) and, for SAMI, the
@@ -37,7 +42,7 @@ import argparse
 import os
 import sys
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -46,8 +51,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _args import add_axis_arguments, add_device_arguments, add_metric_arguments, metric_kwargs, moving_disks_for, select_device  # noqa: E402
 from sami_adapter import SAMIEncoder, SAMIPipeline  # noqa: E402
-from sami_adapter.adapter import read_adapter_config  # noqa: E402
-from sami_adapter.baselines import train_beta_vae, train_diffae  # noqa: E402
+from sami_adapter.adapter import load_base_unet_and_scheduler, read_adapter_config, resolve_base_path  # noqa: E402
+from sami_adapter.baselines import train_beta_vae, train_diffae, train_pdae  # noqa: E402
 from sami_adapter.data import DATASETS, MOVING, FactorDataset  # noqa: E402
 from sami_adapter.evaluation import (  # noqa: E402
     EncodeFn,
@@ -74,6 +79,7 @@ from sami_adapter.report import (  # noqa: E402
 )
 
 DEFAULT_BUDGET = 300.0
+MODELS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models")
 DEFAULT_BASELINES = ("beta-vae:beta=1", "beta-vae:beta=4", "diffae")
 # Baseline kinds of --baselines: display name, and how a spec's parameters become train_beta_vae's arguments.
 BASELINE_KINDS = {
@@ -82,7 +88,9 @@ BASELINE_KINDS = {
     "beta-tcvae": "β-TCVAE",
     "factor-vae": "FactorVAE",
     "diffae": "DiffAE",
+    "pdae": "PDAE",
 }
+DETERMINISTIC = ("diffae", "pdae")  # their code is the encoder's mean: no rate to measure
 
 
 def parse_baseline(spec: str) -> Dict[str, Any]:
@@ -91,7 +99,7 @@ def parse_baseline(spec: str) -> Dict[str, Any]:
     Keys: ``beta`` (KL weight, default 1), ``capacity`` (nats, capacity-vae; ``gamma`` its weight,
     default 100, ``ramp`` its ramp in steps), ``tc_weight`` (beta-tcvae, factor-vae); every VAE also takes
     ``likelihood`` (``bernoulli``, the default, or ``gaussian``) and ``bias_free=1`` (the SAMI paper's
-    bias-free encoder).
+    bias-free encoder); ``pdae`` takes ``lr`` (default PDAE's 1e-4) and ``snr_gamma`` (its loss weighting, default 0.1).
     """
     kind, _, rest = spec.partition(":")
     if kind not in BASELINE_KINDS:
@@ -110,14 +118,15 @@ def parse_baseline(spec: str) -> Dict[str, Any]:
             params[key] = float(value)
     vae = {"likelihood", "bias_free"}
     allowed = {"beta-vae": {"beta"} | vae, "capacity-vae": {"beta", "capacity", "gamma", "ramp"} | vae, "beta-tcvae": {"beta", "tc_weight"} | vae,
-               "factor-vae": {"beta", "tc_weight"} | vae, "diffae": set()}[kind]
+               "factor-vae": {"beta", "tc_weight"} | vae, "diffae": set(), "pdae": {"lr", "snr_gamma"}}[kind]
     unknown = set(params) - allowed
     if unknown:
         raise ValueError(f"baseline {kind} takes {sorted(allowed) or 'no parameters'}, got {sorted(unknown)} in {spec!r}.")
     if kind == "capacity-vae" and "capacity" not in params:
         raise ValueError(f"capacity-vae needs capacity=<nats> in {spec!r}.")
     setting = ",".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items()) or "default"
-    label = BASELINE_KINDS[kind] if kind == "diffae" else f"{BASELINE_KINDS[kind]} ({setting.replace('beta=', 'β=')})"
+    plain = kind == "diffae" or (kind == "pdae" and not params)
+    label = BASELINE_KINDS[kind] if plain else f"{BASELINE_KINDS[kind]} ({setting.replace('beta=', 'β=')})"
     return {"kind": kind, "method": BASELINE_KINDS[kind], "setting": setting, "params": params, "spec": spec, "label": label}
 
 
@@ -144,7 +153,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="Training seeds of the baselines.")
     p.add_argument("--baselines", nargs="*", default=list(DEFAULT_BASELINES),
                    help="Baseline variants, e.g. beta-vae:beta=4 capacity-vae:capacity=5 beta-tcvae:tc_weight=5 factor-vae:tc_weight=10 "
-                        f"diffae (default: {' '.join(DEFAULT_BASELINES)}). An empty list trains none.")
+                        f"diffae pdae:lr=5e-4 (default: {' '.join(DEFAULT_BASELINES)}). An empty list trains none.")
     p.add_argument("--method", default="SAMI", help="Method name of the --sami_adapter runs (a line in the rate plot).")
     p.add_argument("--setting", default=None, help="Setting name of the --sami_adapter runs (a point on that line; default: the folder name).")
     p.add_argument("--rate_study", action="store_true",
@@ -157,11 +166,14 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=5e-4, help="Adam learning rate of the β-VAE.")
     p.add_argument("--diffae_lr", type=float, default=5e-4, help="Adam learning rate of the DiffAE.")
     p.add_argument("--diffae_unet_channels", default="32,64,64", help="DiffAE UNet block widths (default: the disks base model's).")
+    p.add_argument("--pdae_base", default=None,
+                   help="The frozen base of PDAE: a diffusers pipeline folder or UNet (default: the first --sami_adapter's base, else "
+                        "models/ddpm-<dataset>-<resolution> when it exists, else models/ddpm-disks-16).")
     p.add_argument("--output_dir", default="compare", help="Where compare.md, compare.json and the figures go.")
     p.add_argument("--save_models", action="store_true", help="Also save every trained baseline (save_pretrained) under OUTPUT_DIR/models/.")
     p.add_argument("--seed", type=int, default=0, help="Seed of the evaluation draws (the same for every model).")
     p.add_argument("--num_reconstructions", type=int, default=8, help="Inputs in reconstructions.png.")
-    p.add_argument("--num_inference_steps", type=int, default=50, help="DDIM steps of SAMI and DiffAE reconstructions.")
+    p.add_argument("--num_inference_steps", type=int, default=50, help="DDIM steps of SAMI, DiffAE and PDAE reconstructions.")
     p.add_argument("--no_progress", action="store_true", help="Hide training progress bars.")
     add_device_arguments(p)
     add_axis_arguments(p)
@@ -209,6 +221,29 @@ def _adapter_seconds(adapter_dir: str) -> Optional[float]:
     return float(value) if value is not None else None
 
 
+def load_pdae_base(args: argparse.Namespace, resolution: int) -> Tuple[str, Any, Dict[str, Any]]:
+    """``(name, UNet, scheduler config)`` of PDAE's frozen base (``--pdae_base`` and its defaults, the module docstring)."""
+    from diffusers import UNet2DModel
+
+    if args.pdae_base:
+        base = args.pdae_base
+    elif args.sami_adapter:
+        base = resolve_base_path(read_adapter_config(args.sami_adapter[0]), args.sami_adapter[0])
+    else:
+        shipped = os.path.join(MODELS_DIR, f"ddpm-{args.dataset.replace('_', '-')}-{resolution}")
+        base = shipped if os.path.isdir(shipped) else os.path.join(MODELS_DIR, "ddpm-disks-16")
+    try:
+        unet, scheduler_config = load_base_unet_and_scheduler(base)
+    except ValueError as e:
+        raise SystemExit(f"--pdae_base: {e}") from e
+    if not isinstance(unet, UNet2DModel):
+        raise SystemExit(f"PDAE's base {base} is a {type(unet).__name__}; PDAE here takes a pixel-space UNet2DModel (pass one with --pdae_base).")
+    if unet.config.sample_size != resolution:
+        raise SystemExit(f"PDAE's base {base} is a {unet.config.sample_size} px model and this comparison runs at {resolution} px; "
+                         f"pass a {resolution} px base with --pdae_base (examples/pretrain_unet.py --resolution {resolution} makes one).")
+    return base, unet, scheduler_config
+
+
 def evaluate_model(encode_fn: EncodeFn, dataset: FactorDataset, args: argparse.Namespace, resolution: int, use_trajectories: bool) -> Dict[str, Any]:
     """The metrics (and curvature) of one representation on the shared held-out draws."""
     result = representation_metrics(encode_fn, dataset, **metric_kwargs(args))
@@ -244,13 +279,14 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     dataset = DATASETS[args.dataset](num_samples=1, resolution=arch["resolution"], seed=args.seed + 30_000, split="test")
     use_trajectories = args.trajectories if args.trajectories is not None else args.dataset in MOVING
     os.makedirs(args.output_dir, exist_ok=True)
+    pdae_base = load_pdae_base(args, arch["resolution"]) if any(spec["kind"] == "pdae" for spec in args.baseline_specs) else None
     print(f"Budget per baseline run: {budget:.0f} s; encoder {arch}; seeds {args.seeds}; device {device}.")
 
     columns: Dict[str, List[Dict[str, Any]]] = {}
     first_models: Dict[str, Any] = {}
     images, _, values = dataset.sample(args.num_images, np.random.default_rng([args.seed, 100]))
     axes_runs = evaluate_sami(args, pipes, dataset, arch["resolution"], use_trajectories, images, values, columns, first_models)
-    train_and_evaluate_baselines(args, arch, budget, device, dataset, use_trajectories, columns, first_models)
+    train_and_evaluate_baselines(args, arch, budget, device, dataset, use_trajectories, columns, first_models, pdae_base)
 
     row_names = ["input"] + list(first_models)
     rows = [images[:args.num_reconstructions]] + [reconstructions(model, images[:args.num_reconstructions], args.num_inference_steps, eta=1.0,
@@ -267,6 +303,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     summary = {
         "dataset": args.dataset, "resolution": arch["resolution"], "latent_dim": arch["latent_dim"], "budget_seconds": budget, "seeds": args.seeds,
         "encoder_architecture": arch, "device": device, "sami_adapters": [os.path.abspath(d) for d in args.sami_adapter],
+        "pdae_base": pdae_base[0] if pdae_base else None,
         "table": {name: aggregate(runs) for name, runs in flat.items()},
         "runs": columns,
         "sami_axes": [axes_to_json(a) for a in axes_runs],
@@ -280,7 +317,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     shown = dict(flat)
     if references:  # the same probes on PCA of the pixels and on the pixels: what a code of this size is read against
         shown.update({f"PCA of the pixels ({arch['latent_dim']})": usefulness_rows(references["pca"]), "raw pixels": usefulness_rows(references["pixels"])})
-    write_markdown(args, arch, budget, metrics_table_markdown(shown), axes_runs, agreement, row_names, summary["seconds"])
+    write_markdown(args, arch, budget, metrics_table_markdown(shown), axes_runs, agreement, row_names, summary["seconds"], summary["pdae_base"])
     return summary
 
 
@@ -306,8 +343,10 @@ def evaluate_sami(args, pipes, dataset, resolution: int, use_trajectories: bool,
     return axes_runs
 
 
-def train_and_evaluate_baselines(args, arch, budget: float, device: str, dataset, use_trajectories: bool, columns, first_models) -> None:
-    """Every --baselines variant at every seed: trained on fresh samples, evaluated, saved with --save_models; into ``columns``."""
+def train_and_evaluate_baselines(args, arch, budget: float, device: str, dataset, use_trajectories: bool, columns, first_models,
+                                 pdae_base: Optional[Tuple[str, Any, Dict[str, Any]]] = None) -> None:
+    """Every --baselines variant at every seed: trained on fresh samples, evaluated, saved with --save_models; into ``columns``.
+    ``pdae_base``: :func:`load_pdae_base`'s answer, when a variant is PDAE."""
     shared = {"latent_dim": arch["latent_dim"], "encoder_channels": arch["encoder_channels"], "hidden_dim": arch["hidden_dim"],
               "norm_num_groups": arch["norm_num_groups"], "encoder_stem_stride": arch["encoder_stem_stride"], "batch_size": args.batch_size,
               "progress": not args.no_progress, "device": device}
@@ -319,13 +358,18 @@ def train_and_evaluate_baselines(args, arch, budget: float, device: str, dataset
             if spec["kind"] == "diffae":
                 model = train_diffae(train_data, max_seconds=budget, max_steps=args.max_steps, lr=args.diffae_lr, seed=seed, unet_channels=channels,
                                      unet_norm_num_groups=arch["norm_num_groups"], **shared)
+            elif spec["kind"] == "pdae":
+                base, unet, scheduler_config = pdae_base
+                pdae_options = {k: params[k] for k in ("lr", "snr_gamma") if k in params}
+                model = train_pdae(train_data, unet, scheduler_config, max_seconds=budget, max_steps=args.max_steps, seed=seed, base_model=base,
+                                   **pdae_options, **shared)
             else:
                 model = train_beta_vae(train_data, beta=params.get("beta", 1.0), max_seconds=budget, max_steps=args.max_steps, lr=args.lr, seed=seed,
                                        rate=baseline_rate_control(spec["kind"], params), likelihood=params.get("likelihood", "bernoulli"),
                                        encoder_bias_free=bool(params.get("bias_free", 0)), **shared)
             result = evaluate_model(mean_code_fn(model), dataset, args, arch["resolution"], use_trajectories)
             result.update({"method": spec["method"], "setting": spec["setting"]})
-            if args.rate_study and spec["kind"] != "diffae":  # DiffAE's code is deterministic: no rate to measure
+            if args.rate_study and spec["kind"] not in DETERMINISTIC:
                 result["study"] = rate_study_measurements(model, dataset, **study_kwargs(args))
             result["training"] = {"steps": model.training_log["steps"], "seconds": model.training_log["seconds"]}
             result["training_log"] = model.training_log
@@ -339,7 +383,8 @@ def train_and_evaluate_baselines(args, arch, budget: float, device: str, dataset
                   f"MIG {result['mig']:.3f}, DCI-D {result['dci']['disentanglement']:.3f}")
 
 
-def write_markdown(args, arch, budget: float, table: str, axes_runs, agreement, row_names: List[str], seconds: float) -> None:
+def write_markdown(args, arch, budget: float, table: str, axes_runs, agreement, row_names: List[str], seconds: float,
+                   pdae_base: Optional[str] = None) -> None:
     """compare.md: the setting, the table, SAMI's factor order by noise level, the figures."""
     lines = [
         "# SAMI vs baselines", "",
@@ -347,7 +392,8 @@ def write_markdown(args, arch, budget: float, table: str, axes_runs, agreement, 
         f"(widths {list(arch['encoder_channels'])}, stem stride {arch['encoder_stem_stride']}, head {arch['hidden_dim']}). Each baseline run trains for at most "
         f"{budget:.0f} s of wall clock{f' or {args.max_steps} steps' if args.max_steps else ''} (seeds {args.seeds}); "
         "cells are mean ± std over runs. SAMI's training seconds are the adapter's only (its base diffusion model was pretrained "
-        "separately). Every model is scored on the same held-out draws with the posterior mean as representation.", "",
+        "separately). Every model is scored on the same held-out draws with the posterior mean as representation."
+        + (f" PDAE trains its encoder and gradient estimator on the frozen base `{pdae_base}`." if pdae_base else ""), "",
         table, "",
     ]
     if axes_runs:

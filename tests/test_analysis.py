@@ -21,7 +21,7 @@ from sami_adapter.evaluation import (
     information_profile,
     noise_order_agreement,
 )
-from sami_adapter.baselines import BetaVAE, DiffAE, train_beta_vae, train_diffae
+from sami_adapter.baselines import PDAE, BetaVAE, DiffAE, train_beta_vae, train_diffae
 from sami_adapter.data import Disks, MovingDisks
 from sami_adapter.guidance import alpha_sigma_from_alphas_cumprod
 from sami_adapter.metrics import factor_alignment
@@ -155,13 +155,15 @@ def test_baselines_train_and_encode(tmp_path):
 
 
 def test_pipeline_and_baselines_take_the_same_calls():
-    """encode, reconstruct and generation are one call for SAMI, the β-VAE and DiffAE: [0, 1] in, [0, 1] out."""
+    """encode, reconstruct and generation are one call for SAMI, the β-VAE, DiffAE and PDAE: [0, 1] in, [0, 1] out."""
     data = Disks(num_samples=1, resolution=8)
     images = (_disks(4, seed=2)[0] + 1) / 2
     vae = train_beta_vae(data, latent_dim=3, max_steps=1, batch_size=8, progress=False, **TINY_ARCH)
     dae = train_diffae(data, latent_dim=3, max_steps=1, batch_size=8, progress=False, unet_channels=(8, 16), unet_norm_num_groups=4,
                        **TINY_ARCH)
-    for model in (tiny_pipeline(), vae, dae):
+    pipe = tiny_pipeline()
+    pdae = PDAE.from_base(pipe.unet, pipe.scheduler, latent_dim=3, **TINY_ARCH)
+    for model in (pipe, vae, dae, pdae):
         assert model.encode(images).mean.shape == (4, 3)
         out = model.reconstruct(images, generator=torch.Generator().manual_seed(0), num_inference_steps=2, eta=1.0, output_type="pt").images
         again = model.reconstruct(images, generator=torch.Generator().manual_seed(0), num_inference_steps=2, eta=1.0, output_type="pt").images
@@ -240,15 +242,21 @@ def test_evaluate_script_end_to_end(tiny_adapters, tmp_path):
 def test_compare_script_end_to_end(tiny_adapters, tmp_path):
     out = tmp_path / "compare"
     summary = load_example("compare").main([
-        "--sami_adapter", *tiny_adapters, "--output_dir", str(out), "--seeds", "0", "--baselines", "beta-vae:beta=4", "diffae", "--max_steps", "2", "--batch_size", "8",
+        "--sami_adapter", *tiny_adapters, "--output_dir", str(out), "--seeds", "0", "--baselines", "beta-vae:beta=4", "diffae", "pdae:lr=1e-3",
+        "--max_steps", "2", "--batch_size", "8", "--save_models",
         "--diffae_unet_channels", "8,16", "--num_images", "12", "--num_noise_levels", "4", "--num_inference_steps", "2",
         "--num_reconstructions", "3", "--no_trajectories", "--no_progress", "--num_threads", "1", *TINY_METRICS,
     ])
     assert summary["budget_seconds"] == 1.0  # taken from the first adapter's train_seconds
-    assert set(summary["table"]) == {"SAMI", "β-VAE (β=4)", "DiffAE"}
+    assert set(summary["table"]) == {"SAMI", "β-VAE (β=4)", "DiffAE", "PDAE (lr=0.001)"}
+    # PDAE sits on the first adapter's own base, and every table and picture takes it
+    assert summary["pdae_base"] == os.path.join(os.path.dirname(tiny_adapters[0]), "base") and summary["reconstruction_rows"][-1] == "PDAE (lr=0.001)"
+    saved = PDAE.from_pretrained(str(out / "models" / "PDAE-lr0.001-seed0"))
+    assert saved.config.base_model == summary["pdae_base"]
     assert summary["table"]["SAMI"]["MIG"]["n"] == 2 and summary["noise_order_agreement"] is not None
     text = (out / "compare.md").read_text()
-    assert "| metric | SAMI | β-VAE (β=4) | DiffAE |" in text and "stem stride 2" in text
+    assert "| metric | SAMI | β-VAE (β=4) | DiffAE | PDAE (lr=0.001) |" in text and "stem stride 2" in text
+    assert f"on the frozen base `{summary['pdae_base']}`" in text
     json.loads((out / "compare.json").read_text())
     assert (out / "reconstructions.png").exists() and (out / "metrics.png").exists()
 
@@ -263,12 +271,17 @@ def test_parse_baseline_specs():
     paper = compare.parse_baseline("beta-tcvae:beta=1,likelihood=gaussian,bias_free=1")
     assert paper["params"] == {"beta": 1.0, "likelihood": "gaussian", "bias_free": 1.0}
     assert paper["label"] == "β-TCVAE (β=1,likelihood=gaussian,bias_free=1)"
+    assert compare.parse_baseline("pdae")["label"] == "PDAE" and compare.parse_baseline("pdae:lr=5e-4")["params"] == {"lr": 5e-4}
     for bad, message in [("vae:beta=1", "unknown baseline 'vae'"),
                          ("beta-vae:capacity=3", "beta-vae takes ['beta', 'bias_free', 'likelihood'], got ['capacity']"),
                          ("capacity-vae:beta=1", "capacity-vae needs capacity=<nats>"), ("beta-vae:beta", "is not key=value"),
-                         ("beta-vae:likelihood=laplace", "likelihood must be bernoulli or gaussian, got 'laplace'")]:
+                         ("beta-vae:likelihood=laplace", "likelihood must be bernoulli or gaussian, got 'laplace'"),
+                         ("pdae:beta=2", "pdae takes ['lr', 'snr_gamma'], got ['beta']")]:
         with pytest.raises(ValueError, match=re.escape(message)):
             compare.parse_baseline(bad)
+    shipped = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models", "ddpm-disks-16")
+    with pytest.raises(SystemExit, match=re.escape(f"PDAE's base {shipped} is a 16 px model and this comparison runs at 8 px")):
+        compare.main(["--baselines", "pdae", "--resolution", "8", "--pdae_base", shipped, "--num_threads", "1"])
 
 
 def test_rate_study_runs_and_collects(tiny_adapters, tmp_path):

@@ -4,8 +4,10 @@
   :class:`~sami_adapter.SAMIEncoder` and whose decoder is a small deconvolution network.
 * :class:`DiffAE` (:func:`train_diffae`): a DiffAE-style diffusion autoencoder, the same encoder
   feeding a code ``z`` into a ``UNet2DModel`` through its class embedding, trained jointly.
+* :class:`PDAE` (:func:`train_pdae`): PDAE on a frozen pretrained ``UNet2DModel``: the same encoder and a
+  gradient estimator ``G(x_t, t, z)`` whose output shifts the base's noise prediction.
 
-Both take :class:`~sami_adapter.SAMIPipeline`'s calls (``encode``, ``reconstruct``, generation by
+All take :class:`~sami_adapter.SAMIPipeline`'s calls (``encode``, ``reconstruct``, generation by
 ``model(batch_size=...)``; images in [0, 1]; :class:`~sami_adapter.baselines.common.AutoencoderMixin`), so
 the measurements of :mod:`sami_adapter.evaluation` apply to them exactly as to a SAMI pipeline.
 """
@@ -13,5 +15,6 @@ the measurements of :mod:`sami_adapter.evaluation` apply to them exactly as to a
 from .beta_vae import BetaVAE, ConvDecoder, train_beta_vae
 from .common import TrainingBudget
 from .diffae import DiffAE, train_diffae
+from .pdae import PDAE, GradientEstimator, train_pdae
 
-__all__ = ["BetaVAE", "ConvDecoder", "DiffAE", "TrainingBudget", "train_beta_vae", "train_diffae"]
+__all__ = ["BetaVAE", "ConvDecoder", "DiffAE", "GradientEstimator", "PDAE", "TrainingBudget", "train_beta_vae", "train_diffae", "train_pdae"]

@@ -1,11 +1,13 @@
-"""What the baselines share: the face they show a caller (:class:`AutoencoderMixin`) and the training loop
-(seeded fresh batches, a step and/or wall-clock budget, a log)."""
+"""What the baselines share: the face they show a caller (:class:`AutoencoderMixin`), the training loop
+(seeded fresh batches, a step and/or wall-clock budget, a log) and the sampling loop of the diffusion
+decoders (:func:`sample_loop`)."""
 
 from __future__ import annotations
 
+import inspect
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Union
+from typing import Any, Callable, Dict, List, Optional, Union
 
 import numpy as np
 import torch
@@ -15,6 +17,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from ..data import DATASETS
 from ..data.base import FactorDataset
 from ..encoder import LatentPosterior
+from ..guidance import check_first_step
 from ..images import ImageInput, postprocess, to_model_range
 from ..training import StepBatches
 
@@ -54,6 +57,30 @@ class AutoencoderMixin:
         z = randn_tensor((batch_size, self.latent_dim), generator=generator, device=self.device, dtype=self.dtype)
         images = postprocess(self.decode(z, generator=generator, num_inference_steps=num_inference_steps, eta=eta), output_type)
         return ImagePipelineOutput(images=images) if return_dict else (images,)
+
+
+def sample_loop(
+    model_output: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    scheduler: Any,
+    sample: torch.Tensor,
+    num_inference_steps: int,
+    generator: Optional[torch.Generator] = None,
+    eta: float = 0.0,
+) -> torch.Tensor:
+    """The diffusers sampling loop of a baseline's diffusion decoder, from the initial noise ``sample``.
+
+    ``model_output(model_input, t)`` is the denoiser's output in the scheduler's ``prediction_type`` at
+    the scaled input (``scheduler.scale_model_input``); ``generator`` and ``eta`` go to ``scheduler.step``
+    when it takes them (DDIM's ``eta``: 0 deterministic, 1 stochastic). Returns the final sample.
+    """
+    scheduler.set_timesteps(num_inference_steps, device=sample.device)
+    check_first_step(scheduler)
+    sample = sample * scheduler.init_noise_sigma
+    extra = {k: v for k, v in (("generator", generator), ("eta", eta)) if k in inspect.signature(scheduler.step).parameters}
+    for t in scheduler.timesteps:
+        model_input = scheduler.scale_model_input(sample, t)
+        sample = scheduler.step(model_output(model_input, t), t, sample, **extra).prev_sample
+    return sample
 
 
 @dataclass

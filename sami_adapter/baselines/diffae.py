@@ -25,7 +25,7 @@ from torch import nn
 
 from ..data.base import FactorDataset
 from ..encoder import SAMIEncoder
-from .common import AutoencoderMixin, TrainingBudget, resolve_dataset, train_loop
+from .common import AutoencoderMixin, TrainingBudget, resolve_dataset, sample_loop, train_loop
 
 
 class DiffAE(AutoencoderMixin, ModelMixin, ConfigMixin):
@@ -113,10 +113,7 @@ class DiffAE(AutoencoderMixin, ModelMixin, ConfigMixin):
         shape = (z.shape[0], self.config.in_channels, self.config.sample_size, self.config.sample_size)
         sample = latents.to(self.device, self.dtype) if latents is not None else randn_tensor(shape, generator=generator, device=self.device, dtype=self.dtype)
         scheduler = DDIMScheduler.from_config(self.noise_scheduler.config, clip_sample=False)
-        scheduler.set_timesteps(num_inference_steps, device=self.device)
-        for t in scheduler.timesteps:
-            eps = self.denoise(sample, t.expand(z.shape[0]), z)
-            sample = scheduler.step(eps, t, sample, eta=eta, generator=generator).prev_sample
+        sample = sample_loop(lambda x, t: self.denoise(x, t.expand(z.shape[0]), z), scheduler, sample, num_inference_steps, generator, eta)
         return sample.clamp(-1, 1)
 
 
