@@ -13,7 +13,7 @@ from typing import Any, Dict, Tuple
 import torch
 
 from sami_adapter.data import MOVING, MovingDisks
-from sami_adapter.evaluation import ACTIVE_KL_NATS
+from sami_adapter.encoder import ACTIVE_KL_NATS
 
 
 ENCODER_CHANNELS_RULE = "comma-separated multiples of 8 (the encoder's GroupNorm has 8 groups)"

@@ -35,17 +35,15 @@ from sami_adapter import SAMIPipeline  # noqa: E402
 from sami_adapter.adapter import read_adapter_config  # noqa: E402
 from sami_adapter.images import model_from_unit  # noqa: E402
 from sami_adapter.data import DATASETS, MOVING  # noqa: E402
-from sami_adapter.evaluation import (  # noqa: E402
+from sami_adapter.evaluation import elbo_bits_per_dim  # noqa: E402
+from sami_adapter.noise_levels import (  # noqa: E402
     default_timestep_grid,
     discover_axes,
-    elbo_bits_per_dim,
     factor_noise_scales,
     factor_recoverability,
-    mean_code_fn,
     mechanism_table,
-    representation_metrics,
-    trajectory_curvatures,
 )
+from sami_adapter.representation import mean_code_fn, representation_metrics, trajectory_curvatures  # noqa: E402
 from sami_adapter.plotting import plot_axes, plot_mechanism  # noqa: E402
 from sami_adapter.report import (  # noqa: E402
     axes_to_json,

@@ -22,7 +22,7 @@ Every decode and encode is a call to :class:`~sami_adapter.SAMIPipeline` (``reco
 
 Traversal sliders come one per active dimension (clean KL above ``ACTIVE_KL_NATS``), ordered by the noise level
 at which the dimension loses half its information (its *characteristic noise level*, see
-:mod:`sami_adapter.evaluation`): read from an evaluation report (``examples/evaluate.py``) in the
+:mod:`sami_adapter.noise_levels`): read from an evaluation report (``examples/evaluate.py``) in the
 adapter directory or given with ``--axes``, else measured once on held-out examples and cached.
 """
 
@@ -45,7 +45,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from sami_adapter import SAMIPipeline  # noqa: E402
 from sami_adapter.adapter import read_adapter_config, resolve_adapter_dir  # noqa: E402
 from sami_adapter.data import DATASETS  # noqa: E402
-from sami_adapter.evaluation import ACTIVE_KL_NATS, characteristic_noise_levels, default_timestep_grid, information_profile  # noqa: E402
+from sami_adapter.encoder import ACTIVE_KL_NATS  # noqa: E402
+from sami_adapter.extras import import_extra  # noqa: E402
+from sami_adapter.noise_levels import characteristic_noise_levels, default_timestep_grid, information_profile  # noqa: E402
 from sami_adapter.report import image_grid, to_jsonable  # noqa: E402
 from sami_adapter.images import model_from_unit, unit_from_model  # noqa: E402
 from sami_adapter.training import ImageFolderDataset, dataset_images  # noqa: E402
@@ -180,7 +182,7 @@ def _cache_key(adapter_dir: str, images: torch.Tensor, grid: Sequence[int], seed
 
 
 def measure_levels(pipe: SAMIPipeline, images: torch.Tensor, seed: int = 0, num_levels: int = 21) -> Dict[str, Any]:
-    """Clean KL and characteristic noise levels of every dimension on ``images`` (:mod:`sami_adapter.evaluation`)."""
+    """Clean KL and characteristic noise levels of every dimension on ``images`` (:mod:`sami_adapter.noise_levels`)."""
     grid = default_timestep_grid(pipe.scheduler.config.num_train_timesteps, num_levels)
     profile = information_profile(pipe, model_from_unit(images), grid, generator=_generator(seed))
     levels = characteristic_noise_levels(profile, kl_threshold=ACTIVE_KL_NATS)
@@ -642,7 +644,7 @@ def build_app(explorer: Explorer, files_dir: Optional[str] = None):
     os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
     import tempfile
 
-    import gradio as gr
+    gr = import_extra("gradio", "The explorer app")
 
     files_dir = files_dir or tempfile.mkdtemp(prefix="sami-explore-")
     dims = explorer.order + explorer.inactive

@@ -54,8 +54,10 @@ from sami_adapter.card import adapter_model_card  # noqa: E402
 from sami_adapter.hub import upload_to_hub  # noqa: E402
 from sami_adapter import hf_data  # noqa: E402
 from sami_adapter.data import DATASETS  # noqa: E402
-from sami_adapter.evaluation import ACTIVE_KL_NATS, DISK_DATASETS, NOISE_BANDS, active_dimensions, band_gains  # noqa: E402
-from sami_adapter.latent import LatentCache, images_to_latents, load_latent_components, prompt_embeddings, vae_scale_factor  # noqa: E402
+from sami_adapter.encoder import ACTIVE_KL_NATS  # noqa: E402
+from sami_adapter.evaluation import DISK_DATASETS, NOISE_BANDS, active_dimensions, band_gains  # noqa: E402
+from sami_adapter.base_model import is_text_conditioned, load_base_unet_and_scheduler, load_latent_components  # noqa: E402
+from sami_adapter.latent import LatentCache, images_to_latents, prompt_embeddings, vae_scale_factor  # noqa: E402
 from sami_adapter.training import (  # noqa: E402
     ImageFolderDataset,
     StepBatches,
@@ -534,7 +536,7 @@ def build_unet(args):
         unet = UNet2DModel(sample_size=resolution, in_channels=channels, out_channels=channels, layers_per_block=1,
                            block_out_channels=(32, 64, 64), down_block_types=("DownBlock2D",) * 3, up_block_types=("UpBlock2D",) * 3)
         return unet, DDPMScheduler(num_train_timesteps=1000)
-    unet, scheduler_config = adapter_lib.load_base_unet_and_scheduler(args.pretrained_model_name_or_path)
+    unet, scheduler_config = load_base_unet_and_scheduler(args.pretrained_model_name_or_path)
     return unet, DDPMScheduler.from_config(scheduler_config)
 
 
@@ -739,7 +741,7 @@ def fitting_resolution(args, unet, components) -> int:
 
 def base_conditioning(args, unet, components) -> Dict[str, torch.Tensor]:
     """The UNet's extra inputs for one image: the empty prompt's embedding for a text-conditioned UNet, else none."""
-    if getattr(unet.config, "cross_attention_dim", None) is not None:
+    if is_text_conditioned(unet):
         if "text_encoder" not in components or "tokenizer" not in components:
             raise SystemExit("This UNet is text-conditioned but the base model has no text_encoder/tokenizer to embed the empty prompt.")
         from sami_adapter.latent import empty_prompt_embeddings

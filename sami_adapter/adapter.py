@@ -26,6 +26,17 @@ from typing import Any, Dict, Optional, Union
 import torch
 from safetensors.torch import load_file, save_file
 
+from .base_model import (
+    HUB_KWARGS,
+    check_no_pickle,
+    hub_id,
+    hub_kwargs,
+    is_text_conditioned,
+    load_base_unet_and_scheduler,
+    load_latent_components,
+    load_saved_unet,
+)
+
 ADAPTER_CONFIG_NAME = "sami_adapter_config.json"
 LORA_DIR = "unet_lora"
 PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME = "adapter_config.json", "adapter_model.safetensors"  # peft's save_pretrained names
@@ -86,19 +97,6 @@ def read_adapter_config(adapter_dir: str) -> Dict[str, Any]:
 
 
 UNET_MODES = ("frozen", "lora", "full")
-
-
-def hub_id(base: Optional[str]) -> Optional[str]:
-    """``base`` when it reads as a Hub repo id (``name`` or ``owner/name``), None for a local path."""
-    if not base or os.path.isabs(base) or base.startswith((".", "~")) or os.path.isdir(base):
-        return None
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
-    try:
-        validate_repo_id(base)
-    except HFValidationError:
-        return None
-    return base
 
 
 def resolve_base_path(config: Dict[str, Any], adapter_dir: str) -> str:
@@ -163,8 +161,6 @@ def save_lora(lora_dir: str, unet: torch.nn.Module, lora_config: Any, weights: O
     reads it. ``weights`` defaults to the LoRA layers injected in ``unet``.
     """
     import copy
-
-    from .latent import is_text_conditioned
 
     weights = lora_state_dict(unet) if weights is None else weights
     os.makedirs(lora_dir, exist_ok=True)
@@ -403,79 +399,7 @@ def update_adapter_config(output_dir: str, extra: Dict[str, Any], model_card: Op
 
 
 # ---------------------------------------------------------------------------- loading
-def load_base_unet_and_scheduler(base: str, revision: Optional[str] = None, **kwargs):
-    """Load the UNet (``unet/`` subfolder or a bare UNet directory/repo) and its scheduler config."""
-    from diffusers import DDPMScheduler, UNet2DConditionModel, UNet2DModel
-
-    def _load_unet(subfolder):
-        errors = []
-        for cls in (UNet2DModel, UNet2DConditionModel):
-            try:
-                return cls.from_pretrained(base, subfolder=subfolder, revision=revision, **kwargs)
-            except (OSError, ValueError, EnvironmentError) as e:  # wrong class or no such folder
-                errors.append(e)
-        raise errors[-1]
-
-    unet = None
-    for subfolder in ("unet", None):
-        try:
-            unet = _load_unet(subfolder)
-            break
-        except (OSError, ValueError, EnvironmentError) as e:
-            last = e
-    if unet is None:
-        raise ValueError(
-            f"Could not load a diffusers UNet from {base!r} (tried the 'unet' subfolder and the root): {last}. "
-            "Pass a diffusers pipeline directory/repo with a unet/ folder, or a bare UNet directory."
-        ) from last
-    try:
-        scheduler_config = DDPMScheduler.load_config(base, subfolder="scheduler", revision=revision, **kwargs)
-    except (OSError, ValueError, EnvironmentError):
-        try:
-            scheduler_config = DDPMScheduler.load_config(base, revision=revision, **kwargs)
-            if "num_train_timesteps" not in scheduler_config:
-                raise ValueError("no scheduler config")
-        except (OSError, ValueError, EnvironmentError):
-            scheduler_config = DDPMScheduler().config
-    return unet, scheduler_config
-
-
-def load_saved_unet(path: str, **kwargs) -> Any:
-    """A UNet saved with ``save_pretrained``, as the diffusers class recorded in its ``config.json``."""
-    import diffusers
-
-    with open(os.path.join(path, "config.json")) as f:
-        class_name = json.load(f).get("_class_name", "UNet2DModel")
-    if class_name not in ("UNet2DModel", "UNet2DConditionModel"):
-        raise ValueError(f"{path} holds a {class_name}; SAMIPipeline supports UNet2DModel and UNet2DConditionModel.")
-    return getattr(diffusers, class_name).from_pretrained(path, **kwargs)
-
-
-HUB_KWARGS = ("cache_dir", "local_files_only", "token")
-
-
-def hub_kwargs(kwargs: Dict[str, Any]) -> Dict[str, Any]:
-    """The Hub download options (:data:`HUB_KWARGS`) among ``kwargs`` that are set."""
-    return {k: kwargs[k] for k in HUB_KWARGS if kwargs.get(k) is not None}
-
-
 LOAD_KWARGS = HUB_KWARGS + ("revision", "torch_dtype", "unet", "scheduler", "merge_lora", "vae", "text_encoder", "tokenizer", "use_safetensors")
-WEIGHTS_NAME, PICKLED_WEIGHTS_NAME = "diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"
-
-
-def check_no_pickle(folder: str, use_safetensors: Optional[bool]) -> None:
-    """Refuse a local model folder whose weights exist only as a pickle, unless ``use_safetensors=False``.
-
-    Loading a ``.bin`` file unpickles it, which can run arbitrary code from the file.
-    """
-    if use_safetensors is False or not os.path.isdir(folder):
-        return
-    if not os.path.isfile(os.path.join(folder, WEIGHTS_NAME)) and os.path.isfile(os.path.join(folder, PICKLED_WEIGHTS_NAME)):
-        raise ValueError(
-            f"{folder} holds its weights only as a pickle ({PICKLED_WEIGHTS_NAME}); sami-adapter loads safetensors only, "
-            "because unpickling can run code from the file. Convert it (load and save_pretrained), or pass "
-            "use_safetensors=False if you trust the file."
-        )
 
 
 def check_load_kwargs(kwargs: Dict[str, Any]) -> None:
@@ -528,7 +452,6 @@ def load_adapter_components(
     from diffusers import DDIMScheduler, DDPMScheduler
 
     from .encoder import SAMIEncoder
-    from .latent import is_text_conditioned, load_latent_components
 
     hub = hub_kwargs({"cache_dir": cache_dir, "local_files_only": local_files_only, "token": token})
     safe = {} if use_safetensors is False else {"use_safetensors": True}  # opted in: diffusers' default, safetensors first

@@ -11,7 +11,8 @@ from __future__ import annotations
 import os
 from typing import Any, Dict, List, Optional
 
-from .evaluation import ACTIVE_KL_NATS
+from .base_model import hub_id
+from .encoder import ACTIVE_KL_NATS
 
 LIBRARY_NAME = "sami-adapter"
 TAGS = ["sami-adapter", "diffusers", "representation-learning", "diffusion", "autoencoder"]
@@ -64,8 +65,6 @@ def adapter_model_card(config: Dict[str, Any], adapter_dir: Optional[str] = None
         repo_id: the Hub repo the adapter is pushed to, for the usage snippet (default: the folder).
     """
     from huggingface_hub import ModelCard, ModelCardData
-
-    from .adapter import hub_id
 
     base = config.get("base_model_name_or_path")
     base_id = None if config.get("base_model_abspath") else hub_id(base)

@@ -14,6 +14,11 @@ from diffusers.models.resnet import Downsample2D, ResnetBlock2D
 from torch import nn
 
 
+# nats: a code dimension whose data-mean KL to the prior (:meth:`LatentPosterior.kl_per_dim`) is below this
+# carries (almost) nothing. The one "active" rule of every report, table, warning and explorer page.
+ACTIVE_KL_NATS = 0.1
+
+
 class LatentPosterior(DiagonalGaussianDistribution):
     """Diagonal Gaussian over a flat code: ``parameters[..., :D]`` is the mean, ``[..., D:]`` the log-variance.
 

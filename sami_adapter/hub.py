@@ -17,7 +17,6 @@ from .adapter import (
     LORA_DIR,
     check_load_kwargs,
     has_lora_layers,
-    hub_kwargs,
     load_adapter_components,
     lora_state_dict,
     merge_lora,
@@ -27,6 +26,7 @@ from .adapter import (
     save_adapter,
     update_adapter_config,
 )
+from .base_model import hub_kwargs
 from .card import adapter_model_card
 
 # What the adapter's own config holds; everything else in it (training arguments, metrics) is carried over as is.

@@ -16,7 +16,8 @@ from .hub import AdapterPipelineMixin
 from .encoder import LatentPosterior, SAMIEncoder, check_encoder_fits_unet
 from .guidance import add_noise, apply_guidance, check_first_step, check_scheduler, check_timesteps, encoder_noise_level, frozen_parameters, posterior_score
 from .images import ImageInput
-from .latent import LATENT_COMPONENTS, LatentPipelineMixin, PromptInput, prompt_batch_size, repeat_per_image
+from .base_model import LATENT_COMPONENTS
+from .latent import LatentPipelineMixin, PromptInput, prompt_batch_size, repeat_per_image
 
 
 @dataclass

@@ -1,6 +1,7 @@
 """The evaluation harness and its pictures: tables, JSON, image grids and finetune's training report.
 
-The measurements themselves live in :mod:`sami_adapter.evaluation` (and the array-level scores in
+The measurements themselves live in :mod:`sami_adapter.evaluation`, :mod:`sami_adapter.noise_levels` and
+:mod:`sami_adapter.representation` (and the array-level scores in
 :mod:`sami_adapter.metrics`), the plots in :mod:`sami_adapter.plotting`; ``examples/finetune.py``,
 ``evaluate.py``, ``compare.py`` and ``rate_sweep.py`` write their results with the helpers here.
 
@@ -22,7 +23,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .evaluation import ACTIVE_KL_NATS, INFORMATION_MEASURE, active_dimensions, disk_reconstruction_r2, guidance_gain, informative_dimensions
+from .encoder import ACTIVE_KL_NATS
+from .evaluation import active_dimensions, disk_reconstruction_r2, guidance_gain, informative_dimensions
+from .noise_levels import INFORMATION_MEASURE
 from .images import model_from_unit, unit_from_model
 
 
@@ -31,7 +34,7 @@ COUNT_ROWS = ("training steps", "training seconds")  # table rows shown as whole
 
 # ---------------------------------------------------------------------------------------- markdown and JSON
 def axes_to_json(axes: Dict[str, Any]) -> Dict[str, Any]:
-    """JSON-ready summary of :func:`~sami_adapter.evaluation.discover_axes` (the per-image codes are left out)."""
+    """JSON-ready summary of :func:`~sami_adapter.noise_levels.discover_axes` (the per-image codes are left out)."""
     out = profile_to_json(axes["profile"], axes["levels"])
     out["measure"] = INFORMATION_MEASURE
     out["active_dims"] = axes["levels"]["active"]
@@ -44,7 +47,7 @@ def axes_to_json(axes: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def mechanism_markdown(table: Dict[str, Any]) -> str:
-    """The :func:`~sami_adapter.evaluation.mechanism_table` as a markdown table."""
+    """The :func:`~sami_adapter.noise_levels.mechanism_table` as a markdown table."""
     lines = ["| dimension | codes | rank corr | t* (dimension) | noise scale of the factor |", "|---|---|---|---|---|"]
     lines += [f"| z{r['dim']} | {r['factor']} | {r['rank_corr']:.2f} | {format_value(r['t_star'], '.0f')} | {format_value(r['factor_noise_scale'], '.0f')} |"
               for r in table["rows"]]

@@ -181,7 +181,7 @@ def test_traverse_and_interpolate_refuse_a_batch(pipe, pixels):
 # ---------------------------------------------------------------- LatentPosterior shapes
 def test_one_image_at_several_timesteps(pipe, pixels):
     try:
-        from sami_adapter.evaluation import information_profile
+        from sami_adapter.noise_levels import information_profile
     except ImportError:
         from sami_adapter.analysis import information_profile
 
