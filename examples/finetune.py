@@ -250,7 +250,9 @@ def add_output_arguments(p) -> None:
                    help="Start afresh in an --output_dir that holds an earlier run: its checkpoints, logs and validation images are "
                         "removed at the start; its adapter and report are replaced only once this run has finished.")
     g.add_argument("--checkpointing_steps", type=int, default=500,
-                   help=f"Save a resumable checkpoint every N steps (the last {CHECKPOINTS_TOTAL_LIMIT} are kept).")
+                   help="Save a resumable checkpoint every N steps (the last --checkpoints_total_limit are kept).")
+    g.add_argument("--checkpoints_total_limit", type=int, default=CHECKPOINTS_TOTAL_LIMIT,
+                   help="How many checkpoints to keep (the newest; 0 keeps every one, e.g. to evaluate the code along training).")
     g.add_argument("--resume_from_checkpoint", default=None,
                    help="'latest', a checkpoint name inside --output_dir (checkpoint-500) or a checkpoint directory.")
     g.add_argument("--logging_dir", default="logs", help="Tracker and train_log.jsonl folder, relative to --output_dir (or absolute).")
@@ -307,7 +309,7 @@ def check_args(args) -> str | None:
                  "logging_steps", "num_eval_images", "num_inference_steps"):
         if getattr(args, name) < 1:
             return bad(name, getattr(args, name), "an integer >= 1")
-    for name in ("latent_noise_warmup_steps", "validation_steps"):
+    for name in ("latent_noise_warmup_steps", "validation_steps", "checkpoints_total_limit"):
         if getattr(args, name) < 0:
             return bad(name, getattr(args, name), "an integer >= 0")
     if args.anchor_steps < 0 or not (math.isfinite(args.anchor_weight) and args.anchor_weight >= 0):
@@ -1108,7 +1110,7 @@ def save_checkpoint(accelerator, args, step, run_config):
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         existing = checkpoint_dirs(args.output_dir)
-        for old in existing[: max(0, len(existing) - CHECKPOINTS_TOTAL_LIMIT)]:
+        for old in existing[: max(0, len(existing) - args.checkpoints_total_limit)] if args.checkpoints_total_limit else []:
             shutil.rmtree(os.path.join(args.output_dir, old), ignore_errors=True)
     accelerator.wait_for_everyone()
 

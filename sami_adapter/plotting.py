@@ -205,3 +205,20 @@ def plot_rate_study(table: List[Dict[str, Any]], path: str, title: str, panels: 
     axes[0][0].legend(fontsize=7)
     fig.suptitle(title, fontsize=10)
     return _save(fig, path)
+
+
+def plot_accuracy_curve(curves: Dict[str, Dict[int, float]], path: str, ylabel: str = "held-out linear-probe accuracy",
+                        references: Optional[Dict[str, float]] = None) -> str:
+    """One line per run: an accuracy (or any score) against training steps, with optional horizontal reference lines."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    for name, curve in curves.items():
+        steps = sorted(curve)
+        ax.plot(steps, [curve[s] for s in steps], marker="o", label=name)
+    for name, value in (references or {}).items():
+        ax.axhline(value, linestyle="--", linewidth=1, color="grey")
+        ax.annotate(name, (0, value), xycoords=("axes fraction", "data"), fontsize=7, va="bottom")
+    ax.set_xlabel("training steps")
+    ax.set_ylabel(ylabel)
+    ax.legend(fontsize=7)
+    return _save(fig, path)

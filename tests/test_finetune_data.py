@@ -116,6 +116,7 @@ def test_a_save_to_disk_folder_is_detected_and_its_train_split_used(base_dir, tm
     (("--caption_column", "text"), "--caption_column needs --dataset_name or --train_data_dir"),
     (("--dataset_config_name", "small"), "--dataset_config_name needs --dataset_name"),
     (("--dataloader_num_workers", "-1"), "--dataloader_num_workers must be an integer >= 0, got -1"),
+    (("--checkpoints_total_limit", "-1"), "--checkpoints_total_limit must be an integer >= 0, got -1"),
     (("--train_data_dir", "IMGS", "--caption_column", "text", "--proportion_empty_prompts", "1.5"),
      "--proportion_empty_prompts must be in [0, 1], got 1.5"),
     (("--train_data_dir", "IMGS", "--proportion_empty_prompts", "0.2"), "--proportion_empty_prompts needs --caption_column"),
@@ -353,3 +354,12 @@ def test_frozen_modules_are_cast_to_the_mixed_precision_dtype(unet_mode, precisi
     want = torch.bfloat16 if precision == "bf16" else torch.float32
     assert dtype == want and components["vae"].dtype == want and components["text_encoder"].dtype == want
     assert unet.dtype == unet_dtype
+
+
+def test_checkpoints_total_limit_zero_keeps_every_checkpoint(base_dir, tmp_path):
+    out = tmp_path / "keep"
+    finetune.main(_args(base_dir, out, "--max_train_steps", "4", "--checkpointing_steps", "1", "--checkpoints_total_limit", "0", "--no_report"))
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2", "checkpoint-3"]
+    limited = tmp_path / "limited"
+    finetune.main(_args(base_dir, limited, "--max_train_steps", "4", "--checkpointing_steps", "1", "--no_report"))
+    assert sorted(p.name for p in limited.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-3"]

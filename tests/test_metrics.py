@@ -395,3 +395,32 @@ def test_trajectory_curvature_on_pixels():
     value = trajectory_curvature(videos)  # (N, T, 1, H, W): pixels flattened
     assert 0.0 < value < 180.0
     assert value == pytest.approx(ref_curvature(videos.numpy().astype(np.float64)), abs=1e-8)
+
+
+def test_ssim_closed_forms_and_a_direct_computation():
+    from sami_adapter.metrics import ssim
+
+    rng = np.random.default_rng(3)
+    x = rng.random((3, 1, 9, 9))
+    assert np.allclose(ssim(x, x), 1.0)
+    y = np.clip(x + 0.2 * rng.standard_normal(x.shape), 0, 1)
+    assert np.allclose(ssim(x, y), ssim(y, x)) and (ssim(x, y) < 1).all()
+    # Flat images: both variances vanish, so SSIM is the luminance term (2ab + C1) / (a² + b² + C1).
+    a, b = 0.3, 0.7
+    c1 = 0.01**2
+    flat = ssim(np.full((1, 8, 8), a), np.full((1, 8, 8), b))
+    assert flat[0] == pytest.approx((2 * a * b + c1) / (a * a + b * b + c1), rel=1e-9)
+    # A 7x7 image has one window position: SSIM is the formula on the Gaussian-weighted statistics.
+    u, v = rng.random((7, 7)), rng.random((7, 7))
+    r = np.arange(7) - 3.0
+    w = np.exp(-(r[:, None] ** 2 + r[None] ** 2) / (2 * 1.5**2))
+    w /= w.sum()
+    mu_u, mu_v = (w * u).sum(), (w * v).sum()
+    s_uu, s_vv, s_uv = (w * u * u).sum() - mu_u**2, (w * v * v).sum() - mu_v**2, (w * u * v).sum() - mu_u * mu_v
+    c2 = 0.03**2
+    expected = (2 * mu_u * mu_v + c1) * (2 * s_uv + c2) / ((mu_u**2 + mu_v**2 + c1) * (s_uu + s_vv + c2))
+    assert ssim(u[None], v[None])[0] == pytest.approx(expected, rel=1e-9)
+    with pytest.raises(ValueError, match="window_size 7 is larger than the images"):
+        ssim(np.zeros((1, 5, 5)), np.zeros((1, 5, 5)))
+    with pytest.raises(ValueError, match="same shape"):
+        ssim(np.zeros((1, 8, 8)), np.zeros((2, 8, 8)))

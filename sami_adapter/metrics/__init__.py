@@ -1,5 +1,5 @@
 """Array-level scores of a representation: disentanglement metrics with disentanglement_lib's
-definitions (Locatello et al. 2019), factor alignment, linear R² and trajectory curvature.
+definitions (Locatello et al. 2019), factor alignment, linear R², trajectory curvature and reconstruction similarity (SSIM).
 
 ``codes`` are (N, D) float arrays, ``factors`` are (N, K) integer factor indices.
 """
@@ -18,6 +18,7 @@ from .linear_r2 import linear_r2, r2_score
 from .mig import mig, mig_per_factor
 from .modularity import explicitness, modularity, modularity_from_mutual_info
 from .sap import sap, sap_score_matrix
+from .ssim import ssim
 
 __all__ = [
     "histogram_discretize",
@@ -39,4 +40,5 @@ __all__ = [
     "factor_alignment",
     "linear_r2",
     "r2_score",
+    "ssim",
 ]
