@@ -21,15 +21,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
 from typing import Any, Dict, List, Optional
 
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _args import add_axis_arguments, add_device_arguments, add_metric_arguments, metric_kwargs, moving_disks_for, select_device  # noqa: E402
 from sami_adapter import SAMIPipeline  # noqa: E402
 from sami_adapter.adapter import read_adapter_config  # noqa: E402

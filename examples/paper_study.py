@@ -22,13 +22,11 @@ import argparse
 import glob
 import json
 import os
-import sys
 from typing import Any, Dict, List
 
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from sami_adapter.data import DATASETS  # noqa: E402
 from sami_adapter.images import unit_from_model  # noqa: E402
 from sami_adapter.encoder import ACTIVE_KL_NATS  # noqa: E402

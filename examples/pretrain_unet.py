@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 
 import numpy as np
@@ -33,7 +32,6 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from sami_adapter.data import DATASETS, clean_background_disk_fraction, clean_disk_fraction, confident_digit_fraction  # noqa: E402
 from sami_adapter.report import save_image_grid  # noqa: E402
 

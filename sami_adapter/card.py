@@ -12,12 +12,12 @@ import os
 from typing import Any, Dict, List, Optional
 
 from .base_model import hub_id
-from .encoder import ACTIVE_KL_NATS
+from .encoder import ACTIVE_KL_NATS, TRAVERSAL_RANGE
 
 LIBRARY_NAME = "sami-adapter"
 TAGS = ["sami-adapter", "diffusers", "representation-learning", "diffusion", "autoencoder"]
 REPORT_PICTURES = (("reconstructions.png", "Held-out inputs (top) and reconstructions from the posterior mean"),
-                   ("traversals.png", "One row per active dimension: that coordinate moved from -2.5 to 2.5, all else fixed"))
+                   ("traversals.png", f"One row per active dimension: that coordinate moved from {-TRAVERSAL_RANGE:g} to {TRAVERSAL_RANGE:g}, all else fixed"))
 
 
 def _number_lines(metrics: Dict[str, Any]) -> List[str]:

@@ -22,10 +22,11 @@ from .metrics.linear_r2 import r2_score
 from .objective import elbo_constant, sami_loss
 
 
-NOISE_BANDS = ((0, 250), (250, 500), (500, 750), (750, 1000))
+# The timestep bands the guidance gain is reported in (not the guidance bands of ``SAMIEncoder(guidance_bands=...)``).
+GAIN_BANDS = ((0, 250), (250, 500), (500, 750), (750, 1000))
 
 
-def band_gains(timesteps: torch.Tensor, guided: torch.Tensor, unguided: torch.Tensor, bands=NOISE_BANDS) -> Dict[str, float]:
+def band_gains(timesteps: torch.Tensor, guided: torch.Tensor, unguided: torch.Tensor, bands=GAIN_BANDS) -> Dict[str, float]:
     """Relative guidance gain ``1 - guided / unguided`` of summed errors within each timestep band."""
     out = {}
     for lo, hi in bands:
@@ -60,7 +61,7 @@ def guidance_gain(
     for start in range(0, images.shape[0], batch_size):
         x0 = images[start : start + batch_size]
         n = x0.shape[0]
-        t = ((torch.arange(start, start + n) + torch.rand(n, generator=g)) / images.shape[0] * num_train).long().clamp(max=num_train - 1)
+        t = stratified_timesteps(torch.arange(start, start + n), torch.rand(n, generator=g), images.shape[0], num_train)
         kwargs = {k: v.expand(n, *v.shape[1:]) for k, v in (unet_kwargs or {}).items()}
         out = sami_loss(unet, encoder, scheduler, x0, beta=0.0, weighting=weighting, generator=g, timesteps=t.to(device), unet_kwargs=kwargs)
         guided.append(out.guided_error.cpu())
@@ -96,6 +97,31 @@ def informative_dimensions(mean_variance_per_dim: Sequence[float], threshold: fl
     return [i for i, v in enumerate(mean_variance_per_dim) if v > threshold]
 
 
+def stratified_timesteps(slots: torch.Tensor, offsets: torch.Tensor, num_slots: int, num_train_timesteps: int) -> torch.Tensor:
+    """``floor((slot + offset) / num_slots * T)``: one timestep in each of ``num_slots`` equal slices of [0, T), at the
+    ``offsets`` (uniform in [0, 1)) within them, so every noise level is covered equally."""
+    return ((slots + offsets) / num_slots * num_train_timesteps).long().clamp(max=num_train_timesteps - 1)
+
+
+@torch.no_grad()
+def reconstructions(model: Any, images: torch.Tensor, num_inference_steps: int = 50, eta: float = 1.0, seed: int = 0,
+                    batch_size: Optional[int] = None, **decode_kwargs) -> torch.Tensor:
+    """Decodes of ``z = mean q(z | x_0)`` of ``images`` (N, C, H, W) in [-1, 1], on the CPU.
+
+    ``model``: a :class:`~sami_adapter.SAMIPipeline` or a baseline (the same ``reconstruct``);
+    ``decode_kwargs`` go to ``reconstruct`` (a pipeline's ``sami_scale``). Images are decoded in
+    batches of ``batch_size`` (default: all at once), the batch starting at image ``k`` with noise from ``seed + k``.
+    """
+    step = batch_size or images.shape[0]
+    out = []
+    for start in range(0, images.shape[0], step):
+        generator = torch.Generator().manual_seed(seed + start)
+        decoded = model.reconstruct(unit_from_model(images[start : start + step]), num_inference_steps=num_inference_steps, eta=eta,
+                                    generator=generator, output_type="pt", **decode_kwargs)
+        out.append(model_from_unit(decoded.images.cpu()))
+    return torch.cat(out)
+
+
 @torch.no_grad()
 def disk_reconstruction_r2(
     model, images: torch.Tensor, num_inference_steps: int = 50, batch_size: int = 128, seed: int = 0, eta: float = 1.0,
@@ -112,14 +138,7 @@ def disk_reconstruction_r2(
     Bayes-exact decoder ``p(x | z)``; above 1 decodes from a sharpened ``q(z | x_t)^w``, as classifier
     guidance does).
     """
-    recon = []
-    for start in range(0, images.shape[0], batch_size):
-        x0 = images[start : start + batch_size]
-        g = torch.Generator().manual_seed(seed + start)
-        out = model.reconstruct(unit_from_model(x0), num_inference_steps=num_inference_steps, eta=eta, generator=g, output_type="pt",
-                                **decode_kwargs)
-        recon.append(model_from_unit(out.images.cpu()))
-    recon = torch.cat(recon)
+    recon = reconstructions(model, images, num_inference_steps, eta, seed, batch_size, **decode_kwargs)
     return {"r2": disk_moment_r2(images, recon, dataset), "reconstructions": recon}
 
 
@@ -184,7 +203,7 @@ def elbo_bits_per_dim(
         x0 = x0_all[start : start + chunk]
         b = x0.shape[0]
         offsets = torch.rand(s, b, generator=g)
-        t = ((torch.arange(s).view(s, 1) + offsets) / s * num_train).long().clamp(max=num_train - 1).flatten()
+        t = stratified_timesteps(torch.arange(s).view(s, 1), offsets, s, num_train).flatten()
         x = x0.repeat(s, 1, 1, 1)
         out = sami_loss(pipe.unet, pipe.encoder, scheduler, x, beta=1.0, weighting="elbo", generator=g, timesteps=t.to(x.device))
         constant = elbo_constant(scheduler, x).float()

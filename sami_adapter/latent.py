@@ -328,15 +328,15 @@ class LatentPipelineMixin:
         """Pixels per latent cell and side (8 for Stable Diffusion); 1 without a VAE."""
         return vae_scale_factor(self.vae) if self.is_latent else 1
 
-    def _sample_shape(self) -> tuple:
+    def sample_shape(self) -> tuple:
         """(C, H, W) of the UNet's input: pixels, or scaled VAE latents for latent diffusion."""
         size = self.unet.config.sample_size
         size = (size, size) if isinstance(size, int) else tuple(size)
         return (self.unet.config.in_channels, *size)
 
-    def _image_shape(self) -> tuple:
+    def image_shape(self) -> tuple:
         """(C, H, W) of the images the pipeline takes and returns."""
-        channels, height, width = self._sample_shape()
+        channels, height, width = self.sample_shape()
         if not self.is_latent:
             return channels, height, width
         f = self.vae_scale_factor
@@ -352,7 +352,7 @@ class LatentPipelineMixin:
         tensors with nearest interpolation). Without a VAE ``x_0`` is the pixels in [-1, 1]; with
         one, the VAE latent mean scaled by ``vae.config.scaling_factor`` (deterministic, no gradient).
         """
-        channels, height, width = self._image_shape()
+        channels, height, width = self.image_shape()
         images = to_model_range(images, channels=channels, size=(height, width))
         device = self._execution_device
         if self.is_latent:

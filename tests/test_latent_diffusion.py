@@ -11,7 +11,8 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from sami_adapter import SAMIPipeline, sami_loss, to_epsilon
-from sami_adapter.adapter import add_lora, merge_lora, save_adapter
+from sami_adapter.adapter import save_adapter
+from sami_adapter.lora import add_lora, merge_lora
 from sami_adapter.latent import (
     LatentCache,
     empty_prompt_embeddings,

@@ -122,6 +122,20 @@ def test_long_functions_say_why_at_their_top():
 
 
 
+def test_scripts_import_the_installed_package():
+    """The example scripts import ``sami_adapter`` as installed and the library for what they share: no ``sys.path``
+    edits, and no script executed from another (``runpy`` on a path other than the script's own)."""
+    found = []
+    for path in sorted(os.listdir(EXAMPLES)):
+        if not path.endswith(".py"):
+            continue
+        with open(os.path.join(EXAMPLES, path)) as f:
+            text = f.read()
+        found += [f"{path}: sys.path.{verb}" for verb in ("insert", "append") if f"sys.path.{verb}(" in text]
+        found += [f"{path}: runs {target}" for target in re.findall(r"runpy\.run_path\(([^,)]*)", text) if "__file__" not in target]
+    assert not found, found
+
+
 # ---------------------------------------------------------------------------------------- the import graph
 def _file_of(parts) -> list:
     """``[path]`` of the module or package named by ``parts`` (from ROOT), or [] when it is no file of the tree."""
