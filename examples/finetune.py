@@ -57,7 +57,7 @@ from sami_adapter.base_model import is_text_conditioned, load_base_unet_and_sche
 from sami_adapter.lora import add_lora  # noqa: E402
 from sami_adapter.latent import LatentCache, images_to_latents, prompt_embeddings, vae_scale_factor  # noqa: E402
 from sami_adapter.training import (  # noqa: E402
-    ImageFolderDataset,
+    ImageDataset,
     SAMIObjective,
     StepBatches,
     StepItems,
@@ -425,7 +425,7 @@ def step_kl_per_dim(accelerator, encoder, cleans) -> torch.Tensor:
     the number of processes and accumulation steps.
     """
     with torch.no_grad(), accelerator.autocast():
-        total = sum(encoder(c, torch.zeros(c.shape[0], dtype=torch.long, device=c.device)).kl_per_dim().float().sum(0) for c in cleans)
+        total = sum(encoder(c).kl_per_dim().float().sum(0) for c in cleans)
     count = torch.tensor([float(sum(c.shape[0] for c in cleans))], device=total.device)
     if accelerator.num_processes > 1:
         total, count = accelerator.reduce(total, reduction="sum"), accelerator.reduce(count, reduction="sum")
@@ -511,7 +511,7 @@ def load_init_encoder(path: str, latent_dim: int) -> SAMIEncoder:
 @torch.no_grad()
 def anchor_codes(anchor, clean: torch.Tensor) -> torch.Tensor:
     """The anchor encoder's posterior means of the clean images (its own noise level 0)."""
-    return anchor(clean, torch.zeros(clean.shape[0], dtype=torch.long, device=clean.device)).mean
+    return anchor(clean).mean
 
 
 def parse_noise_bands(value, latent_dim, num_train_timesteps=1000):
@@ -723,7 +723,7 @@ def build_data(run: Run, table) -> None:
     pixel_channels = run.vae.config.in_channels if run.vae is not None else unet.config.in_channels
     if table is not None:
         try:
-            dataset = ImageFolderDataset.from_datasets(table, args.image_column, run.resolution, pixel_channels, caption_column=args.caption_column,
+            dataset = ImageDataset.from_datasets(table, args.image_column, run.resolution, pixel_channels, caption_column=args.caption_column,
                                                        center_crop=args.center_crop, random_flip=args.random_flip, seed=args.seed)
         except ValueError as e:  # a model with other than 1 or 3 channels
             raise SystemExit(f"{args.train_data_dir or args.dataset_name!r}: {e}") from e

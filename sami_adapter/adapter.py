@@ -12,7 +12,8 @@
 The base UNet is never copied for frozen or LoRA adapters: :func:`load_adapter_components` (what
 ``SAMIPipeline.from_pretrained(adapter_dir)`` calls) resolves it from the reference. Weights are
 always read with safetensors (nothing is unpickled). Adapters written before the peft format
-(``unet_lora/lora_config.json`` + raw peft keys in ``pytorch_lora_weights.safetensors``) still load.
+(``unet_lora/lora_config.json`` + raw peft keys in ``pytorch_lora_weights.safetensors``) still load; :mod:`sami_adapter.lora`
+reads and writes that folder.
 """
 
 from __future__ import annotations

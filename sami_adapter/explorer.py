@@ -27,7 +27,7 @@ from .images import image_grid, model_from_unit, unit_from_model
 from .noise_levels import characteristic_noise_levels, default_timestep_grid, information_profile
 from .pipeline import SAMIPipeline
 from .report import to_jsonable
-from .training import ImageFolderDataset, dataset_images
+from .training import ImageDataset, dataset_images
 
 MULTISCALE_TIMESTEPS = (0, 100, 250, 400, 550, 700, 850)
 # Deterministic DDIM (eta 0) at 12 steps draws the same pictures as at 25 or 100: on a 16 px
@@ -248,7 +248,7 @@ def load_image(file: Union[str, os.PathLike, Image.Image], explorer: Explorer) -
                              f"megapixels. It shrinks every image to {height} px anyway: downscale it first.")
         source = str(file)
     try:
-        image = ImageFolderDataset([source], height, channels, center_crop=True).load(0, np.random.default_rng(0))
+        image = ImageDataset([source], height, channels, center_crop=True).load(0, np.random.default_rng(0))
     except (ValueError, OSError) as e:
         raise InputError(f"{label} could not be decoded as an image ({e}). Upload a PNG, JPEG, WebP or BMP picture.") from None
     return unit_from_model(image.unsqueeze(0))

@@ -126,7 +126,7 @@ class SAMIPipeline(AdapterPipelineMixin, CodeDecodingMixin, LatentPipelineMixin,
         """
         x0 = self.preprocess(images)
         if timesteps is None:
-            return self.encoder(x0, torch.zeros(x0.shape[0], device=x0.device, dtype=torch.long))
+            return self.encoder(x0)  # t = 0: the clean posterior
         requested = torch.as_tensor(np.asarray(timesteps) if not isinstance(timesteps, torch.Tensor) else timesteps)
         multiscale = requested.ndim > 0  # a Python/numpy/tensor scalar encodes at one level, a sequence at several
         if requested.ndim > 1 or requested.dtype == torch.bool or requested.numel() == 0:

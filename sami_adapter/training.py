@@ -39,7 +39,7 @@ def timestep_distribution(kind: str, num_train_timesteps: int = 1000) -> Optiona
     return probs / probs.sum()
 
 
-class ImageFolderDataset(Dataset):
+class ImageDataset(Dataset):
     """Images from a folder (recursively) or a saved `datasets` dataset, resized, cropped, in [-1, 1].
 
     Args:
@@ -65,7 +65,7 @@ class ImageFolderDataset(Dataset):
         self.captions = captions
 
     @classmethod
-    def from_saved_dataset(cls, path: str, image_column: str, resolution: int, channels: int, **kwargs) -> "ImageFolderDataset":
+    def from_saved_dataset(cls, path: str, image_column: str, resolution: int, channels: int, **kwargs) -> "ImageDataset":
         """The ``image_column`` of a `datasets` dataset saved with ``save_to_disk`` (its ``train`` split when it has splits)."""
         from .hf_data import load_split
 
@@ -73,7 +73,7 @@ class ImageFolderDataset(Dataset):
 
     @classmethod
     def from_datasets(cls, dataset, image_column: str, resolution: int, channels: int, caption_column: Optional[str] = None,
-                      **kwargs) -> "ImageFolderDataset":
+                      **kwargs) -> "ImageDataset":
         """Images (and captions) of a ``datasets.Dataset``, decoded one at a time when used."""
         from .hf_data import Column
 
