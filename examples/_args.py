@@ -18,7 +18,7 @@ import torch
 
 from sami_adapter import hf_data
 from sami_adapter.data import MOVING, MovingDisks
-from sami_adapter.evaluation import ACTIVE_KL_NATS
+from sami_adapter.encoder import ACTIVE_KL_NATS
 
 
 ENCODER_CHANNELS_RULE = "comma-separated multiples of 8 (the encoder's GroupNorm has 8 groups)"
@@ -79,7 +79,7 @@ def add_metric_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def metric_kwargs(args: argparse.Namespace) -> Dict[str, Any]:
-    """:func:`sami_adapter.report.representation_metrics` keyword arguments from the flags above."""
+    """:func:`sami_adapter.representation.representation_metrics` keyword arguments from the flags above."""
     return {
         "num_train": args.num_train, "num_test": args.num_test, "seed": args.seed, "batch_size": args.encode_batch_size,
         "num_bins": args.num_bins, "dci_max_train": args.dci_max_train, "dci_estimators": args.dci_estimators,

@@ -94,11 +94,9 @@ from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
 from tqdm.auto import tqdm
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO_ROOT)
-sys.path.insert(0, os.path.join(REPO_ROOT, "examples"))
 from _args import parse_encoder_channels  # noqa: E402
 from sami_adapter import SAMIEncoder, SAMIPipeline, sami_loss  # noqa: E402
-from sami_adapter.adapter import add_lora  # noqa: E402
+from sami_adapter.lora import add_lora  # noqa: E402
 
 DEMO_DIR = os.path.join(REPO_ROOT, "models", "ddpm-disks-16")
 SIZES = ("demo", "cifar", "tiny")
@@ -338,8 +336,8 @@ def bench_sampling(size: str, unet, train_scheduler, encoder, args, device: torc
     pipe, z, g = sampling_setup(unet, train_scheduler, encoder, batch, args, device)
     scheduler = pipe.scheduler
     pipe.unet, pipe.encoder = maybe_compile(pipe.unet, args), maybe_compile(pipe.encoder, args)
-    latents = torch.randn((batch, *pipe._sample_shape()), generator=g).to(device)
-    images = torch.rand((batch, *pipe._sample_shape()), generator=g).to(device)  # [0, 1], diffusers' image range
+    latents = torch.randn((batch, *pipe.sample_shape()), generator=g).to(device)
+    images = torch.rand((batch, *pipe.sample_shape()), generator=g).to(device)  # [0, 1], diffusers' image range
 
     calls = {
         # Same z, initial noise, scheduler and steps; sami_scale=0 never calls the encoder.
@@ -514,9 +512,10 @@ EXPLORER_FLOOR_S = 0.5
 
 
 def bench_explorer(adapter: str, args, device: torch.device) -> Dict[str, Any]:
-    """Median time of one traversal answer (``explore.traverse_view``) at the explorer's default steps and at 25."""
-    explore = runpy.run_path(os.path.join(REPO_ROOT, "examples", "explore.py"), run_name="sami_benchmark_explore")
-    explorer = explore["load_explorer"](adapter, num_examples=16, device=str(device))
+    """Median time of one traversal answer (the explorer's ``traverse_view``) at the explorer's default steps and at 25."""
+    from sami_adapter.explorer import load_explorer, traverse_view
+
+    explorer = load_explorer(adapter, num_examples=16, device=str(device))
     explorer.pipe.set_progress_bar_config(disable=True)
     default_steps = explorer.num_inference_steps
     z = [0.0] * explorer.latent_dim
@@ -524,7 +523,7 @@ def bench_explorer(adapter: str, args, device: torch.device) -> Dict[str, Any]:
     def answer(steps):
         def call():
             explorer.num_inference_steps = steps
-            explore["traverse_view"](explorer, z, 0, 1.5, sami_scale=3.0, seed=0)
+            traverse_view(explorer, z, 0, 1.5, sami_scale=3.0, seed=0)
         return call
 
     times = _interleaved_times({f"{default_steps} steps": answer(default_steps), "25 steps": answer(25)}, args, device, "explorer")

@@ -6,7 +6,7 @@
 Every baseline uses the SAMI adapter's encoder architecture (block widths, head width, latent size,
 resolution), is trained on fresh samples of the same dataset for the same wall-clock budget (by
 default the adapter's recorded ``train_seconds``), once per seed, and is evaluated with exactly the
-same metrics on exactly the same held-out draws as SAMI (:func:`sami_adapter.evaluation.representation_metrics`;
+same metrics on exactly the same held-out draws as SAMI (:func:`sami_adapter.representation.representation_metrics`;
 the posterior mean is the representation). Several ``--sami_adapter`` directories (e.g. two
 training seeds) make SAMI's column a mean ± std and are compared on the order in which their
 characteristic noise levels put the factors.
@@ -40,26 +40,21 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
 from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _args import add_axis_arguments, add_device_arguments, add_metric_arguments, metric_kwargs, moving_disks_for, select_device  # noqa: E402
 from sami_adapter import SAMIEncoder, SAMIPipeline  # noqa: E402
 from sami_adapter.adapter import load_base_unet_and_scheduler, read_adapter_config, resolve_base_path  # noqa: E402
 from sami_adapter.baselines import train_beta_vae, train_diffae, train_pdae  # noqa: E402
 from sami_adapter.data import DATASETS, MOVING, FactorDataset  # noqa: E402
-from sami_adapter.evaluation import (  # noqa: E402
+from sami_adapter.noise_levels import default_timestep_grid, discover_axes, noise_order_agreement  # noqa: E402
+from sami_adapter.representation import (  # noqa: E402
     EncodeFn,
-    default_timestep_grid,
-    discover_axes,
     mean_code_fn,
-    noise_order_agreement,
     rate_study_guidance_gain,
     rate_study_measurements,
     representation_metrics,
@@ -255,7 +250,7 @@ def evaluate_model(encode_fn: EncodeFn, dataset: FactorDataset, args: argparse.N
 
 
 def study_kwargs(args: argparse.Namespace) -> Dict[str, Any]:
-    """The rate-study flags as :func:`~sami_adapter.evaluation.rate_study_measurements` arguments."""
+    """The rate-study flags as :func:`~sami_adapter.representation.rate_study_measurements` arguments."""
     return {"num_images": args.rate_images, "num_prior_samples": args.num_prior_samples, "num_inference_steps": args.num_inference_steps,
             "batch_size": args.encode_batch_size, "kl_threshold": args.kl_threshold, "seed": args.seed}
 

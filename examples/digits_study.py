@@ -127,7 +127,7 @@ def reconstruction_scores(model, images: np.ndarray, steps: int, seed: int, **de
 
 def characteristic_order(pipe, images: np.ndarray, seed: int) -> List[int]:
     """Active dimensions of a SAMI adapter ordered by characteristic noise level (low noise first), as the explorer orders them."""
-    from sami_adapter.evaluation import characteristic_noise_levels, information_profile
+    from sami_adapter.noise_levels import characteristic_noise_levels, information_profile
 
     profile = information_profile(pipe, torch.from_numpy(images[:256]), generator=torch.Generator().manual_seed(seed))
     return [int(d) for d in characteristic_noise_levels(profile)["order"]]

@@ -34,15 +34,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
 from typing import Any, Dict, List, Optional
 
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _args import (  # noqa: E402
     add_axis_arguments,
     add_device_arguments,
@@ -59,18 +56,15 @@ from sami_adapter.adapter import ADAPTER_CONFIG_NAME, read_adapter_config, updat
 from sami_adapter.card import adapter_model_card  # noqa: E402
 from sami_adapter.images import model_from_unit  # noqa: E402
 from sami_adapter.data import DATASETS, MOVING  # noqa: E402
-from sami_adapter.evaluation import (  # noqa: E402
+from sami_adapter.evaluation import elbo_bits_per_dim  # noqa: E402
+from sami_adapter.noise_levels import (  # noqa: E402
     default_timestep_grid,
     discover_axes,
-    elbo_bits_per_dim,
-    encode_codes,
     factor_noise_scales,
     factor_recoverability,
-    mean_code_fn,
     mechanism_table,
-    representation_metrics,
-    trajectory_curvatures,
 )
+from sami_adapter.representation import mean_code_fn, representation_metrics, trajectory_curvatures  # noqa: E402
 from sami_adapter.plotting import plot_axes, plot_mechanism  # noqa: E402
 from sami_adapter.usefulness import LABEL_TEST_FRACTION, digits_usefulness, labelled_usefulness, usefulness_markdown  # noqa: E402
 from sami_adapter.report import (  # noqa: E402

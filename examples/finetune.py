@@ -29,7 +29,6 @@ import logging
 import math
 import os
 import shutil
-import sys
 import time
 from typing import Any, Dict, List, Optional
 
@@ -43,20 +42,24 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel, cast_training_params
 from tqdm.auto import tqdm
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _args import add_image_source_arguments, add_image_training_arguments, image_data_problem, open_image_table, parse_encoder_channels  # noqa: E402
-from sami_adapter import SAMIEncoder, SAMILossOutput, SAMIPipeline, nested_guidance_bands, sami_loss  # noqa: E402
+from sami_adapter import SAMIEncoder, SAMILossOutput, SAMIPipeline, nested_guidance_bands  # noqa: E402
 from sami_adapter.rate import RateControl, TCDiscriminator, discriminator_step  # noqa: E402
 from sami_adapter import adapter as adapter_lib  # noqa: E402
 from sami_adapter.card import adapter_model_card  # noqa: E402
 from sami_adapter.hub import upload_to_hub  # noqa: E402
-from sami_adapter.data import DATASETS  # noqa: E402
-from sami_adapter.evaluation import ACTIVE_KL_NATS, DISK_DATASETS, NOISE_BANDS, active_dimensions, band_gains, mean_code_fn  # noqa: E402
+from sami_adapter import hf_data  # noqa: E402
+from sami_adapter.data import DATASETS, HELD_OUT_SEED_OFFSET  # noqa: E402
+from sami_adapter.encoder import ACTIVE_KL_NATS, TRAVERSAL_RANGE  # noqa: E402
+from sami_adapter.evaluation import DISK_DATASETS, GAIN_BANDS, active_dimensions, band_gains  # noqa: E402
+from sami_adapter.base_model import is_text_conditioned, load_base_unet_and_scheduler, load_latent_components  # noqa: E402
+from sami_adapter.lora import add_lora  # noqa: E402
+from sami_adapter.latent import LatentCache, images_to_latents, prompt_embeddings, vae_scale_factor  # noqa: E402
+from sami_adapter.representation import mean_code_fn  # noqa: E402
 from sami_adapter.usefulness import digits_usefulness  # noqa: E402
-from sami_adapter.latent import LatentCache, images_to_latents, load_latent_components, prompt_embeddings, vae_scale_factor  # noqa: E402
 from sami_adapter.training import (  # noqa: E402
-    ImageFolderDataset,
+    ImageDataset,
+    SAMIObjective,
     StepBatches,
     StepItems,
     StepShardSampler,
@@ -401,7 +404,7 @@ def step_kl_per_dim(accelerator, encoder, cleans) -> torch.Tensor:
     the number of processes and accumulation steps.
     """
     with torch.no_grad(), accelerator.autocast():
-        total = sum(encoder(c, torch.zeros(c.shape[0], dtype=torch.long, device=c.device)).kl_per_dim().float().sum(0) for c in cleans)
+        total = sum(encoder(c).kl_per_dim().float().sum(0) for c in cleans)
     count = torch.tensor([float(sum(c.shape[0] for c in cleans))], device=total.device)
     if accelerator.num_processes > 1:
         total, count = accelerator.reduce(total, reduction="sum"), accelerator.reduce(count, reduction="sum")
@@ -487,7 +490,7 @@ def load_init_encoder(path: str, latent_dim: int) -> SAMIEncoder:
 @torch.no_grad()
 def anchor_codes(anchor, clean: torch.Tensor) -> torch.Tensor:
     """The anchor encoder's posterior means of the clean images (its own noise level 0)."""
-    return anchor(clean, torch.zeros(clean.shape[0], dtype=torch.long, device=clean.device)).mean
+    return anchor(clean).mean
 
 
 def parse_noise_bands(value, latent_dim, num_train_timesteps=1000):
@@ -513,45 +516,8 @@ def build_unet(args):
         unet = UNet2DModel(sample_size=resolution, in_channels=channels, out_channels=channels, layers_per_block=1,
                            block_out_channels=(32, 64, 64), down_block_types=("DownBlock2D",) * 3, up_block_types=("UpBlock2D",) * 3)
         return unet, DDPMScheduler(num_train_timesteps=1000)
-    unet, scheduler_config = adapter_lib.load_base_unet_and_scheduler(args.pretrained_model_name_or_path)
+    unet, scheduler_config = load_base_unet_and_scheduler(args.pretrained_model_name_or_path)
     return unet, DDPMScheduler.from_config(scheduler_config)
-
-
-def _is_frozen_unet_key(key: str) -> bool:
-    return "trainable_unet." in key and "lora_" not in key
-
-
-def _drop_frozen_unet_weights(module, state_dict, prefix, local_metadata):
-    for key in [k for k in state_dict if k.startswith(prefix) and _is_frozen_unet_key(k[len(prefix):])]:
-        del state_dict[key]
-
-
-def _allow_missing_frozen_unet_weights(module, incompatible_keys):
-    incompatible_keys.missing_keys[:] = [k for k in incompatible_keys.missing_keys if not _is_frozen_unet_key(k)]
-
-
-class SAMIObjective(torch.nn.Module):
-    """Encoder (+ UNet) whose forward is the SAMI loss: one forward per backward, as DDP wants."""
-
-    def __init__(self, encoder, unet, train_unet: bool, lora_only: bool = False):
-        super().__init__()
-        self.encoder = encoder
-        self.train_unet = train_unet
-        if train_unet:
-            self.trainable_unet = unet
-        else:  # kept out of the module tree: DDP does not wrap it and checkpoints do not copy its weights
-            object.__setattr__(self, "frozen_unet", unet)
-        if lora_only:  # LoRA: the UNet's frozen base weights come from the base model, so checkpoints leave them out
-            self.register_state_dict_post_hook(_drop_frozen_unet_weights)
-            self.register_load_state_dict_post_hook(_allow_missing_frozen_unet_weights)
-
-    @property
-    def unet(self):
-        return self.trainable_unet if self.train_unet else self.frozen_unet
-
-    def forward(self, clean, scheduler, **kwargs):
-        # A plain dict: accelerate's mixed-precision output conversion rebuilds mappings as type(out)(dict).
-        return dict(sami_loss(self.unet, self.encoder, scheduler, clean, train_unet=self.train_unet, **kwargs))
 
 
 def make_pipeline(encoder, unet, noise_scheduler, components) -> SAMIPipeline:
@@ -564,7 +530,7 @@ def make_pipeline(encoder, unet, noise_scheduler, components) -> SAMIPipeline:
 @torch.no_grad()
 def save_validation(pipe, images, path, seed, latent_dim, steps, eta):
     """Reconstructions (input row, reconstruction row) and one traversal row per dimension, as one PNG."""
-    values = torch.linspace(-2.5, 2.5, images.shape[0]).tolist()
+    values = torch.linspace(-TRAVERSAL_RANGE, TRAVERSAL_RANGE, images.shape[0]).tolist()
     rows = [images.cpu(), reconstructions(pipe, images, steps, eta, seed), traversal_rows(pipe, images[:1], range(latent_dim), values, steps, seed)]
     return save_image_grid(torch.cat(rows), path, nrow=images.shape[0], scale=4)
 
@@ -690,7 +656,7 @@ def build_models(args, accelerator) -> Run:
     elif args.unet_mode == "lora":
         unet.requires_grad_(False)
         targets = ["to_q", "to_k", "to_v", "to_out.0"] if run.unet_kwargs_one else None  # a text-conditioned UNet: its attention
-        run.lora_config = adapter_lib.add_lora(unet, rank=args.lora_rank, target_modules=targets)
+        run.lora_config = add_lora(unet, rank=args.lora_rank, target_modules=targets)
         cast_training_params(unet, dtype=torch.float32)  # the LoRA weights are trained, and fp16/bf16 updates would underflow
     if args.gradient_checkpointing and args.unet_mode != "frozen":  # a frozen UNet runs without autograd: nothing to save
         unet.enable_gradient_checkpointing()
@@ -718,7 +684,7 @@ def fitting_resolution(args, unet, components) -> int:
 
 def base_conditioning(args, unet, components) -> Dict[str, torch.Tensor]:
     """The UNet's extra inputs for one image: the empty prompt's embedding for a text-conditioned UNet, else none."""
-    if getattr(unet.config, "cross_attention_dim", None) is not None:
+    if is_text_conditioned(unet):
         if "text_encoder" not in components or "tokenizer" not in components:
             raise SystemExit("This UNet is text-conditioned but the base model has no text_encoder/tokenizer to embed the empty prompt.")
         from sami_adapter.latent import empty_prompt_embeddings
@@ -736,7 +702,7 @@ def build_data(run: Run, table) -> None:
     pixel_channels = run.vae.config.in_channels if run.vae is not None else unet.config.in_channels
     if table is not None:
         try:
-            dataset = ImageFolderDataset.from_datasets(table, args.image_column, run.resolution, pixel_channels, caption_column=args.caption_column,
+            dataset = ImageDataset.from_datasets(table, args.image_column, run.resolution, pixel_channels, caption_column=args.caption_column,
                                                        center_crop=args.center_crop, random_flip=args.random_flip, seed=args.seed)
         except ValueError as e:  # a model with other than 1 or 3 channels
             raise SystemExit(f"{args.train_data_dir or args.dataset_name!r}: {e}") from e
@@ -745,8 +711,8 @@ def build_data(run: Run, table) -> None:
         dataset = DATASETS[args.dataset](num_samples=1, resolution=run.resolution, seed=args.seed)
         if dataset.num_channels != pixel_channels:
             raise SystemExit(f"--dataset {args.dataset} has {dataset.num_channels} channel(s) but the model takes {pixel_channels}.")
-        run.held_out = DATASETS[args.dataset](num_samples=max(args.num_eval_images, 16), resolution=run.resolution, seed=args.seed + 10_000,
-                                              split="test")
+        run.held_out = DATASETS[args.dataset](num_samples=max(args.num_eval_images, 16), resolution=run.resolution,
+                                              seed=args.seed + HELD_OUT_SEED_OFFSET, split="test")
     # One draw per optimiser step, sliced into micro-batches and then among processes: N processes with
     # A accumulation steps at batch B see exactly what one process sees at batch N * A * B.
     run.batches = StepBatches(dataset, args.train_batch_size * run.accelerator.num_processes * args.gradient_accumulation_steps, args.seed,
@@ -853,7 +819,7 @@ def train_step(run: Run, step: int) -> float:
         disc_loss = None
         if run.discriminator is not None:
             with accelerator.accumulate(run.discriminator):
-                codes = out.posterior_mean if args.tc_on == "mean" else out.latents
+                codes = out.posterior_mean if args.tc_on == "mean" else out.z
                 g = torch.Generator().manual_seed(int(np.random.default_rng([args.seed, step, micro, 3]).integers(0, 2**62)))
                 disc_loss = discriminator_step(run.discriminator, run.disc_optimizer, codes, g, backward=accelerator.backward)
         record(run, out, disc_loss)
@@ -892,7 +858,7 @@ def log_window(run: Run, global_step: int, beta: float, progress) -> None:
     logs.update({f"kl_dim_{i}": float(v) for i, v in enumerate(kl)})
     if window["terms"]:
         logs.update({k: float(np.mean([t[k] for t in window["terms"]])) for k in window["terms"][0]})
-    bands = band_gains(torch.cat(window["t"]), torch.cat(window["guided_err"]), torch.cat(window["unguided_err"]), NOISE_BANDS)
+    bands = band_gains(torch.cat(window["t"]), torch.cat(window["guided_err"]), torch.cat(window["unguided_err"]), GAIN_BANDS)
     logs.update({f"gain_t{k}": v for k, v in bands.items()})
     progress.set_postfix(loss=f"{logs['loss']:.2f}", gain=f"{logs['relative_gain']:.1%}", active=len(active_dimensions(kl.tolist())))
     accelerator.log(logs, step=global_step)

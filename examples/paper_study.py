@@ -11,7 +11,7 @@ reconstruction MSE (the paper's measure) and the exact decoder's R² per factor,
 prior samples, ``I(x; z)`` (upper bound, nats) and, for SAMI, the mechanism: each active dimension's
 characteristic noise level against the noise scale of the factor it codes (Spearman over
 dimensions). Each factor's own noise scale is measured once per dataset with the noisy-image probe
-(:func:`sami_adapter.evaluation.factor_recoverability`). Figures: ``mechanism-<run>.png`` per SAMI
+(:func:`sami_adapter.noise_levels.factor_recoverability`). Figures: ``mechanism-<run>.png`` per SAMI
 run, ``traversals-<run>.png`` per model whose weights the sweep kept (SAMI adapters; baselines saved
 with ``compare.py --save_models``), ``factor_noise_scales.png``.
 """
@@ -22,16 +22,15 @@ import argparse
 import glob
 import json
 import os
-import sys
 from typing import Any, Dict, List
 
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from sami_adapter.data import DATASETS  # noqa: E402
 from sami_adapter.images import unit_from_model  # noqa: E402
-from sami_adapter.evaluation import ACTIVE_KL_NATS, factor_noise_scales, factor_recoverability, mechanism_table  # noqa: E402
+from sami_adapter.encoder import ACTIVE_KL_NATS  # noqa: E402
+from sami_adapter.noise_levels import factor_noise_scales, factor_recoverability, mechanism_table  # noqa: E402
 from sami_adapter.plotting import plot_mechanism  # noqa: E402
 from sami_adapter.report import aggregate, format_stat, mechanism_markdown, save_image_grid, traversal_rows, write_json  # noqa: E402
 

@@ -26,7 +26,6 @@ import argparse
 import json
 import math
 import os
-import sys
 import time
 
 import numpy as np
@@ -39,8 +38,6 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _args import add_image_source_arguments, add_image_training_arguments, image_data_problem, open_image_table  # noqa: E402
 from sami_adapter.data import DATASETS, clean_background_disk_fraction, clean_disk_fraction, confident_digit_fraction  # noqa: E402
 from sami_adapter.report import save_image_grid  # noqa: E402

@@ -32,7 +32,6 @@ import time
 from typing import Dict, List
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
 from sami_adapter.plotting import plot_rate_study  # noqa: E402
 from sami_adapter.report import rate_study_markdown, rate_study_rows, rate_study_table, write_json  # noqa: E402
 DSPRITES_BASE = "bases/ddpm-dsprites-16"

@@ -12,7 +12,8 @@
 The base UNet is never copied for frozen or LoRA adapters: :func:`load_adapter_components` (what
 ``SAMIPipeline.from_pretrained(adapter_dir)`` calls) resolves it from the reference. Weights are
 always read with safetensors (nothing is unpickled). Adapters written before the peft format
-(``unet_lora/lora_config.json`` + raw peft keys in ``pytorch_lora_weights.safetensors``) still load.
+(``unet_lora/lora_config.json`` + raw peft keys in ``pytorch_lora_weights.safetensors``) still load; :mod:`sami_adapter.lora`
+reads and writes that folder.
 """
 
 from __future__ import annotations
@@ -24,14 +25,21 @@ import tempfile
 from typing import Any, Dict, Optional, Union
 
 import torch
-from safetensors.torch import load_file, save_file
+
+from .base_model import (
+    HUB_KWARGS,
+    check_no_pickle,
+    hub_id,
+    hub_kwargs,
+    is_text_conditioned,
+    load_base_unet_and_scheduler,
+    load_latent_components,
+    load_saved_unet,
+)
+from .lora import load_lora, lora_state_dict, merge_lora as _merge_lora_layers, save_lora
 
 ADAPTER_CONFIG_NAME = "sami_adapter_config.json"
 LORA_DIR = "unet_lora"
-PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME = "adapter_config.json", "adapter_model.safetensors"  # peft's save_pretrained names
-PEFT_PREFIX = "base_model.model."  # PeftModel's key prefix: PeftModel.from_pretrained expects it in the file
-DIFFUSERS_LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"  # diffusers' load_lora_weights default
-LEGACY_LORA_CONFIG_NAME = "lora_config.json"  # the layout before the peft format: raw peft keys + this config
 
 
 def is_adapter_dir(path: str) -> bool:
@@ -88,19 +96,6 @@ def read_adapter_config(adapter_dir: str) -> Dict[str, Any]:
 UNET_MODES = ("frozen", "lora", "full")
 
 
-def hub_id(base: Optional[str]) -> Optional[str]:
-    """``base`` when it reads as a Hub repo id (``name`` or ``owner/name``), None for a local path."""
-    if not base or os.path.isabs(base) or base.startswith((".", "~")) or os.path.isdir(base):
-        return None
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
-    try:
-        validate_repo_id(base)
-    except HFValidationError:
-        return None
-    return base
-
-
 def resolve_base_path(config: Dict[str, Any], adapter_dir: str) -> str:
     """The base model as a local path when it is one, else the Hub repo id.
 
@@ -126,125 +121,6 @@ def resolve_base_path(config: Dict[str, Any], adapter_dir: str) -> str:
             f"or set base_model_name_or_path in {ADAPTER_CONFIG_NAME}."
         )
     return base
-
-
-# ---------------------------------------------------------------------------- LoRA
-def add_lora(unet: torch.nn.Module, rank: int = 4, alpha: Optional[float] = None, target_modules=None) -> Any:
-    """Inject peft LoRA layers into ``unet`` (in place) and return the ``LoraConfig``.
-
-    Default targets cover every conv/linear of a ``UNet2DModel`` ResNet block and, when present,
-    the attention projections: ``conv1``, ``conv2``, ``time_emb_proj``, ``to_q``, ``to_k``, ``to_v``, ``to_out.0``.
-    """
-    from peft import LoraConfig, inject_adapter_in_model
-
-    if target_modules is None:
-        names = [n for n, _ in unet.named_modules()]
-        wanted = ["conv1", "conv2", "time_emb_proj", "to_q", "to_k", "to_v", "to_out.0"]
-        target_modules = [t for t in wanted if any(n == t or n.endswith("." + t) for n in names)]
-    config = LoraConfig(r=rank, lora_alpha=alpha or rank, target_modules=list(target_modules), init_lora_weights=True)
-    inject_adapter_in_model(config, unet)
-    return config
-
-
-def lora_state_dict(unet: torch.nn.Module) -> Dict[str, torch.Tensor]:
-    from peft import get_peft_model_state_dict
-
-    return {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(unet).items()}
-
-
-def save_lora(lora_dir: str, unet: torch.nn.Module, lora_config: Any, weights: Optional[Dict[str, torch.Tensor]] = None,
-              base_model: Optional[str] = None) -> None:
-    """Write LoRA weights in peft's format and, for a text-conditioned UNet, also in diffusers' format.
-
-    ``adapter_config.json`` + ``adapter_model.safetensors`` (keys prefixed ``base_model.model.``, as
-    ``PeftModel.save_pretrained`` writes them) load with ``PeftModel.from_pretrained(base_unet, lora_dir)``.
-    ``pytorch_lora_weights.safetensors`` (keys prefixed ``unet.``, the LoRA config in its metadata) is
-    written by diffusers' own ``StableDiffusionPipeline.save_lora_weights``, so ``load_lora_weights``
-    reads it. ``weights`` defaults to the LoRA layers injected in ``unet``.
-    """
-    import copy
-
-    from .latent import is_text_conditioned
-
-    weights = lora_state_dict(unet) if weights is None else weights
-    os.makedirs(lora_dir, exist_ok=True)
-    save_file({PEFT_PREFIX + k: v for k, v in weights.items()}, os.path.join(lora_dir, PEFT_WEIGHTS_NAME), metadata={"format": "pt"})
-    config = copy.deepcopy(lora_config)
-    config.base_model_name_or_path = base_model
-    config.inference_mode = True
-    config.save_pretrained(lora_dir)
-    if is_text_conditioned(unet):
-        from diffusers import StableDiffusionPipeline
-
-        metadata = {k: v for k, v in config.to_dict().items() if k in ("r", "lora_alpha", "target_modules", "use_dora", "lora_bias")}
-        StableDiffusionPipeline.save_lora_weights(lora_dir, unet_lora_layers=weights, unet_lora_adapter_metadata=metadata,
-                                                  weight_name=DIFFUSERS_LORA_WEIGHTS_NAME, safe_serialization=True)
-
-
-def read_lora(lora_dir: str) -> tuple:
-    """``(LoraConfig, weights)`` of a saved LoRA, the weights keyed as ``get_peft_model_state_dict`` keys them.
-
-    Reads peft's format, or the layout written before it (``lora_config.json`` + raw keys).
-    """
-    from peft import LoraConfig
-
-    if os.path.isfile(os.path.join(lora_dir, PEFT_CONFIG_NAME)):
-        config = LoraConfig.from_pretrained(lora_dir)
-        state = load_file(os.path.join(lora_dir, PEFT_WEIGHTS_NAME))
-        return config, {(k[len(PEFT_PREFIX):] if k.startswith(PEFT_PREFIX) else k): v for k, v in state.items()}
-    legacy = os.path.join(lora_dir, LEGACY_LORA_CONFIG_NAME)
-    if not os.path.isfile(legacy):
-        raise ValueError(
-            f"{lora_dir} holds no LoRA config ({PEFT_CONFIG_NAME}, or {LEGACY_LORA_CONFIG_NAME} of older adapters); "
-            "the adapter is incomplete, re-save or re-download it."
-        )
-    with open(legacy) as f:
-        cfg = json.load(f)
-    config = LoraConfig(r=cfg["r"], lora_alpha=cfg["lora_alpha"], target_modules=cfg["target_modules"])
-    return config, load_file(os.path.join(lora_dir, DIFFUSERS_LORA_WEIGHTS_NAME))
-
-
-def load_lora(unet: torch.nn.Module, lora_dir: str) -> None:
-    """Inject LoRA layers described by ``lora_dir`` into ``unet`` and load their weights (either layout)."""
-    from peft import inject_adapter_in_model, set_peft_model_state_dict
-
-    config, state = read_lora(lora_dir)
-    inject_adapter_in_model(config, unet)
-    result = set_peft_model_state_dict(unet, state)
-    unexpected = list(getattr(result, "unexpected_keys", []))
-    if unexpected:
-        raise ValueError(
-            f"LoRA weights in {lora_dir} do not fit this UNet (unexpected keys, e.g. {unexpected[:3]}): "
-            "the adapter was trained for another base model."
-        )
-
-
-def has_lora_layers(module: Any) -> bool:
-    """Whether ``module`` holds injected (unmerged) peft LoRA layers."""
-    if not isinstance(module, torch.nn.Module):
-        return False
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    return any(isinstance(m, BaseTunerLayer) for m in module.modules())
-
-
-def merge_lora(unet: torch.nn.Module) -> torch.nn.Module:
-    """Fold every injected LoRA layer into its base weight and put the plain layer back.
-
-    The result is an ordinary UNet: ``save_pretrained`` then writes plain keys (no ``base_layer``
-    keys that a later plain load would silently re-initialise) and sampling pays no LoRA overhead.
-    """
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    for name, module in list(unet.named_modules()):
-        if isinstance(module, BaseTunerLayer):
-            module.merge()
-            parent_name, _, child = name.rpartition(".")
-            setattr(unet.get_submodule(parent_name) if parent_name else unet, child, module.get_base_layer())
-    return unet
-
-
-_merge_lora_layers = merge_lora  # load_adapter_components' merge_lora flag shadows the function's name
 
 
 # ---------------------------------------------------------------------------- saving
@@ -403,79 +279,7 @@ def update_adapter_config(output_dir: str, extra: Dict[str, Any], model_card: Op
 
 
 # ---------------------------------------------------------------------------- loading
-def load_base_unet_and_scheduler(base: str, revision: Optional[str] = None, **kwargs):
-    """Load the UNet (``unet/`` subfolder or a bare UNet directory/repo) and its scheduler config."""
-    from diffusers import DDPMScheduler, UNet2DConditionModel, UNet2DModel
-
-    def _load_unet(subfolder):
-        errors = []
-        for cls in (UNet2DModel, UNet2DConditionModel):
-            try:
-                return cls.from_pretrained(base, subfolder=subfolder, revision=revision, **kwargs)
-            except (OSError, ValueError, EnvironmentError) as e:  # wrong class or no such folder
-                errors.append(e)
-        raise errors[-1]
-
-    unet = None
-    for subfolder in ("unet", None):
-        try:
-            unet = _load_unet(subfolder)
-            break
-        except (OSError, ValueError, EnvironmentError) as e:
-            last = e
-    if unet is None:
-        raise ValueError(
-            f"Could not load a diffusers UNet from {base!r} (tried the 'unet' subfolder and the root): {last}. "
-            "Pass a diffusers pipeline directory/repo with a unet/ folder, or a bare UNet directory."
-        ) from last
-    try:
-        scheduler_config = DDPMScheduler.load_config(base, subfolder="scheduler", revision=revision, **kwargs)
-    except (OSError, ValueError, EnvironmentError):
-        try:
-            scheduler_config = DDPMScheduler.load_config(base, revision=revision, **kwargs)
-            if "num_train_timesteps" not in scheduler_config:
-                raise ValueError("no scheduler config")
-        except (OSError, ValueError, EnvironmentError):
-            scheduler_config = DDPMScheduler().config
-    return unet, scheduler_config
-
-
-def load_saved_unet(path: str, **kwargs) -> Any:
-    """A UNet saved with ``save_pretrained``, as the diffusers class recorded in its ``config.json``."""
-    import diffusers
-
-    with open(os.path.join(path, "config.json")) as f:
-        class_name = json.load(f).get("_class_name", "UNet2DModel")
-    if class_name not in ("UNet2DModel", "UNet2DConditionModel"):
-        raise ValueError(f"{path} holds a {class_name}; SAMIPipeline supports UNet2DModel and UNet2DConditionModel.")
-    return getattr(diffusers, class_name).from_pretrained(path, **kwargs)
-
-
-HUB_KWARGS = ("cache_dir", "local_files_only", "token")
-
-
-def hub_kwargs(kwargs: Dict[str, Any]) -> Dict[str, Any]:
-    """The Hub download options (:data:`HUB_KWARGS`) among ``kwargs`` that are set."""
-    return {k: kwargs[k] for k in HUB_KWARGS if kwargs.get(k) is not None}
-
-
 LOAD_KWARGS = HUB_KWARGS + ("revision", "torch_dtype", "unet", "scheduler", "merge_lora", "vae", "text_encoder", "tokenizer", "use_safetensors")
-WEIGHTS_NAME, PICKLED_WEIGHTS_NAME = "diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"
-
-
-def check_no_pickle(folder: str, use_safetensors: Optional[bool]) -> None:
-    """Refuse a local model folder whose weights exist only as a pickle, unless ``use_safetensors=False``.
-
-    Loading a ``.bin`` file unpickles it, which can run arbitrary code from the file.
-    """
-    if use_safetensors is False or not os.path.isdir(folder):
-        return
-    if not os.path.isfile(os.path.join(folder, WEIGHTS_NAME)) and os.path.isfile(os.path.join(folder, PICKLED_WEIGHTS_NAME)):
-        raise ValueError(
-            f"{folder} holds its weights only as a pickle ({PICKLED_WEIGHTS_NAME}); sami-adapter loads safetensors only, "
-            "because unpickling can run code from the file. Convert it (load and save_pretrained), or pass "
-            "use_safetensors=False if you trust the file."
-        )
 
 
 def check_load_kwargs(kwargs: Dict[str, Any]) -> None:
@@ -528,7 +332,6 @@ def load_adapter_components(
     from diffusers import DDIMScheduler, DDPMScheduler
 
     from .encoder import SAMIEncoder
-    from .latent import is_text_conditioned, load_latent_components
 
     hub = hub_kwargs({"cache_dir": cache_dir, "local_files_only": local_files_only, "token": token})
     safe = {} if use_safetensors is False else {"use_safetensors": True}  # opted in: diffusers' default, safetensors first

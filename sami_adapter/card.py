@@ -11,16 +11,17 @@ from __future__ import annotations
 import os
 from typing import Any, Dict, List, Optional
 
+from .base_model import hub_id
+from .encoder import ACTIVE_KL_NATS, TRAVERSAL_RANGE
+
 LIBRARY_NAME = "sami-adapter"
 TAGS = ["sami-adapter", "diffusers", "representation-learning", "diffusion", "autoencoder"]
 REPORT_PICTURES = (("reconstructions.png", "Held-out inputs (top) and reconstructions from the posterior mean"),
-                   ("traversals.png", "One row per active dimension: that coordinate moved from -2.5 to 2.5, all else fixed"))
+                   ("traversals.png", f"One row per active dimension: that coordinate moved from {-TRAVERSAL_RANGE:g} to {TRAVERSAL_RANGE:g}, all else fixed"))
 
 
 def _number_lines(metrics: Dict[str, Any]) -> List[str]:
     """Markdown bullet lines for the numbers a reader compares adapters by, those that were measured."""
-    from .evaluation import ACTIVE_KL_NATS  # here, not at import: the evaluation needs the eval extra (scikit-learn), a pipeline does not
-
     lines = []
     if "relative_guidance_gain" in metrics:
         lines.append(f"- guidance gain (denoising error the code removes, held-out images): {metrics['relative_guidance_gain']:.1%}")
@@ -76,8 +77,6 @@ def adapter_model_card(config: Dict[str, Any], adapter_dir: Optional[str] = None
         repo_id: the Hub repo the adapter is pushed to, for the usage snippet (default: the folder).
     """
     from huggingface_hub import ModelCard, ModelCardData
-
-    from .adapter import hub_id
 
     base = config.get("base_model_name_or_path")
     base_id = None if config.get("base_model_abspath") else hub_id(base)

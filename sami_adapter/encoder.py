@@ -14,6 +14,15 @@ from diffusers.models.resnet import Downsample2D, ResnetBlock2D
 from torch import nn
 
 
+# nats: a code dimension whose data-mean KL to the prior (:meth:`LatentPosterior.kl_per_dim`) is below this
+# carries (almost) nothing. The one "active" rule of every report, table, warning and explorer page.
+ACTIVE_KL_NATS = 0.1
+
+
+# Traversal pictures move a coordinate over [-2.5, 2.5] prior standard deviations: where N(0, 1) has almost all its mass.
+TRAVERSAL_RANGE = 2.5
+
+
 class LatentPosterior(DiagonalGaussianDistribution):
     """Diagonal Gaussian over a flat code: ``parameters[..., :D]`` is the mean, ``[..., D:]`` the log-variance.
 
@@ -46,10 +55,6 @@ class LatentPosterior(DiagonalGaussianDistribution):
         if other is not None:
             raise NotImplementedError("LatentPosterior.kl only supports the standard normal prior.")
         return self.kl_per_dim().sum(dim=-1)
-
-    def log_prob(self, z: torch.Tensor) -> torch.Tensor:
-        """``log q(z | x)`` per sample, in nats."""
-        return -0.5 * (((z - self.mean) ** 2) / self.var + self.logvar + torch.log(torch.tensor(2 * torch.pi))).sum(dim=-1)
 
 
 class BiasFreeGroupNorm(nn.Module):

@@ -28,17 +28,19 @@ The SAMI encoder reads clean images at ``t = 0``: ``q(z | x_0)`` is the encoder 
 so wherever an encoder input is built from a timestep, ``t = 0`` means ``a = 1, s = 0``
 (:func:`encoder_noise_level`), not the scheduler's first noise level.
 
-This module is the only place where these formulas live.
+The formulas live here, each beside its equation; the rest of the package calls them.
 """
 
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Optional, Tuple, Union
 
 import torch
 
 TimestepLike = Union[int, float, torch.Tensor]
+LOG_2PI = math.log(2 * math.pi)
 
 
 def _timestep_tensor(timestep: TimestepLike, batch_size: int, device: torch.device) -> torch.Tensor:
@@ -218,6 +220,15 @@ def noise_level(scheduler: Any, timestep: TimestepLike, batch_size: int = 1, dev
     return alpha_sigma_from_alphas_cumprod(alphas_cumprod, t)
 
 
+def diagonal_gaussian_log_density(z: torch.Tensor, mean: torch.Tensor, logvar: torch.Tensor, normalised: bool = True) -> torch.Tensor:
+    """``log N(z_i; mu_i, sigma_i^2) = -1/2 [(z_i - mu_i)^2 / sigma_i^2 + log sigma_i^2 + log 2 pi]`` per dimension (broadcast).
+
+    ``normalised=False`` leaves out ``log 2 pi``: a constant, so the score (2) does not need it.
+    """
+    quadratic = (z - mean) ** 2 * torch.exp(-logvar) + logvar
+    return -0.5 * (quadratic + LOG_2PI if normalised else quadratic)
+
+
 def posterior_score(
     encoder: Callable[[torch.Tensor, torch.Tensor], Any],
     z: torch.Tensor,
@@ -255,7 +266,7 @@ def posterior_score(
         if z.shape != mean.shape:
             raise ValueError(f"z has shape {tuple(z.shape)} but the encoder's posterior has shape {tuple(mean.shape)}.")
         z = z.to(mean.dtype)
-        log_q = -0.5 * (((z - mean) ** 2) * torch.exp(-logvar) + logvar)
+        log_q = diagonal_gaussian_log_density(z, mean, logvar, normalised=False)
         band = encoder.guidance_weights(timestep, mean.shape[0]) if hasattr(encoder, "guidance_weights") else None
         for weights in (band, dim_weights):
             if weights is not None:
@@ -315,6 +326,12 @@ def apply_guidance(
     return guided_output(model_output, score, alpha, sigma, prediction_type, sami_scale)
 
 
+def clean_guidance_coefficient(alpha: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """``s_t^2 / a_t`` of (4): how far the score moves the clean estimate ``x0_hat``; 0 where ``a_t = 0`` (see :func:`guided_output`)."""
+    safe_alpha = torch.where(alpha > 0, alpha, torch.ones_like(alpha))
+    return torch.where(alpha > 0, sigma**2 / safe_alpha, torch.zeros_like(alpha))
+
+
 def _per_sample(coefficient: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return coefficient.view((-1,) + (1,) * (like.ndim - 1)).to(like.dtype)
 
@@ -337,7 +354,7 @@ def guided_output(
     if prediction_type == "epsilon":
         coefficient = -sigma  # (3)
     elif prediction_type == "sample":
-        coefficient = torch.where(alpha > 0, sigma**2 / safe_alpha, torch.zeros_like(alpha))  # (4)
+        coefficient = clean_guidance_coefficient(alpha, sigma)  # (4)
     elif prediction_type == "v_prediction":
         coefficient = torch.where(alpha > 0, -sigma / safe_alpha, torch.zeros_like(alpha))  # (5)
     else:

@@ -12,8 +12,15 @@ import os
 import re
 from typing import Optional
 
+from .extras import import_extra
+
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
-DATASETS_HINT = "needs the `datasets` package: pip install datasets (or the sami-adapter[train] extra)"
+DATASETS_HINT = 'needs the `datasets` package: pip install "sami-adapter[train]" (or pip install datasets)'
+
+
+def _datasets():
+    """The `datasets` package, or an ImportError that names the extra installing it."""
+    return import_extra("datasets", "Reading a `datasets` dataset")
 
 
 def is_saved_dataset(path: str) -> bool:
@@ -23,9 +30,7 @@ def is_saved_dataset(path: str) -> bool:
 
 def hub_offline() -> bool:
     """Whether `datasets` will not contact the Hub (HF_HUB_OFFLINE or HF_DATASETS_OFFLINE, as it read them on import)."""
-    import datasets
-
-    return bool(datasets.config.HF_HUB_OFFLINE)
+    return bool(_datasets().config.HF_HUB_OFFLINE)
 
 
 def source_problem(name: str, config: Optional[str] = None, cache_dir: Optional[str] = None, timeout: float = 10.0) -> Optional[str]:
@@ -94,8 +99,7 @@ def load_split(name: Optional[str] = None, data_dir: Optional[str] = None, confi
         cache_dir: where `datasets` keeps downloads and prepared files.
         split: the split to return when the dataset has several (a single split is returned as it is).
     """
-    import datasets
-
+    datasets = _datasets()
     if data_dir is not None:
         loaded = datasets.load_dataset("imagefolder", data_dir=data_dir, cache_dir=cache_dir)
     elif is_saved_dataset(name):
@@ -119,8 +123,7 @@ class Column:
     """
 
     def __init__(self, dataset, column: str):
-        import datasets
-
+        datasets = _datasets()
         dataset = dataset.select_columns([column])
         if isinstance(dataset.features[column], datasets.Image):
             dataset = dataset.cast_column(column, datasets.Image(decode=False))

@@ -16,18 +16,15 @@ from .adapter import (
     ADAPTER_CONFIG_NAME,
     LORA_DIR,
     check_load_kwargs,
-    has_lora_layers,
-    hub_kwargs,
     load_adapter_components,
-    lora_state_dict,
-    merge_lora,
     read_adapter_config,
-    read_lora,
     resolve_adapter_dir,
     save_adapter,
     update_adapter_config,
 )
+from .base_model import hub_kwargs
 from .card import adapter_model_card
+from .lora import has_lora_layers, lora_state_dict, merge_lora, read_lora
 
 # What the adapter's own config holds; everything else in it (training arguments, metrics) is carried over as is.
 _OWN_KEYS = ("base_model_name_or_path", "base_model_abspath", "revision", "unet_mode", "latent_dim")

@@ -18,24 +18,19 @@ always agree on scaling, tokenisation and the empty-prompt ("unconditional") emb
 from __future__ import annotations
 
 import hashlib
-import importlib
-import inspect
 import json
 import os
 import tempfile
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Union
+from typing import Any, Dict, Optional, Sequence, Union
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from .adapter import hub_kwargs
+from .base_model import is_text_conditioned
 from .images import ImageInput, postprocess, to_model_range
 
 # A prompt: one text, or one per image.
 PromptInput = Union[str, Sequence[str]]
-
-LATENT_COMPONENTS = ("vae", "text_encoder", "tokenizer")
-_ALLOWED_LIBRARIES = ("diffusers", "transformers")
 
 
 # ---------------------------------------------------------------------------- VAE
@@ -122,14 +117,6 @@ def empty_prompt_embeddings(
     return embedding.expand(batch_size, *embedding.shape[1:])
 
 
-def is_text_conditioned(unet: Any) -> bool:
-    """Whether the UNet takes ``encoder_hidden_states`` (a ``UNet2DConditionModel``-like model)."""
-    forward = getattr(unet, "forward", None)
-    if forward is None:
-        return False
-    return "encoder_hidden_states" in inspect.signature(forward).parameters
-
-
 def prompt_conditioning(
     unet: Any,
     text_encoder: Any,
@@ -200,69 +187,6 @@ def prompt_batch_size(prompt: Optional[Union[str, Sequence[str]]], prompt_embeds
     if prompt_embeds is not None and torch.as_tensor(prompt_embeds).ndim == 3:
         return int(prompt_embeds.shape[0])
     return 1
-
-
-# ---------------------------------------------------------------------------- base-model components
-def _read_model_index(base: str, revision: Optional[str], **kwargs) -> Dict[str, Any]:
-    local = os.path.join(base, "model_index.json")
-    if os.path.isdir(base):
-        if not os.path.isfile(local):
-            return {}
-        with open(local) as f:
-            return json.load(f)
-    from diffusers import DiffusionPipeline
-
-    try:
-        return dict(DiffusionPipeline.load_config(base, revision=revision, **kwargs))
-    except (OSError, ValueError, EnvironmentError):  # no pipeline index: a bare UNet repo
-        return {}
-
-
-def load_latent_components(
-    base: str,
-    revision: Optional[str] = None,
-    components: Iterable[str] = LATENT_COMPONENTS,
-    torch_dtype: Optional[torch.dtype] = None,
-    **kwargs,
-) -> Dict[str, Any]:
-    """Load the VAE, text encoder and tokenizer of a full diffusers pipeline (repo id or local directory).
-
-    The base's ``model_index.json`` says which components exist and their classes (e.g.
-    ``"vae": ["diffusers", "AutoencoderKL"]``); each one listed in ``components`` is loaded from its
-    subfolder. A base without ``model_index.json`` (a bare UNet), or whose index lists a component as
-    ``null``, simply yields fewer entries, so a pixel-space base returns ``{}``.
-
-    Args:
-        base: repo id or local path of the base model.
-        revision: Hub revision.
-        components: which of ``"vae"``, ``"text_encoder"``, ``"tokenizer"`` to load.
-        torch_dtype: dtype for the VAE and text encoder.
-        kwargs: passed to every ``from_pretrained`` (e.g. ``cache_dir``, ``local_files_only``).
-
-    Returns:
-        ``{name: component}`` for the components that the base has.
-
-    Raises:
-        ValueError: a component's class comes from a library other than diffusers or transformers.
-    """
-    index = _read_model_index(base, revision, **hub_kwargs(kwargs))
-    loaded: Dict[str, Any] = {}
-    for name in components:
-        entry = index.get(name)
-        if not entry or entry[0] is None or entry[1] is None:
-            continue
-        library, class_name = entry
-        if library not in _ALLOWED_LIBRARIES:
-            raise ValueError(
-                f"The base model's {name} is a {library}.{class_name}; only diffusers and transformers components are "
-                f"loaded automatically. Load it yourself and pass `{name}=...`."
-            )
-        cls = getattr(importlib.import_module(library), class_name)
-        extra = dict(kwargs)
-        if torch_dtype is not None and name != "tokenizer":
-            extra["torch_dtype"] = torch_dtype
-        loaded[name] = cls.from_pretrained(base, subfolder=name, revision=revision, **extra)
-    return loaded
 
 
 # ---------------------------------------------------------------------------- latent cache
@@ -374,18 +298,6 @@ def _write_json(path: str, obj: Any) -> None:
         json.dump(obj, f, indent=2, sort_keys=True)
 
 
-__all__: List[str] = [
-    "LATENT_COMPONENTS",
-    "LatentCache",
-    "empty_prompt_embeddings",
-    "images_to_latents",
-    "latents_to_images",
-    "load_latent_components",
-    "prompt_embeddings",
-    "vae_scale_factor",
-]
-
-
 def repeat_per_image(value: Any, k: int) -> Any:
     """A prompt list or a batch of embeddings with each entry repeated ``k`` times (once per image it makes);
     a single prompt, a single embedding or None as it is."""
@@ -416,15 +328,15 @@ class LatentPipelineMixin:
         """Pixels per latent cell and side (8 for Stable Diffusion); 1 without a VAE."""
         return vae_scale_factor(self.vae) if self.is_latent else 1
 
-    def _sample_shape(self) -> tuple:
+    def sample_shape(self) -> tuple:
         """(C, H, W) of the UNet's input: pixels, or scaled VAE latents for latent diffusion."""
         size = self.unet.config.sample_size
         size = (size, size) if isinstance(size, int) else tuple(size)
         return (self.unet.config.in_channels, *size)
 
-    def _image_shape(self) -> tuple:
+    def image_shape(self) -> tuple:
         """(C, H, W) of the images the pipeline takes and returns."""
-        channels, height, width = self._sample_shape()
+        channels, height, width = self.sample_shape()
         if not self.is_latent:
             return channels, height, width
         f = self.vae_scale_factor
@@ -440,7 +352,7 @@ class LatentPipelineMixin:
         tensors with nearest interpolation). Without a VAE ``x_0`` is the pixels in [-1, 1]; with
         one, the VAE latent mean scaled by ``vae.config.scaling_factor`` (deterministic, no gradient).
         """
-        channels, height, width = self._image_shape()
+        channels, height, width = self.image_shape()
         images = to_model_range(images, channels=channels, size=(height, width))
         device = self._execution_device
         if self.is_latent:

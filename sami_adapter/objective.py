@@ -62,7 +62,15 @@ import torch
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-from .guidance import add_noise, alpha_sigma_from_alphas_cumprod, guided_output, posterior_score, predicted_clean, to_epsilon
+from .guidance import (
+    add_noise,
+    alpha_sigma_from_alphas_cumprod,
+    clean_guidance_coefficient,
+    guided_output,
+    posterior_score,
+    predicted_clean,
+    to_epsilon,
+)
 from .rate import RateControl, rate_terms
 
 
@@ -86,7 +94,7 @@ class SAMILossOutput(BaseOutput):
         rate: the measurements of :func:`sami_adapter.rate.rate_terms` (detached) when ``rate`` was
             given: information upper bound, mismatch (per dimension too), TC, MI, dimension-wise KL.
         intervention_loss: the per-dimension intervention loss (detached) when it was used.
-        latents: (B, D) the codes ``z`` drawn (detached), e.g. to train a TC discriminator.
+        z: (B, D) the codes drawn from ``q(z | x_0)`` (detached), e.g. to train a TC discriminator.
         posterior_mean: (B, D) the means of ``q(z | x_0)`` (detached).
     """
 
@@ -101,7 +109,7 @@ class SAMILossOutput(BaseOutput):
     negative_elbo: Optional[torch.Tensor] = None
     rate: Optional[Dict[str, torch.Tensor]] = None
     intervention_loss: Optional[torch.Tensor] = None
-    latents: Optional[torch.Tensor] = None
+    z: Optional[torch.Tensor] = None
     posterior_mean: Optional[torch.Tensor] = None
 
 
@@ -135,6 +143,14 @@ def elbo_constant(scheduler: Any, clean_images: torch.Tensor) -> torch.Tensor:
     prior_term = 0.5 * (abar_T * x0**2 + (1 - abar_T) - 1 - torch.log(1 - abar_T)).sum(dim=1)
     decoder_normaliser = 0.5 * num_pixels * torch.log(2 * torch.pi * betas[0])
     return prior_term + decoder_normaliser
+
+
+def sample_timesteps(batch: int, num_train_timesteps: int, timestep_probs: Optional[torch.Tensor] = None,
+                     generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """(B,) training timesteps on the generator's device: uniform on [0, T), or drawn from ``timestep_probs`` (T,)."""
+    if timestep_probs is None:
+        return torch.randint(0, num_train_timesteps, (batch,), generator=generator, device=generator.device if generator else "cpu")
+    return torch.multinomial(timestep_probs.float().cpu(), batch, replacement=True, generator=generator)
 
 
 def _model_output(unet: Callable, sample: torch.Tensor, timesteps: torch.Tensor, unet_kwargs: Dict) -> torch.Tensor:
@@ -220,11 +236,7 @@ def sami_loss(
     z = posterior.sample(generator=generator) if latent_noise is None else posterior.mean + posterior.std * latent_noise.to(posterior.mean)
 
     if timesteps is None:
-        if timestep_probs is None:
-            timesteps = torch.randint(0, num_train_timesteps, (batch,), generator=generator, device=generator.device if generator else "cpu")
-        else:
-            timesteps = torch.multinomial(timestep_probs.float().cpu(), batch, replacement=True, generator=generator)
-        timesteps = timesteps.to(device)
+        timesteps = sample_timesteps(batch, num_train_timesteps, timestep_probs, generator).to(device)
     timesteps = timesteps.long()
     if noise is None:
         noise = randn_tensor(clean_images.shape, generator=generator, device=device, dtype=clean_images.dtype)
@@ -293,7 +305,7 @@ def sami_loss(
         negative_elbo=negative_elbo,
         rate=rate_out,
         intervention_loss=None if intervention is None else intervention.detach(),
-        latents=z.detach(),
+        z=z.detach(),
         posterior_mean=posterior.mean.detach(),
     )
 
@@ -309,8 +321,8 @@ def _intervention_loss(encoder, z, noisy, timesteps, eps_theta, alpha, sigma, nu
     alpha, sigma = alpha.float(), sigma.float()
     x0_hat = predicted_clean(noisy.float(), eps_theta, alpha, sigma).detach()
     zeros = torch.zeros(batch, device=z.device, dtype=torch.long)
-    step = (sigma**2 / alpha).view((-1,) + (1,) * (field.ndim - 1))  # what field i changes in x0_hat: (s_t^2 / a_t) grad log q(z_i | x_t)
-    moved = encoder(x0_hat + step * field, zeros).mean
+    shift = clean_guidance_coefficient(alpha, sigma).view((-1,) + (1,) * (field.ndim - 1))  # what field i changes in x0_hat: (4)
+    moved = encoder(x0_hat + shift * field, zeros).mean
     base = encoder(x0_hat, zeros)
     delta_sq = (moved - base.mean) ** 2
     # The posterior variance in the denominator: a change within the code's own uncertainty is no change,

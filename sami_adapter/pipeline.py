@@ -16,7 +16,9 @@ from .hub import AdapterPipelineMixin
 from .encoder import LatentPosterior, SAMIEncoder, check_encoder_fits_unet
 from .guidance import add_noise, apply_guidance, check_first_step, check_scheduler, check_timesteps, encoder_noise_level, frozen_parameters, posterior_score
 from .images import ImageInput
-from .latent import LATENT_COMPONENTS, LatentPipelineMixin, PromptInput, prompt_batch_size, repeat_per_image
+from .base_model import LATENT_COMPONENTS
+from .decoding import CodeDecodingMixin
+from .latent import LatentPipelineMixin, PromptInput, prompt_batch_size, repeat_per_image
 
 
 @dataclass
@@ -32,7 +34,7 @@ class SAMIPipelineOutput(ImagePipelineOutput):
     z: Optional[torch.Tensor] = None
 
 
-class SAMIPipeline(AdapterPipelineMixin, LatentPipelineMixin, DiffusionPipeline):
+class SAMIPipeline(AdapterPipelineMixin, CodeDecodingMixin, LatentPipelineMixin, DiffusionPipeline):
     r"""Sample from a diffusion model guided by a SAMI code ``z``.
 
     The UNet is the unconditional denoiser ``eps_theta(x_t, t)``; the encoder is the SAMI inference
@@ -124,7 +126,7 @@ class SAMIPipeline(AdapterPipelineMixin, LatentPipelineMixin, DiffusionPipeline)
         """
         x0 = self.preprocess(images)
         if timesteps is None:
-            return self.encoder(x0, torch.zeros(x0.shape[0], device=x0.device, dtype=torch.long))
+            return self.encoder(x0)  # t = 0: the clean posterior
         requested = torch.as_tensor(np.asarray(timesteps) if not isinstance(timesteps, torch.Tensor) else timesteps)
         multiscale = requested.ndim > 0  # a Python/numpy/tensor scalar encodes at one level, a sequence at several
         if requested.ndim > 1 or requested.dtype == torch.bool or requested.numel() == 0:
@@ -278,12 +280,7 @@ class SAMIPipeline(AdapterPipelineMixin, LatentPipelineMixin, DiffusionPipeline)
         check_scheduler(self.scheduler)
         z, cond, uncond = self._prepare_codes(prompt, z, batch_size, generator, negative_prompt, prompt_embeds, negative_prompt_embeds,
                                               guidance_scale, num_images_per_prompt)
-        shape = (z.shape[0], *self._sample_shape())
-        if latents is None:
-            latents = randn_tensor(shape, generator=generator, device=self._execution_device, dtype=self.unet.dtype)
-        elif tuple(latents.shape) != shape:
-            raise ValueError(f"latents must have shape {shape} (one noise image per code), got {tuple(latents.shape)}.")
-        tensors = {"latents": latents.to(device=self._execution_device, dtype=self.unet.dtype), "z": z,
+        tensors = {"latents": self.prepare_latents(z.shape[0], generator, latents), "z": z,
                    "prompt_embeds": cond, "negative_prompt_embeds": uncond}
         with frozen_parameters(self.encoder):
             sample = self._denoise(tensors, num_inference_steps, float(sami_scale), guidance_scale, generator, eta,
@@ -378,72 +375,33 @@ class SAMIPipeline(AdapterPipelineMixin, LatentPipelineMixin, DiffusionPipeline)
         if isinstance(generator, (list, tuple)) and n is not None and len(generator) != n:
             raise ValueError(f"A list of generators needs one per sample: got {len(generator)} for a batch of {n}.")
 
-    # ------------------------------------------------------------------ uses of the code
-    def _shared_noise(self, n: int, generator: Optional[torch.Generator], latents: Optional[torch.Tensor]) -> torch.Tensor:
-        """One initial noise image repeated n times, so only the code differs between outputs."""
-        if latents is None:
-            latents = randn_tensor((1, *self._sample_shape()), generator=generator, device=self._execution_device, dtype=self.unet.dtype)
-        if latents.shape[0] == 1:
-            latents = latents.expand(n, *latents.shape[1:]).clone()
-        return latents
-
-    def reconstruct(self, images: ImageInput, **kwargs) -> Union[SAMIPipelineOutput, tuple]:
-        """Decode ``z = mean(q(z | x_0))`` of ``images``; ``kwargs`` go to :meth:`__call__`."""
-        z = self.encode(images).mean
-        return self(z=z, **kwargs)
-
-    def traverse(
+    # ------------------------------------------------------------------ initial noise
+    def prepare_latents(
         self,
-        z_or_image: Union[torch.Tensor, ImageInput],
-        dim: int,
-        values: Sequence[float],
-        generator: Optional[torch.Generator] = None,
+        batch_size: int,
+        generator: Optional[Union[torch.Generator, List[torch.Generator]]] = None,
         latents: Optional[torch.Tensor] = None,
-        **kwargs,
-    ) -> Union[SAMIPipelineOutput, tuple]:
-        """Move one code coordinate through ``values``, all else fixed (same code, same initial noise).
+        shared: bool = False,
+    ) -> torch.Tensor:
+        """The initial noise of the UNet input, (batch_size, C, h, w) on the pipeline's device, as diffusers' pipelines
+        prepare it (before ``scheduler.init_noise_sigma`` scales it).
 
         Args:
-            z_or_image: a code (latent_dim,) / (1, latent_dim), or one image to encode (posterior mean).
-            dim: the coordinate to move.
-            values: the values it takes, one output image each.
-            generator: generator of the shared initial noise.
-            latents: shared initial noise (1, C, H, W); drawn when None.
-            kwargs: passed to :meth:`__call__`.
+            batch_size: how many images.
+            generator: generator(s) of the noise drawn when ``latents`` is None.
+            latents: noise to use: (batch_size, C, h, w), or with ``shared`` one image (1, C, h, w).
+            shared: one noise image for the whole batch, so only the code differs between the outputs
+                (traversals, interpolations).
         """
-        if isinstance(z_or_image, torch.Tensor) and z_or_image.ndim <= 2 and z_or_image.shape[-1] == self.latent_dim:
-            z = self.check_z(z_or_image)
-        else:
-            z = self.encode(z_or_image).mean
-        if z.shape[0] != 1:
-            raise ValueError(f"traverse takes one code or one image, got a batch of {z.shape[0]}; call it once per item.")
-        if not 0 <= dim < self.latent_dim:
-            raise ValueError(f"dim must be in [0, {self.latent_dim}), got {dim}.")
-        values = [float(v) for v in np.asarray(values, dtype=np.float64).reshape(-1)]
-        if not values:
-            raise ValueError("values is empty: traverse makes one image per value; pass at least one, e.g. values=[-2, 0, 2].")
-        if not np.isfinite(values).all():
-            raise ValueError(f"values must be finite numbers, got {values}.")
-        codes = z.repeat(len(values), 1)
-        codes[:, dim] = torch.as_tensor(list(values), device=codes.device, dtype=codes.dtype)
-        return self(z=codes, latents=self._shared_noise(len(values), generator, latents), generator=generator, **kwargs)
-
-    def interpolate(
-        self,
-        z_a: torch.Tensor,
-        z_b: torch.Tensor,
-        steps: int = 8,
-        generator: Optional[torch.Generator] = None,
-        latents: Optional[torch.Tensor] = None,
-        **kwargs,
-    ) -> Union[SAMIPipelineOutput, tuple]:
-        """Decode ``(1 - w) z_a + w z_b`` for ``steps`` evenly spaced ``w`` in [0, 1], with shared initial noise."""
-        z_a, z_b = self.check_z(z_a), self.check_z(z_b)
-        if z_a.shape[0] != 1 or z_b.shape[0] != 1:
-            raise ValueError(f"interpolate takes one code at each end, got batches of {z_a.shape[0]} and {z_b.shape[0]}.")
-        if steps < 2:
-            raise ValueError(f"steps must be >= 2, got {steps}.")
-        w = torch.linspace(0, 1, steps, device=z_a.device, dtype=z_a.dtype).view(-1, 1)
-        codes = (1 - w) * z_a + w * z_b
-        return self(z=codes, latents=self._shared_noise(steps, generator, latents), generator=generator, **kwargs)
-
+        shape = (batch_size, *self.sample_shape())
+        if shared:
+            if latents is None:
+                latents = randn_tensor((1, *shape[1:]), generator=generator, device=self._execution_device, dtype=self.unet.dtype)
+            if latents.shape[0] == 1:
+                latents = latents.expand(batch_size, *latents.shape[1:]).clone()
+            return latents
+        if latents is None:
+            return randn_tensor(shape, generator=generator, device=self._execution_device, dtype=self.unet.dtype)
+        if tuple(latents.shape) != shape:
+            raise ValueError(f"latents must have shape {shape} (one noise image per code), got {tuple(latents.shape)}.")
+        return latents.to(device=self._execution_device, dtype=self.unet.dtype)

@@ -9,13 +9,13 @@ from typing import Any, Dict, List, Optional, Sequence
 import numpy as np
 
 from .evaluation import active_dimensions
+from .extras import import_extra
 from .report import aggregate, format_value
 
 
 def _pyplot():
     """matplotlib's pyplot on the Agg backend (no display needed)."""
-    import matplotlib
-
+    matplotlib = import_extra("matplotlib", "The plots")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

@@ -42,9 +42,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
 from .encoder import LatentPosterior
-
-LOG_2PI = math.log(2 * math.pi)
-
+from .guidance import LOG_2PI, diagonal_gaussian_log_density
 
 def _aggregate_moments(mean: torch.Tensor, logvar: torch.Tensor):
     """Mean (D,) and covariance (D, D) of the mixture ``1/B sum_b N(mu_b, diag sigma_b^2)``."""
@@ -86,7 +84,7 @@ def _log_density_matrix(z: torch.Tensor, mean: torch.Tensor, logvar: torch.Tenso
     """(B, B, D): ``log N(z_i,d; mu_j,d, sigma_j,d^2)`` for every pair of codes i and posteriors j."""
     dtype = torch.promote_types(mean.dtype, torch.float32)
     z, mean, logvar = z.to(dtype)[:, None, :], mean.to(dtype)[None], logvar.to(dtype)[None]
-    return -0.5 * ((z - mean) ** 2 * torch.exp(-logvar) + logvar + LOG_2PI)
+    return diagonal_gaussian_log_density(z, mean, logvar)
 
 
 def mixture_information(mean: torch.Tensor, logvar: torch.Tensor, generator: Optional[torch.Generator] = None,

@@ -1,13 +1,14 @@
 """The evaluation harness and its pictures: tables, JSON, image grids and finetune's training report.
 
-The measurements themselves live in :mod:`sami_adapter.evaluation` (and the array-level scores in
+The measurements themselves live in :mod:`sami_adapter.evaluation`, :mod:`sami_adapter.noise_levels` and
+:mod:`sami_adapter.representation` (and the array-level scores in
 :mod:`sami_adapter.metrics`), the plots in :mod:`sami_adapter.plotting`; ``examples/finetune.py``,
 ``evaluate.py``, ``compare.py`` and ``rate_sweep.py`` write their results with the helpers here.
 
 * :func:`flat_metrics` / :func:`metrics_table_markdown`: one table, one column per model (mean ±
   std over seeds when a column holds several runs); :func:`rate_study_table`: the rate study's table.
 * :func:`axes_to_json`, :func:`profile_to_json`, :func:`write_json`: strict JSON of the measurements.
-* :func:`reconstructions`, :func:`traversal_rows`, :func:`save_image_grid`: the pictures.
+* :func:`traversal_rows`: the traversal picture (image grids: :mod:`sami_adapter.images`).
 * :func:`write_report`: the end-of-training report of ``examples/finetune.py``.
 """
 
@@ -20,10 +21,11 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 import torch
-from PIL import Image
 
-from .evaluation import ACTIVE_KL_NATS, INFORMATION_MEASURE, active_dimensions, disk_reconstruction_r2, guidance_gain, informative_dimensions
-from .images import model_from_unit, unit_from_model
+from .encoder import ACTIVE_KL_NATS, TRAVERSAL_RANGE
+from .evaluation import active_dimensions, disk_reconstruction_r2, guidance_gain, informative_dimensions, reconstructions
+from .noise_levels import INFORMATION_MEASURE
+from .images import model_from_unit, save_image_grid, unit_from_model
 from .usefulness import usefulness_rows
 
 
@@ -32,7 +34,7 @@ COUNT_ROWS = ("training steps", "training seconds")  # table rows shown as whole
 
 # ---------------------------------------------------------------------------------------- markdown and JSON
 def axes_to_json(axes: Dict[str, Any]) -> Dict[str, Any]:
-    """JSON-ready summary of :func:`~sami_adapter.evaluation.discover_axes` (the per-image codes are left out)."""
+    """JSON-ready summary of :func:`~sami_adapter.noise_levels.discover_axes` (the per-image codes are left out)."""
     out = profile_to_json(axes["profile"], axes["levels"])
     out["measure"] = INFORMATION_MEASURE
     out["active_dims"] = axes["levels"]["active"]
@@ -45,7 +47,7 @@ def axes_to_json(axes: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def mechanism_markdown(table: Dict[str, Any]) -> str:
-    """The :func:`~sami_adapter.evaluation.mechanism_table` as a markdown table."""
+    """The :func:`~sami_adapter.noise_levels.mechanism_table` as a markdown table."""
     lines = ["| dimension | codes | rank corr | t* (dimension) | noise scale of the factor |", "|---|---|---|---|---|"]
     lines += [f"| z{r['dim']} | {r['factor']} | {r['rank_corr']:.2f} | {format_value(r['t_star'], '.0f')} | {format_value(r['factor_noise_scale'], '.0f')} |"
               for r in table["rows"]]
@@ -275,48 +277,6 @@ def write_json(path: str, obj: Any) -> str:
 
 
 # ---------------------------------------------------------------------------------------- pictures
-def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """(N, C, H, W) in [-1, 1] -> (N, H, W, C) uint8."""
-    x = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return x.permute(0, 2, 3, 1).numpy()
-
-
-def image_grid(images: torch.Tensor, nrow: int, scale: int = 1, pad: int = 1) -> Image.Image:
-    """Tile (N, C, H, W) images in [-1, 1] into one PIL image with ``nrow`` images per row."""
-    arr = to_uint8(images)
-    n, h, w, c = arr.shape
-    ncol = nrow
-    nrows = int(np.ceil(n / ncol))
-    grid = np.full((nrows * (h + pad) + pad, ncol * (w + pad) + pad, c), 128, dtype=np.uint8)
-    for i in range(n):
-        r, q = divmod(i, ncol)
-        grid[pad + r * (h + pad) : pad + r * (h + pad) + h, pad + q * (w + pad) : pad + q * (w + pad) + w] = arr[i]
-    img = Image.fromarray(grid[..., 0] if c == 1 else grid)
-    if scale != 1:
-        img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
-    return img
-
-
-def save_image_grid(images: torch.Tensor, path: str, nrow: int = 8, scale: int = 1) -> str:
-    """Save ``image_grid(images, nrow, scale)`` as a PNG at ``path`` (folders created)."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    image_grid(images, nrow, scale).save(path)
-    return path
-
-
-@torch.no_grad()
-def reconstructions(model: Any, images: torch.Tensor, num_inference_steps: int = 50, eta: float = 1.0, seed: int = 0, **decode_kwargs) -> torch.Tensor:
-    """Decodes of ``z = mean q(z | x_0)`` of ``images`` (N, C, H, W) in [-1, 1], on the CPU; noise from ``seed``.
-
-    ``model``: a :class:`~sami_adapter.SAMIPipeline` or a baseline (the same ``reconstruct``);
-    ``decode_kwargs`` go to ``reconstruct`` (a pipeline's ``sami_scale``).
-    """
-    generator = torch.Generator().manual_seed(seed)
-    out = model.reconstruct(unit_from_model(images), num_inference_steps=num_inference_steps, eta=eta, generator=generator, output_type="pt",
-                            **decode_kwargs)
-    return model_from_unit(out.images.cpu())
-
-
 @torch.no_grad()
 def traversal_rows(
     pipe: Any,
@@ -328,31 +288,15 @@ def traversal_rows(
     sami_scale: float = 1.0,
     max_batch: int = 64,
 ) -> torch.Tensor:
-    """One traversal row per dimension in ``dims``, stacked: (len(dims) * len(values), C, H, W) on the CPU.
+    """One traversal row per dimension in ``dims``, stacked: (len(dims) * len(values), C, H, W) in [-1, 1] on the CPU.
 
-    Each row starts from the posterior mean of ``image`` and moves one coordinate through its
-    ``values`` (one list for every row, or one list per row). Every row uses DDIM eta 0 and the same
-    initial noise (from ``seed``), so within and across rows only the code changes.
+    :meth:`~sami_adapter.SAMIPipeline.traverse` from the posterior mean of ``image`` (one list of
+    ``values`` for every row, or one per row), with DDIM eta 0 and one initial noise (from ``seed``)
+    for every row, so within and across rows only the code changes; decoded ``max_batch`` images at a time.
     """
-    per_row = list(values) if len(values) and isinstance(values[0], (list, tuple, np.ndarray)) else [list(values)] * len(dims)
-    if len(per_row) != len(dims):
-        raise ValueError(f"got {len(per_row)} value lists for {len(dims)} dimensions.")
-    z = pipe.encode(unit_from_model(image[:1])).mean
-    codes = []
-    for d, row_values in zip(dims, per_row):
-        if not 0 <= d < z.shape[1]:
-            raise ValueError(f"dimension {d} does not exist; the code has {z.shape[1]}.")
-        row = z.repeat(len(row_values), 1)
-        row[:, d] = torch.as_tensor([float(v) for v in row_values], device=row.device, dtype=row.dtype)
-        codes.append(row)
-    codes = torch.cat(codes)
-    # Every row's decode starts from the same noise (eta 0 draws nothing else), so the rows are
-    # decoded together, in batches of up to max_batch images: far fewer steps of framework cost.
-    noise = pipe._shared_noise(1, torch.Generator().manual_seed(seed), None)
-    images = [pipe(z=codes[i : i + max_batch], latents=noise.expand(len(codes[i : i + max_batch]), *noise.shape[1:]).clone(),
-                   num_inference_steps=num_inference_steps, eta=0.0, output_type="pt", sami_scale=sami_scale).images.cpu()
-              for i in range(0, len(codes), max_batch)]
-    return model_from_unit(torch.cat(images))
+    out = pipe.traverse(unit_from_model(image[:1]), list(dims), values, generator=torch.Generator().manual_seed(seed),
+                        max_batch_size=max_batch, num_inference_steps=num_inference_steps, eta=0.0, output_type="pt", sami_scale=sami_scale)
+    return model_from_unit(out.images.cpu())
 
 
 # ---------------------------------------------------------------------------------------- training report
@@ -415,7 +359,7 @@ def write_report(
     else:
         recon = reconstructions(pipe, images[:n_show], num_inference_steps, eta, seed)
     save_image_grid(torch.cat([images[:n_show].cpu(), recon]), os.path.join(report_dir, "reconstructions.png"), nrow=n_show, scale=4)
-    values = torch.linspace(-2.5, 2.5, 9).tolist()
+    values = torch.linspace(-TRAVERSAL_RANGE, TRAVERSAL_RANGE, 9).tolist()
     rows = traversal_rows(pipe, images[:1], order[: max(len(active), 1)], values, num_inference_steps, seed)
     save_image_grid(rows, os.path.join(report_dir, "traversals.png"), nrow=len(values), scale=4)
     with open(os.path.join(report_dir, "report.json"), "w") as f:

@@ -1,10 +1,10 @@
 """Training plumbing for examples/finetune.py: deterministic step batches, image folders, timestep
-emphasis and the KL-weight schedule."""
+emphasis, the KL-weight schedule and :class:`SAMIObjective` (the loss as a module, for DDP)."""
 
 from __future__ import annotations
 
 import os
-from typing import Dict, Optional
+from typing import Any, Dict, Optional
 
 import numpy as np
 import torch
@@ -12,6 +12,7 @@ from torch.utils.data import Dataset, Sampler
 
 from .data.base import FactorDataset
 from .images import SIXTEEN_BIT_MODES, pil_to_array
+from .objective import sami_loss, sample_timesteps
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
@@ -38,7 +39,7 @@ def timestep_distribution(kind: str, num_train_timesteps: int = 1000) -> Optiona
     return probs / probs.sum()
 
 
-class ImageFolderDataset(Dataset):
+class ImageDataset(Dataset):
     """Images from a folder (recursively) or a saved `datasets` dataset, resized, cropped, in [-1, 1].
 
     Args:
@@ -64,25 +65,15 @@ class ImageFolderDataset(Dataset):
         self.captions = captions
 
     @classmethod
-    def from_folder(cls, path: str, resolution: int, channels: int, **kwargs) -> "ImageFolderDataset":
-        """Every image file under ``path`` (searched recursively), in sorted order; ``kwargs`` as in the class."""
-        if not os.path.isdir(path):
-            raise ValueError(f"{path!r} is not a directory; pass a folder of {'/'.join(IMAGE_EXTENSIONS)} images.")
-        files = sorted(os.path.join(root, f) for root, _, fs in os.walk(path) for f in fs if f.lower().endswith(IMAGE_EXTENSIONS))
-        return cls(files, resolution, channels, **kwargs)
-
-    @classmethod
-    def from_saved_dataset(cls, path: str, image_column: str, resolution: int, channels: int, **kwargs) -> "ImageFolderDataset":
+    def from_saved_dataset(cls, path: str, image_column: str, resolution: int, channels: int, **kwargs) -> "ImageDataset":
         """The ``image_column`` of a `datasets` dataset saved with ``save_to_disk`` (its ``train`` split when it has splits)."""
-        try:
-            from .hf_data import load_split
-        except ImportError as e:
-            raise ImportError("Reading a saved dataset needs the `datasets` package: pip install datasets") from e
+        from .hf_data import load_split
+
         return cls.from_datasets(load_split(path), image_column, resolution, channels, **kwargs)
 
     @classmethod
     def from_datasets(cls, dataset, image_column: str, resolution: int, channels: int, caption_column: Optional[str] = None,
-                      **kwargs) -> "ImageFolderDataset":
+                      **kwargs) -> "ImageDataset":
         """Images (and captions) of a ``datasets.Dataset``, decoded one at a time when used."""
         from .hf_data import Column
 
@@ -222,10 +213,7 @@ class StepBatches:
             raise ValueError("batch(with_images=False) needs sample_shape: the noise takes its shape from it.")
         images = self.images(k) if with_images else None
         g = torch.Generator().manual_seed(int(self._rng(k).integers(0, 2**62)))
-        if timestep_probs is None:
-            timesteps = torch.randint(0, num_train_timesteps, (self.batch_size,), generator=g)
-        else:
-            timesteps = torch.multinomial(timestep_probs.float(), self.batch_size, replacement=True, generator=g)
+        timesteps = sample_timesteps(self.batch_size, num_train_timesteps, timestep_probs, g)
         noise_shape = (self.batch_size, *sample_shape) if sample_shape is not None else images.shape
         batch = {
             "indices": self.indices(k),
@@ -280,6 +268,54 @@ class StepShardSampler(Sampler):
             for micro in range(self.accumulation):
                 first = (micro * self.world + self.rank) * self.batch_size
                 yield [(step, p, indices[p]) for p in range(first, first + self.batch_size)]
+
+
+# ---------------------------------------------------------------------------- the objective as a module
+def _is_frozen_unet_key(key: str) -> bool:
+    return "trainable_unet." in key and "lora_" not in key
+
+
+def _drop_frozen_unet_weights(module, state_dict, prefix, local_metadata):
+    for key in [k for k in state_dict if k.startswith(prefix) and _is_frozen_unet_key(k[len(prefix):])]:
+        del state_dict[key]
+
+
+def _allow_missing_frozen_unet_weights(module, incompatible_keys):
+    incompatible_keys.missing_keys[:] = [k for k in incompatible_keys.missing_keys if not _is_frozen_unet_key(k)]
+
+
+class SAMIObjective(torch.nn.Module):
+    """Encoder (+ UNet) whose forward is :func:`~sami_adapter.objective.sami_loss`: one forward per backward, as DDP wants.
+
+    Args:
+        encoder: the :class:`~sami_adapter.SAMIEncoder` being trained.
+        unet: the base UNet.
+        train_unet: whether the UNet (or its LoRA layers) is trained; a frozen UNet is kept out of the
+            module tree, so DDP does not wrap it and checkpoints do not copy its weights.
+        lora_only: the UNet trains LoRA layers only: checkpoints leave its frozen base weights out
+            (they come from the base model).
+    """
+
+    def __init__(self, encoder: torch.nn.Module, unet: torch.nn.Module, train_unet: bool, lora_only: bool = False):
+        super().__init__()
+        self.encoder = encoder
+        self.train_unet = train_unet
+        if train_unet:
+            self.trainable_unet = unet
+        else:  # kept out of the module tree: DDP does not wrap it and checkpoints do not copy its weights
+            object.__setattr__(self, "frozen_unet", unet)
+        if lora_only:  # LoRA: the UNet's frozen base weights come from the base model, so checkpoints leave them out
+            self.register_state_dict_post_hook(_drop_frozen_unet_weights)
+            self.register_load_state_dict_post_hook(_allow_missing_frozen_unet_weights)
+
+    @property
+    def unet(self) -> torch.nn.Module:
+        return self.trainable_unet if self.train_unet else self.frozen_unet
+
+    def forward(self, clean: torch.Tensor, scheduler: Any, **kwargs) -> Dict[str, Any]:
+        """``sami_loss(unet, encoder, scheduler, clean, train_unet=..., **kwargs)`` as a plain dict."""
+        # A plain dict: accelerate's mixed-precision output conversion rebuilds mappings as type(out)(dict).
+        return dict(sami_loss(self.unet, self.encoder, scheduler, clean, train_unet=self.train_unet, **kwargs))
 
 
 def dataset_images(dataset, n: int) -> torch.Tensor:

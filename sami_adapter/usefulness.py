@@ -137,7 +137,7 @@ def digits_usefulness(encode_fn, resolution: int, batch_size: int = 256, referen
         and with ``references`` a ``references`` dict of the same entries for ``pca`` and ``pixels``.
     """
     from .data.digits import digit_split
-    from .evaluation import encode_codes
+    from .representation import encode_codes
 
     c_train = encode_codes(encode_fn, torch.from_numpy(digit_split("train", resolution)[0]), batch_size)
     c_test = encode_codes(encode_fn, torch.from_numpy(digit_split("test", resolution)[0]), batch_size)

@@ -8,6 +8,9 @@ import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# A script run as `python examples/X.py` finds its sibling modules (examples/_args.py) on sys.path[0]; loaded here, it
+# finds them through this entry.
+sys.path.insert(0, os.path.join(ROOT, "examples"))
 
 
 def load_example(name: str):

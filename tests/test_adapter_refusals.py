@@ -11,7 +11,8 @@ from safetensors.torch import load_file
 from tiny import tiny_encoder, tiny_unet
 
 from sami_adapter import SAMIPipeline
-from sami_adapter.adapter import add_lora, save_adapter
+from sami_adapter.adapter import save_adapter
+from sami_adapter.lora import add_lora
 
 
 def _base(path):

@@ -13,19 +13,13 @@ from scripts import load_example
 from tiny import tiny_pipeline
 
 from sami_adapter.adapter import save_adapter
-from sami_adapter.evaluation import (
-    active_dimensions,
-    characteristic_noise_levels,
-    elbo_bits_per_dim,
-    factor_noise_levels,
-    information_profile,
-    noise_order_agreement,
-)
+from sami_adapter.evaluation import active_dimensions, elbo_bits_per_dim
+from sami_adapter.noise_levels import characteristic_noise_levels, factor_noise_levels, information_profile, noise_order_agreement
 from sami_adapter.baselines import PDAE, BetaVAE, DiffAE, train_beta_vae, train_diffae
 from sami_adapter.data import Disks, MovingDisks
 from sami_adapter.guidance import alpha_sigma_from_alphas_cumprod
 from sami_adapter.metrics import factor_alignment
-from sami_adapter.evaluation import representation_metrics, trajectory_curvatures
+from sami_adapter.representation import representation_metrics, trajectory_curvatures
 from sami_adapter.plotting import plot_information_profile
 from sami_adapter.report import flat_metrics, metrics_table_markdown, profile_table_markdown
 

@@ -101,7 +101,7 @@ def test_active_dimensions_order_and_cached_levels(explorer, adapter_dir):
     assert again.order == explorer.order[::-1] and again.axes_cache.startswith(edited)
     np.testing.assert_allclose(again.kl, explorer.kl)
     # An evaluation report in the adapter directory (what examples/evaluate.py writes) takes precedence over measuring.
-    from sami_adapter.evaluation import discover_axes
+    from sami_adapter.noise_levels import discover_axes
     from sami_adapter.report import axes_to_json, write_json
 
     axes = discover_axes(explorer.pipe, explorer.examples[:16], timesteps=[0, 200, 400, 600, 800, 999], seed=1)

@@ -19,7 +19,7 @@ from tiny import tiny_unet
 
 from sami_adapter import SAMIPipeline, sami_loss
 from sami_adapter.hf_data import load_split, source_problem
-from sami_adapter.training import ImageFolderDataset, StepBatches, StepItems, StepShardSampler
+from sami_adapter.training import ImageDataset, StepBatches, StepItems, StepShardSampler
 
 finetune = load_example("finetune")
 
@@ -58,11 +58,11 @@ def test_imagefolder_reads_metadata_captions_and_decodes_each_image_exactly(tmp_
     folder = _image_folder(tmp_path / "imgs")
     table = load_split(data_dir=str(folder))
     assert set(table.column_names) == {"image", "text"} and len(table) == 6
-    data = ImageFolderDataset.from_datasets(table, "image", 8, 1, caption_column="text", center_crop=True)
+    data = ImageDataset.from_datasets(table, "image", 8, 1, caption_column="text", center_crop=True)
     rng = np.random.default_rng(0)
     for i in range(len(data)):
         path = table.cast_column("image", datasets.Image(decode=False))[i]["image"]["path"]
-        expected = ImageFolderDataset([path], 8, 1, center_crop=True).load(0, np.random.default_rng(0))
+        expected = ImageDataset([path], 8, 1, center_crop=True).load(0, np.random.default_rng(0))
         assert torch.equal(data.load(i, rng), expected)
         assert data.caption(i, rng) == f"a picture number {os.path.basename(path)[:-4]}"
 
@@ -74,7 +74,7 @@ def test_dataset_name_trains_on_a_local_parquet_folder(base_dir, tmp_path):
     datasets.Dataset.from_dict({"img": images, "label": list(range(5))}).cast_column("img", datasets.Image()).to_parquet(
         str(folder / "train.parquet"))
     table = load_split(str(folder))
-    loaded = ImageFolderDataset.from_datasets(table, "img", 8, 1, center_crop=True)
+    loaded = ImageDataset.from_datasets(table, "img", 8, 1, center_crop=True)
     for i, image in enumerate(images):  # 8 px in, 8 px out: no resampling, so the pixels come back exactly
         want = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0)[None]
         assert torch.equal(loaded.load(i, np.random.default_rng(0)), want)
@@ -100,7 +100,7 @@ def test_a_save_to_disk_folder_is_detected_and_its_train_split_used(base_dir, tm
     other = datasets.Dataset.from_dict({"image": _grey_images(1)}).cast_column("image", datasets.Image())
     datasets.DatasetDict({"train": train, "test": other}).save_to_disk(str(saved))
     assert source_problem(str(saved)) is None and len(load_split(str(saved))) == 4
-    assert len(ImageFolderDataset.from_saved_dataset(str(saved), "image", 8, 1)) == 4
+    assert len(ImageDataset.from_saved_dataset(str(saved), "image", 8, 1)) == 4
     out = tmp_path / "o"
     finetune.main(_args(base_dir, out, "--dataset_name", str(saved), "--max_train_steps", "2", "--no_report"))
     assert (out / "encoder" / "diffusion_pytorch_model.safetensors").exists()
@@ -201,7 +201,7 @@ def test_a_text_conditioned_base_trains_on_its_captions(tmp_path):
 
 def test_empty_prompt_share_is_a_function_of_seed_step_and_position(tmp_path):
     folder = _image_folder(tmp_path / "imgs", n=8)
-    data = ImageFolderDataset.from_datasets(load_split(data_dir=str(folder)), "image", 8, 1, caption_column="text")
+    data = ImageDataset.from_datasets(load_split(data_dir=str(folder)), "image", 8, 1, caption_column="text")
     batches = StepBatches(data, 64, seed=1, empty_prompt_share=0.25)
     captions = [batches.item(k, p, int(i))["caption"] for k in range(4) for p, i in enumerate(batches.indices(k))]
     share = sum(c == "" for c in captions) / len(captions)
@@ -214,7 +214,7 @@ def test_empty_prompt_share_is_a_function_of_seed_step_and_position(tmp_path):
 def test_each_process_shard_together_is_the_one_process_batch(tmp_path):
     """StepShardSampler: the ranks' micro-batches, concatenated in the training loop's order, are one process's batch."""
     folder = _image_folder(tmp_path / "imgs", n=5)
-    data = ImageFolderDataset.from_datasets(load_split(data_dir=str(folder)), "image", 8, 1, random_flip=True)
+    data = ImageDataset.from_datasets(load_split(data_dir=str(folder)), "image", 8, 1, random_flip=True)
     world, accumulation, batch = 2, 2, 3
     batches = StepBatches(data, world * accumulation * batch, seed=4)
     shards = [list(StepShardSampler(batches, 2, 5, batch, accumulation, rank, world)) for rank in range(world)]

@@ -95,15 +95,15 @@ def test_output_types_are_diffusers(pipe):
 
 
 def test_a_16_bit_png_file_is_not_read_as_white(tmp_path, pixels):
-    from sami_adapter.training import ImageFolderDataset
+    from sami_adapter.training import ImageDataset
 
     array, expected = pixels
     PIL.Image.fromarray(array[0, ..., 0].astype(np.uint16) * 257).save(tmp_path / "deep.png")
     PIL.Image.fromarray(array[0, ..., 0]).save(tmp_path / "plain.png")
     assert PIL.Image.open(tmp_path / "deep.png").mode.startswith("I")
     for channels in (1, 3):
-        deep = ImageFolderDataset([str(tmp_path / "deep.png")], 8, channels).load(0, np.random.default_rng(0))
-        plain = ImageFolderDataset([str(tmp_path / "plain.png")], 8, channels).load(0, np.random.default_rng(0))
+        deep = ImageDataset([str(tmp_path / "deep.png")], 8, channels).load(0, np.random.default_rng(0))
+        plain = ImageDataset([str(tmp_path / "plain.png")], 8, channels).load(0, np.random.default_rng(0))
         torch.testing.assert_close(deep, plain, atol=1e-5, rtol=0)
         torch.testing.assert_close(plain[0], expected[0, 0] * 2 - 1)  # the datasets yield the UNet's [-1, 1]
 
@@ -181,7 +181,7 @@ def test_traverse_and_interpolate_refuse_a_batch(pipe, pixels):
 # ---------------------------------------------------------------- LatentPosterior shapes
 def test_one_image_at_several_timesteps(pipe, pixels):
     try:
-        from sami_adapter.evaluation import information_profile
+        from sami_adapter.noise_levels import information_profile
     except ImportError:
         from sami_adapter.analysis import information_profile
 

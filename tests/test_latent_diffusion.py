@@ -11,13 +11,14 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from sami_adapter import SAMIPipeline, sami_loss, to_epsilon
-from sami_adapter.adapter import add_lora, merge_lora, save_adapter
+from sami_adapter.adapter import save_adapter
+from sami_adapter.lora import add_lora, merge_lora
+from sami_adapter.base_model import load_latent_components
 from sami_adapter.latent import (
     LatentCache,
     empty_prompt_embeddings,
     images_to_latents,
     latents_to_images,
-    load_latent_components,
     prompt_embeddings,
     vae_scale_factor,
 )

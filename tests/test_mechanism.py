@@ -12,7 +12,7 @@ from diffusers import DDPMScheduler
 
 from sami_adapter.data import MovingBackgroundDisks
 from sami_adapter.data.base import FactorDataset
-from sami_adapter.evaluation import factor_noise_scales, factor_recoverability, first_crossing, mechanism_table
+from sami_adapter.noise_levels import factor_noise_scales, factor_recoverability, first_crossing, mechanism_table
 from sami_adapter.metrics import mig, mig_per_factor
 
 PIXELS = 64

@@ -9,7 +9,7 @@
 
 All take :class:`~sami_adapter.SAMIPipeline`'s calls (``encode``, ``reconstruct``, generation by
 ``model(batch_size=...)``; images in [0, 1]; :class:`~sami_adapter.baselines.common.AutoencoderMixin`), so
-the measurements of :mod:`sami_adapter.evaluation` apply to them exactly as to a SAMI pipeline.
+the measurements of :mod:`sami_adapter.representation` apply to them exactly as to a SAMI pipeline.
 """
 
 from .beta_vae import BetaVAE, ConvDecoder, train_beta_vae

@@ -7,6 +7,8 @@ from .disks import Disks, clean_disk_fraction, disk_moments, render_disks
 from .dsprites import DSprites, render_sprites
 from .moving_disks import MovingBackgroundDisks, MovingDisks
 
+# A run with seed s draws its held-out images with seed s + HELD_OUT_SEED_OFFSET (finetune's report, the explorer's examples).
+HELD_OUT_SEED_OFFSET = 10_000
 # The moving (video) version of each dataset that has one: the trajectory-curvature measurement.
 MOVING = {"disks": MovingDisks, "background_disks": MovingBackgroundDisks}
 DATASETS = {"disks": Disks, "dsprites": DSprites, "background_disks": BackgroundDisks, "digits": Digits}
@@ -26,6 +28,7 @@ __all__ = [
     "MovingDisks",
     "MovingBackgroundDisks",
     "DATASETS",
+    "HELD_OUT_SEED_OFFSET",
     "MOVING",
     "clean_disk_fraction",
     "disk_moments",

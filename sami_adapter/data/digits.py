@@ -37,21 +37,17 @@ from typing import Dict, Optional, Tuple
 import numpy as np
 import torch
 
+from ..extras import import_extra
 from .base import SPLITS, FactorDataset, stratified_holdout
 
 TEST_FRACTION = 0.2
 SPLIT_SEED = 20_240_601  # the split's own seed: the same held-out images for every tool and every run
 ATTRIBUTE_BINS = 8
-EVAL_EXTRA_HINT = 'the digits data need scikit-learn, which ships them: pip install "sami-adapter[eval]" (or pip install scikit-learn)'
 
 
 def load_digit_scans() -> Tuple[np.ndarray, np.ndarray]:
     """The 1797 raw scans (N, 8, 8) float64 in [0, 16] and their labels (N,) int64, from scikit-learn's bundled copy."""
-    try:
-        from sklearn.datasets import load_digits
-    except ImportError as err:
-        raise ImportError(EVAL_EXTRA_HINT) from err
-    bunch = load_digits()
+    bunch = import_extra("sklearn.datasets", "The digits data (scikit-learn ships them)").load_digits()
     return bunch.images.astype(np.float64), bunch.target.astype(np.int64)
 
 
@@ -197,12 +193,11 @@ def confident_digit_fraction(images: torch.Tensor, threshold: float = 0.9, resol
         threshold: the confidence a sample must reach.
         resolution: the pixel side (default: the images').
     """
-    try:
-        from sklearn.linear_model import LogisticRegression
-        from sklearn.pipeline import make_pipeline
-        from sklearn.preprocessing import StandardScaler
-    except ImportError as err:
-        raise ImportError(EVAL_EXTRA_HINT) from err
+    import_extra("sklearn", "The digits classifier")
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
     res = int(resolution or images.shape[-1])
     x_train, f_train, _ = digit_split("train", res)
     x_test, f_test, _ = digit_split("test", res)

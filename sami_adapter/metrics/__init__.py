@@ -6,6 +6,11 @@ cross-validated).
 ``codes`` are (N, D) float arrays, ``factors`` are (N, K) integer factor indices, ``labels`` (N,) classes.
 """
 
+from ..extras import import_extra
+
+for _module in ("sklearn", "scipy"):  # the classifiers and statistics the metrics are defined with
+    import_extra(_module, "sami_adapter.metrics (the disentanglement metrics)")
+
 from ._discretize import discrete_entropy, discrete_mutual_info, histogram_discretize
 from .alignment import factor_alignment
 from .curvature import trajectory_curvature
