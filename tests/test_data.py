@@ -378,4 +378,4 @@ def test_digits_without_scikit_learn_names_the_extra():
     out = subprocess.run([sys.executable, "-c", block], capture_output=True, text=True, cwd=root, timeout=300,
                          env={**os.environ, "PYTHONPATH": root, "OMP_NUM_THREADS": "1"})
     assert out.returncode == 0, out.stderr[-2000:]
-    assert 'ERROR the digits data need scikit-learn, which ships them: pip install "sami-adapter[eval]"' in out.stdout
+    assert 'ERROR The digits data (scikit-learn ships them) needs scikit-learn, which the core install leaves out: pip install "sami-adapter[eval]"' in out.stdout
