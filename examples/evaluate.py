@@ -64,7 +64,7 @@ from sami_adapter.noise_levels import (  # noqa: E402
     factor_recoverability,
     mechanism_table,
 )
-from sami_adapter.representation import mean_code_fn, representation_metrics, trajectory_curvatures  # noqa: E402
+from sami_adapter.representation import encode_codes, mean_code_fn, representation_metrics, trajectory_curvatures  # noqa: E402
 from sami_adapter.plotting import plot_axes, plot_mechanism  # noqa: E402
 from sami_adapter.usefulness import LABEL_TEST_FRACTION, digits_usefulness, labelled_usefulness, usefulness_markdown  # noqa: E402
 from sami_adapter.report import (  # noqa: E402
@@ -245,11 +245,11 @@ def builtin_data(args: argparse.Namespace, pipe: SAMIPipeline, adapter_config: D
 def folder_data(args: argparse.Namespace, pipe: SAMIPipeline, table, resolution: int) -> Dict[str, Any]:
     """The user's images (--train_data_dir / --dataset_name), resized and center-cropped as finetune.py reads them, and with
     --label_column the code's usefulness for that column."""
-    from sami_adapter.training import ImageFolderDataset
+    from sami_adapter.training import ImageDataset
 
     source = args.train_data_dir or args.dataset_name
     try:
-        images = ImageFolderDataset.from_datasets(table, args.image_column, resolution, pipe.unet.config.in_channels, center_crop=True,
+        images = ImageDataset.from_datasets(table, args.image_column, resolution, pipe.unet.config.in_channels, center_crop=True,
                                                   seed=args.seed)
     except ValueError as e:  # a model with other than 1 or 3 channels
         raise SystemExit(f"{source!r}: {e}") from e

@@ -48,7 +48,6 @@ from sami_adapter.rate import RateControl, TCDiscriminator, discriminator_step  
 from sami_adapter import adapter as adapter_lib  # noqa: E402
 from sami_adapter.card import adapter_model_card  # noqa: E402
 from sami_adapter.hub import upload_to_hub  # noqa: E402
-from sami_adapter import hf_data  # noqa: E402
 from sami_adapter.data import DATASETS, HELD_OUT_SEED_OFFSET  # noqa: E402
 from sami_adapter.encoder import ACTIVE_KL_NATS, TRAVERSAL_RANGE  # noqa: E402
 from sami_adapter.evaluation import DISK_DATASETS, GAIN_BANDS, active_dimensions, band_gains  # noqa: E402

@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 from _args import add_image_source_arguments, add_image_training_arguments, image_data_problem, open_image_table  # noqa: E402
 from sami_adapter.data import DATASETS, clean_background_disk_fraction, clean_disk_fraction, confident_digit_fraction  # noqa: E402
 from sami_adapter.report import save_image_grid  # noqa: E402
-from sami_adapter.training import ImageFolderDataset, StepBatches, StepItems, StepShardSampler  # noqa: E402
+from sami_adapter.training import ImageDataset, StepBatches, StepItems, StepShardSampler  # noqa: E402
 
 GREY_MODES = ("1", "L", "LA", "I", "F", "I;16", "I;16B", "I;16L", "I;16N")
 
@@ -100,7 +100,7 @@ def training_batches(args, accelerator, table):
         rng = np.random.default_rng(args.seed)
         return dataset.num_channels, lambda step: dataset.sample(args.train_batch_size, rng)[0]
     channels = args.num_channels or image_channels(table, args.image_column)
-    dataset = ImageFolderDataset.from_datasets(table, args.image_column, args.resolution, channels, center_crop=args.center_crop,
+    dataset = ImageDataset.from_datasets(table, args.image_column, args.resolution, channels, center_crop=args.center_crop,
                                                random_flip=args.random_flip, seed=args.seed)
     batches = StepBatches(dataset, args.train_batch_size * accelerator.num_processes, args.seed)
     sampler = StepShardSampler(batches, 0, args.max_train_steps, args.train_batch_size, 1, accelerator.process_index, accelerator.num_processes)

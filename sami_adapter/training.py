@@ -3,7 +3,6 @@ emphasis, the KL-weight schedule and :class:`SAMIObjective` (the loss as a modul
 
 from __future__ import annotations
 
-import os
 from typing import Any, Dict, Optional
 
 import numpy as np

@@ -69,9 +69,10 @@ def test_evaluate_on_digits_reports_the_usefulness_for_the_class(tiny_adapter):
     card = open(os.path.join(tiny_adapter, "README.md")).read()  # evaluation/ is the adapter's: its card shows the numbers
     assert f"linear probe {use['linear_probe']:.3f} (5-fold CV {use['linear_probe_cv5']:.3f})" in card
     # the explorer's examples of a digits adapter are held-out scans
-    explore = load_example("explore")
+    from sami_adapter.explorer import load_examples
+
     pipe = SAMIPipeline.from_pretrained(tiny_adapter)
-    examples = explore.load_examples({"training": {"dataset": "digits", "seed": 0}}, pipe, 6)
+    examples = load_examples({"training": {"dataset": "digits", "seed": 0}}, pipe, 6)
     assert examples.shape == (6, 1, 8, 8)
     assert torch.cdist(examples.flatten(1) * 2 - 1, held_out).min(dim=1).values.max() < 1e-5  # each one a test scan
 
